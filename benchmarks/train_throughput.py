@@ -1,0 +1,157 @@
+"""Training throughput of the BVPO recipe: fixed vs `auto` α, precomputed vs live reference.
+
+    python benchmarks/train_throughput.py [--steps 30] [--project-dir .]
+
+Uses the project's data/pairs and data/base_model when a pipeline run left them (the embedded
+default after `make run`); otherwise builds pairs from the synthetic task and a fresh
+embedded-size model. Each configuration runs in its own process (so peak memory is its own)
+and prints pairs/s, tokens/s and peak memory; `auto` α is reported as overhead over fixed α.
+Timings exclude the reference pre-pass and model loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "fixed α=0.5, precomputed ref": {"alpha": 0.5, "reference": "precomputed", "telemetry": False},
+    "auto α, precomputed ref": {"alpha": "auto", "reference": "precomputed", "telemetry": False},
+    "fixed α=0.5, live ref": {"alpha": 0.5, "reference": "live", "telemetry": False},
+    "auto α, live ref": {"alpha": "auto", "reference": "live", "telemetry": False},
+}
+
+
+def synthetic_inputs(root: Path, params) -> tuple[Path, Path]:
+    """Pairs from the task's own traces (chosen: right answer; rejected: off by a little)."""
+    from datasets import Dataset
+
+    from bvpo.data import make_trace, warmup_examples
+    from bvpo.modeling import build_tiny_model, build_tokenizer, completion_text, save_model
+
+    tokenizer = build_tokenizer()
+    m = params.model
+    model = build_tiny_model(tokenizer, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
+                             m.max_length, params.seed)
+    save_model(model, tokenizer, root / "base")
+    rng = random.Random(0)
+    for mode, thinking in (("think", True), ("nothink", False)):
+        rows = []
+        for i, (prompt, answer, chain) in enumerate(warmup_examples(1024, set(), 2, 3, params.seed)):
+            wrong = str(int(answer) + rng.choice([-10, -1, 1, 10]))
+            trace = make_trace(rng, chain) if thinking else None
+            rows.append({"prompt_id": i, "prompt": prompt, "chosen": completion_text(trace, answer, tokenizer.eos_token),
+                         "rejected": completion_text(make_trace(rng, chain) if thinking else None, wrong,
+                                                     tokenizer.eos_token),
+                         "chosen_reward": 1.0, "rejected_reward": 0.0})
+        Dataset.from_list(rows).save_to_disk(str(root / "pairs" / mode))
+    return root / "pairs", root / "base"
+
+
+def run_one(args) -> None:
+    """One configuration, in this process: setup, then `steps` timed optimizer steps."""
+    import torch
+    from accelerate import Accelerator
+
+    from bvpo.config import load_params
+    from bvpo.modeling import load_model, load_tokenizer
+    from bvpo.sequences import encode
+    from bvpo.train import PairSet, Recipe, load_pair_rows, reference_logps, train_method
+
+    config = CONFIGS[args.config]
+    params = load_params(args.params)
+    params.train.steps = args.steps
+    params.train.checkpoint_every = 0
+    params.train.reference = config["reference"]
+    params.train.telemetry = config["telemetry"]
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    tokenizer = load_tokenizer(args.base)
+    rows = load_pair_rows(Path(args.pairs))
+    data, reference = {}, None
+    if config["reference"] == "live":
+        reference = load_model(args.base, params.model.dtype, accelerator.device).eval().requires_grad_(False)
+    for mode in ("think", "nothink"):
+        chosen = [encode(tokenizer, r["prompt"], r["chosen"], mode == "think", params.model.max_length) for r in rows[mode]]
+        rejected = [encode(tokenizer, r["prompt"], r["rejected"], mode == "think", params.model.max_length)
+                    for r in rows[mode]]
+        if reference is None:
+            model = load_model(args.base, params.model.dtype, accelerator.device)
+            data[mode] = PairSet(chosen, rejected, reference_logps(model, chosen, tokenizer.pad_token_id),
+                                 reference_logps(model, rejected, tokenizer.pad_token_id))
+        else:
+            data[mode] = PairSet(chosen, rejected, None, None)
+    recipe = Recipe(params, data, tokenizer.pad_token_id, reference)
+    with tempfile.TemporaryDirectory() as work:
+        start = time.perf_counter()
+        history = train_method("bench", config["alpha"], params, args.base, recipe, tokenizer, accelerator,
+                               Path(work), "bench")
+        seconds = time.perf_counter() - start
+    pairs = sum(params.train.batch_size * ((r["alpha"] > 0) + (r["alpha"] < 1)) for r in history)
+    tokens = sum(params.train.batch_size * r.get(f"{p}/tokens_per_pair", 0.0) for r in history for p in ("trace", "empty"))
+    if torch.cuda.is_available():
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"config": args.config, "seconds": seconds, "pairs_per_s": pairs / seconds,
+                      "tokens_per_s": tokens / seconds, "peak_mb": peak_mb, "steps": len(history)}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--project-dir", default=".")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--config", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--params", help=argparse.SUPPRESS)
+    parser.add_argument("--pairs", help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    from bvpo.runtime import configure_environment
+
+    configure_environment(args.project_dir)
+    if args.config:
+        run_one(args)
+        return 0
+
+    from bvpo.config import load_params
+
+    root = Path(args.project_dir).resolve()
+    params_file = root / "params.yaml"
+    params = load_params(params_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs, base = root / "data" / "pairs", root / "data" / "base_model"
+        source = "project data/pairs + data/base_model"
+        if not (pairs / "think").is_dir() or not base.is_dir():
+            pairs, base = synthetic_inputs(Path(tmp), params)
+            source = "synthetic pairs + untrained embedded-size model"
+        print(f"BVPO training throughput: {args.steps} steps, batch {params.train.batch_size} pairs per mode, "
+              f"{source}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+        results = []
+        for name in CONFIGS:
+            out = subprocess.run([sys.executable, __file__, "--config", name, "--params", str(params_file),
+                                  "--pairs", str(pairs), "--base", str(base), "--steps", str(args.steps),
+                                  "--project-dir", str(root)], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                return 1
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    baseline = {r["config"].split(",")[1]: r for r in results if r["config"].startswith("fixed")}
+    print(f"\n{'configuration':<32} {'pairs/s':>9} {'tokens/s':>10} {'peak MB':>9} {'overhead':>9}")
+    for r in results:
+        ref = baseline[r["config"].split(",")[1]]
+        overhead = 100 * (r["seconds"] / ref["seconds"] - 1)
+        print(f"{r['config']:<32} {r['pairs_per_s']:>9.1f} {r['tokens_per_s']:>10.0f} {r['peak_mb']:>9.0f} "
+              f"{overhead:>8.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

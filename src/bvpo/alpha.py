@@ -1,0 +1,63 @@
+"""The MSE-optimal mixing weight α* (METHOD.md), estimated from gradient samples.
+
+Model: g_t = g + u with E[u] = 0 (the trace estimator is unbiased for the marginal gradient),
+g_e = g + b_e + v with E[v] = 0 (the empty-trace estimator has bias b_e), u and v independent.
+The mixed estimator α·g_t + (1−α)·g_e then has
+
+    MSE(α) = α²·tr Σ_t + (1−α)²·(tr Σ_e + ‖b_e‖²),
+
+minimised by α* = (‖b_e‖² + tr Σ_e) / (tr Σ_t + tr Σ_e + ‖b_e‖²), clipped to [0, 1].
+
+The plug-in uses n independent draws of each (rows of [n, d] tensors, one micro-batch gradient
+per row): tr Σ from the per-row sample variances (the variance of ONE draw, since BVPO mixes
+one draw of each per step), and ‖b_e‖² from the gap between the two means, minus the noise
+that gap carries from finite n: E‖ḡ_e − ḡ_t‖² = ‖b_e‖² + (tr Σ_t + tr Σ_e)/n.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gradient_statistics(trace_grads: torch.Tensor, empty_grads: torch.Tensor) -> dict[str, float]:
+    """Per-draw variances, the noise-corrected squared bias gap, norms and cosine."""
+    if trace_grads.ndim != 2 or empty_grads.ndim != 2 or trace_grads.shape[1] != empty_grads.shape[1]:
+        raise ValueError(
+            f"expected two [n, d] tensors with the same d, got {tuple(trace_grads.shape)} "
+            f"and {tuple(empty_grads.shape)}"
+        )
+    n_t, n_e = trace_grads.shape[0], empty_grads.shape[0]
+    if n_t < 2 or n_e < 2:
+        raise ValueError(f"need at least 2 draws of each estimator, got {n_t} and {n_e}")
+    g_t = trace_grads.double()
+    g_e = empty_grads.double()
+    mean_t, mean_e = g_t.mean(0), g_e.mean(0)
+    var_t = ((g_t - mean_t) ** 2).sum(1).sum().item() / (n_t - 1)
+    var_e = ((g_e - mean_e) ** 2).sum(1).sum().item() / (n_e - 1)
+    raw_gap = ((mean_e - mean_t) ** 2).sum().item()
+    bias_sq = max(raw_gap - var_t / n_t - var_e / n_e, 0.0)
+    norm_t, norm_e = mean_t.norm().item(), mean_e.norm().item()
+    cosine = (mean_t @ mean_e).item() / max(norm_t * norm_e, 1e-30)
+    return {
+        "var_trace": var_t,
+        "var_empty": var_e,
+        "bias_gap_sq": bias_sq,
+        "bias_gap_sq_raw": raw_gap,
+        "grad_norm_trace": norm_t,
+        "grad_norm_empty": norm_e,
+        "cos_trace_empty": cosine,
+    }
+
+
+def alpha_from_statistics(var_trace: float, var_empty: float, bias_gap_sq: float) -> float:
+    numerator = bias_gap_sq + var_empty
+    denominator = var_trace + var_empty + bias_gap_sq
+    if denominator <= 0:
+        return 0.5  # both estimators identical and noiseless: any mixture is optimal
+    return float(min(max(numerator / denominator, 0.0), 1.0))
+
+
+def optimal_alpha(trace_grads: torch.Tensor, empty_grads: torch.Tensor) -> float:
+    """Plug-in α* ∈ [0, 1] from [n, d] draws of the trace and empty-trace gradients."""
+    stats = gradient_statistics(trace_grads, empty_grads)
+    return alpha_from_statistics(stats["var_trace"], stats["var_empty"], stats["bias_gap_sq"])

@@ -1,0 +1,122 @@
+"""`bvpo`: run the pipeline, run one stage, browse results, schedule.
+
+    bvpo run                 the Prefect pipeline flow on params.yaml (DVC decides what is stale)
+    bvpo stage NAME          one stage (what dvc.yaml calls)
+    bvpo ui                  the MLflow UI over the project's store, on 127.0.0.1
+    bvpo schedule --cron C   serve the pipeline on a cron schedule (needs a Prefect server)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .runtime import configure_environment
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bvpo", description="BVPO preference optimisation for reasoning "
+                                     "models, as a reproducible pipeline (Prefect + DVC + MLflow).")
+    parser.add_argument("--project-dir", default=".", help="project root (params.yaml, dvc.yaml, mlruns/)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow",
+                         description="Run prepare → warmup → sample → pairs → train → evaluate → analyze → "
+                         "register as a Prefect flow. Inside a DVC repository each stage runs through "
+                         "`dvc repro`, so up-to-date stages are skipped and dvc.lock is kept current.")
+    run.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    run.add_argument("--no-dvc", action="store_true", help="run every stage directly, without DVC")
+
+    from .stages import STAGES
+
+    stage = sub.add_parser("stage", help="run one pipeline stage", description="Run one stage on params.yaml; "
+                           "this is what dvc.yaml's stages call.")
+    stage.add_argument("name", choices=STAGES, help="the stage to run")
+    stage.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI over the project's store",
+                        description="Serve the MLflow UI on 127.0.0.1 over mlruns/mlflow.db.")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+
+    schedule = sub.add_parser("schedule", help="serve the pipeline on a cron schedule",
+                              description="Serve the pipeline flow as a Prefect deployment with a cron "
+                              "schedule. Needs a Prefect server (`prefect server start`, PREFECT_API_URL).")
+    schedule.add_argument("--cron", default="0 3 * * *", help="cron expression (default: daily at 03:00)")
+    schedule.add_argument("--name", default="bvpo-scheduled", help="deployment name")
+    return parser
+
+
+def _run(args) -> int:
+    from .flow import bvpo_pipeline
+
+    root = Path(args.project_dir).resolve()
+    use_dvc = False if args.no_dvc else None
+    result = bvpo_pipeline(project_dir=str(root), params_file=args.params, use_dvc=use_dvc)
+    print("\nDone. Results: metrics/eval.json, metrics/eval.png, metrics/diagnostics.json, metrics/train/")
+    print(f"MLflow parent run {result['mlflow_parent_run_id']}: browse with `bvpo ui` "
+          "(http://127.0.0.1:5000).")
+    for name, entry in result["eval"].items():
+        print(f"  {name:>12}: thinking {entry['accuracy_think']:.3f}  no-thinking {entry['accuracy_nothink']:.3f}")
+    return 0
+
+
+def _stage(args) -> int:
+    from .config import load_params
+    from .stages import run_stage
+
+    root = Path(args.project_dir).resolve()
+    params_file = Path(args.params)
+    if not params_file.is_absolute():
+        params_file = root / params_file
+    params = load_params(params_file)
+    out = run_stage(args.name, params, root, params_file)
+    print(f"bvpo stage {args.name}: wrote {out.relative_to(root) if out.is_relative_to(root) else out}")
+    return 0
+
+
+def _ui(args) -> int:
+    from .tracking import artifact_root, tracking_uri
+
+    root = Path(args.project_dir).resolve()
+    (root / "mlruns").mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(root),
+           "--default-artifact-root", artifact_root(root).as_uri(), "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {tracking_uri(root)}); Ctrl-C stops it.")
+    return subprocess.call(cmd)
+
+
+def _schedule(args) -> int:
+    from .flow import bvpo_pipeline
+
+    root = Path(args.project_dir).resolve()
+    bvpo_pipeline.serve(name=args.name, cron=args.cron, parameters={"project_dir": str(root)})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_environment(args.project_dir)
+    from .config import ConfigError
+    from .data import DataError
+    from .modeling import ModelError
+    from .stages import StageError
+
+    handlers = {"run": _run, "stage": _stage, "ui": _ui, "schedule": _schedule}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, ModelError, StageError) as err:
+        print(f"bvpo: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("bvpo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Typed, validated parameters, loaded from params.yaml.
+
+Every option is declared here with its type, default and meaning (the TRL `DPOConfig` way).
+`load_params` refuses unknown keys and out-of-range values with one message naming the field,
+so a typo in params.yaml fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A parameter is missing, unknown or out of range. The message names the field."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """`synthetic` for the embedded arithmetic task, or a local `.jsonl`/`.parquet` file with a
+    `prompt` column (non-empty text) and, for the verified reward, an `answer` column."""
+    test_source: str | None = None
+    """Held-out prompts file for evaluation. None: split `test_fraction` off `source`."""
+    test_fraction: float = 0.2
+    """Share of a user's prompts held out for evaluation when no `test_source` is given."""
+    n_train: int = 1024
+    """Synthetic task: number of training prompts (the sampling/pairs stage uses them)."""
+    n_test: int = 256
+    """Synthetic task: number of held-out evaluation prompts, disjoint from every training prompt."""
+    n_warmup: int = 20000
+    """Synthetic task: number of distinct prompts the warmup SFT draws from (disjoint from test)."""
+    min_ops: int = 2
+    """Synthetic task: fewest operations in a chain (2 operations = 3 operands)."""
+    max_ops: int = 3
+    """Synthetic task: most operations in a chain."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """None: the embedded tiny Qwen3-architecture model, built and SFT'd by the warmup stage.
+    Otherwise a local directory or hub id of a causal LM whose chat template honours
+    `enable_thinking` (e.g. Qwen3). Hub ids need HF_HUB_OFFLINE=0 and a populated cache."""
+    hidden_size: int = 128
+    """Embedded model: width."""
+    num_layers: int = 4
+    """Embedded model: transformer blocks."""
+    num_heads: int = 4
+    """Embedded model: attention heads (key/value heads = heads / 2, as Qwen3 uses GQA)."""
+    intermediate_size: int = 512
+    """Embedded model: MLP width."""
+    max_length: int = 192
+    """Longest prompt + completion, in tokens; also the rotary position range."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights and compute dtype for a real model; the embedded model always runs in float32."""
+
+
+@dataclass
+class WarmupConfig:
+    steps: int = 2500
+    """SFT optimizer steps for the embedded model (ignored when `model.path` is set)."""
+    batch_size: int = 64
+    """Examples per SFT step."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (linear warmup, cosine decay)."""
+    think_fraction: float = 0.5
+    """Share of SFT examples written in thinking mode; the rest use the empty think block."""
+    bf16: bool = True
+    """Run forward/backward under bfloat16 autocast (weights and optimizer stay float32).
+    On CPUs with AVX512-BF16 or AMX this halves the step time; no effect on accuracy seen."""
+
+
+@dataclass
+class SampleConfig:
+    k: int = 4
+    """Completions per prompt and per mode (thinking on and off). At least 2, to form a pair."""
+    temperature: float = 1.0
+    """Sampling temperature; traces must vary, as a real model's do."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 96
+    """Generation budget; a sample that hits it is flagged invalid (truncated)."""
+    batch_size: int = 256
+    """Sequences generated at once (KV-cached, left-padded)."""
+
+
+@dataclass
+class PairsConfig:
+    max_pairs_per_prompt: int = 2
+    """Preference pairs per prompt and mode: i-th best against i-th worst, strictly better only."""
+    reward: Literal["verified", "graded"] = "verified"
+    """`verified`: 1 when the final answer matches the `answer` column (math-verify), else 0.
+    `graded`: as verified, plus partial credit (< 0.5) for numeric answers close to the reference."""
+
+
+@dataclass
+class MethodConfig:
+    alpha: float | Literal["auto"] = 0.5
+    """Weight of the trace loss: alpha*L_trace + (1-alpha)*L_empty. 1 = DPO on trace pairs,
+    0 = DPO on empty-trace pairs, 0.5 = BVPO as trained in the paper. `auto`: the plug-in
+    MSE-optimal α* (bvpo.alpha), re-estimated every `train.alpha_every` steps from gradient
+    draws of both estimators, smoothed by `train.alpha_ema` and clipped to
+    [`train.alpha_min`, `train.alpha_max`]. It assumes the trace estimator is unbiased for the
+    marginal gradient and the two estimators are independent (METHOD.md)."""
+
+
+@dataclass
+class TrainConfig:
+    methods: dict[str, MethodConfig] = field(
+        default_factory=lambda: {
+            "bvpo": MethodConfig(alpha=0.5),
+            "dpo_trace": MethodConfig(alpha=1.0),
+            "dpo_empty": MethodConfig(alpha=0.0),
+        }
+    )
+    """Methods to train, each from the same base model and pairs; the name keys eval.json."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """`sigmoid`: DPO (Rafailov et al.); `ipo`: squared-margin IPO (Azar et al.)."""
+    beta: float = 2.0
+    """DPO temperature on the trace estimator."""
+    beta_empty: float | None = None
+    """DPO temperature on the empty-trace estimator; None uses `beta`."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: assumed probability that a preference label is flipped, in [0, 0.5)."""
+    nll_weight: float = 1.0
+    """Weight of the per-token NLL of the chosen completion, added to each estimator's loss.
+    Plain DPO makes the toy forget (its chosen log-prob falls); NLL keeps it anchored."""
+    lr: float = 5e-5
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 20
+    """Linear learning-rate warmup, then cosine decay to zero."""
+    steps: int = 200
+    """Optimizer steps per method."""
+    batch_size: int = 32
+    """Pairs of each mode per optimizer step, over all processes (the global batch)."""
+    micro_batch_size: int = 32
+    """Pairs of each mode per forward pass per process; gradient accumulation fills the rest."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold on the mixed gradient."""
+    alpha_every: int = 10
+    """Steps between gradient-statistics estimates: α* for `auto` methods, and the variance,
+    bias and α² telemetry for every method (when `telemetry` is on). Step 0 always estimates."""
+    alpha_draws: int = 4
+    """Micro-batch gradient draws of EACH estimator per estimate, per process (all processes'
+    draws are gathered, so the estimate uses alpha_draws × processes rows of each)."""
+    alpha_draw_size: int = 8
+    """Pairs per gradient draw. α* mixes one draw of each estimator, so the variances it uses
+    are those of a draw of this size."""
+    alpha_ema: float = 0.8
+    """Smoothing of α* between estimates: α ← ema·α + (1−ema)·α*; the first estimate is used as is."""
+    alpha_min: float = 0.0
+    """Lower clip for `auto` α."""
+    alpha_max: float = 1.0
+    """Upper clip for `auto` α."""
+    alpha_init: float = 0.5
+    """α used by `auto` methods before the first estimate (only if alpha_every skips step 0)."""
+    telemetry: bool = True
+    """Also estimate gradient statistics for fixed-α methods (costs the same extra passes)."""
+    grad_sketch_dim: int = 0
+    """0: gradient statistics on the full flattened gradient (fine for small models). N > 0: on a
+    seeded count-sketch of dimension N, which preserves norms and inner products in
+    expectation with O(parameters) time and O(N) memory, for large models."""
+    reference: Literal["precomputed", "live"] = "precomputed"
+    """`precomputed`: reference log-probs computed once per pairs dataset and reference model,
+    cached under data/cache/ (keyed by both hashes), so no reference model stays in memory.
+    `live`: keep the frozen reference model and score each micro-batch with it."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (model, optimizer, scheduler, RNG, data position, α state) in
+    data/checkpoints/; a rerun of the stage resumes from the last one. 0 = off."""
+    num_processes: int = 1
+    """Processes `accelerate launch` starts (GPUs, or gloo processes on a CPU)."""
+    accelerate_config: str | None = None
+    """Optional accelerate config file (configs/*.yaml) for DDP, FSDP or DeepSpeed."""
+
+
+@dataclass
+class EvalConfig:
+    n_prompts: int | None = None
+    """Held-out prompts to score; None = all of them."""
+    max_new_tokens: int = 96
+    """Greedy generation budget per answer."""
+    batch_size: int = 256
+    """Sequences generated at once."""
+
+
+@dataclass
+class AnalyzeConfig:
+    batch_size: int = 64
+    """Sequences scored at once when computing sample log-probabilities."""
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "bvpo"
+    """MLflow experiment that holds the pipeline runs."""
+    registered_model: str = "bvpo"
+    """MLflow registered model that receives a version per pipeline run."""
+    register_method: str = "bvpo"
+    """Which trained method is registered (must be one of `train.methods`)."""
+
+
+@dataclass
+class Params:
+    seed: int = 0
+    """Seeds every generator: the task, initialisation, sampling, data order."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+    """Coerce one YAML value to its declared type, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for candidate in non_none:
+            try:
+                return _convert(value, candidate, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_type, value_type = args
+        return {str(k): _convert(v, value_type, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(annotation):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(annotation, value, where)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 5e-5 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected text, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} at {where}")
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown parameter {prefix}{unknown[0]}: expected one of {sorted(known)}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _convert(value, hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _check(cond: bool, field_name: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: expected {expected}, got {value!r}")
+
+
+def validate(params: Params, base_dir: Path | None = None) -> Params:
+    """Range checks that types alone cannot express. Raises ConfigError naming the field."""
+    d, m, s, t = params.data, params.model, params.sample, params.train
+    if d.source != "synthetic":
+        src = Path(d.source)
+        if base_dir is not None and not src.is_absolute():
+            src = base_dir / src
+        _check(src.suffix in (".jsonl", ".parquet"), "data.source",
+               "'synthetic' or a .jsonl/.parquet file", d.source)
+        _check(src.is_file(), "data.source", "an existing file", str(src))
+    if d.test_source is not None:
+        tsrc = Path(d.test_source)
+        if base_dir is not None and not tsrc.is_absolute():
+            tsrc = base_dir / tsrc
+        _check(tsrc.is_file(), "data.test_source", "an existing file", str(tsrc))
+    _check(0 < d.test_fraction < 1, "data.test_fraction", "a fraction in (0, 1)", d.test_fraction)
+    for name in ("n_train", "n_test", "n_warmup"):
+        _check(getattr(d, name) >= 1, f"data.{name}", "an integer >= 1", getattr(d, name))
+    _check(1 <= d.min_ops <= d.max_ops, "data.min_ops", "1 <= min_ops <= max_ops", d.min_ops)
+    if m.path is not None:
+        local = Path(m.path)
+        if base_dir is not None and not local.is_absolute():
+            local = base_dir / local
+        looks_local = m.path.startswith((".", "/", "~")) or local.exists()
+        if looks_local:
+            _check(local.is_dir(), "model.path", "an existing model directory", str(local))
+    _check(m.hidden_size % m.num_heads == 0, "model.hidden_size",
+           "a multiple of model.num_heads", m.hidden_size)
+    _check(m.num_heads % 2 == 0, "model.num_heads", "an even number", m.num_heads)
+    _check(params.warmup.steps >= 1, "warmup.steps", "an integer >= 1", params.warmup.steps)
+    _check(0 <= params.warmup.think_fraction <= 1, "warmup.think_fraction", "a fraction in [0, 1]",
+           params.warmup.think_fraction)
+    _check(s.k >= 2, "sample.k", "an integer >= 2 (a pair needs two samples)", s.k)
+    _check(s.temperature > 0, "sample.temperature", "a number > 0", s.temperature)
+    _check(0 < s.top_p <= 1, "sample.top_p", "a number in (0, 1]", s.top_p)
+    _check(s.max_new_tokens >= 1, "sample.max_new_tokens", "an integer >= 1", s.max_new_tokens)
+    _check(params.pairs.max_pairs_per_prompt >= 1, "pairs.max_pairs_per_prompt", "an integer >= 1",
+           params.pairs.max_pairs_per_prompt)
+    _check(len(t.methods) >= 1, "train.methods", "at least one method", t.methods)
+    for name, method in t.methods.items():
+        _check(name.replace("_", "").replace("-", "").isalnum(), f"train.methods.{name}",
+               "a name of letters, digits, '_' or '-'", name)
+        if method.alpha != "auto":
+            _check(0.0 <= method.alpha <= 1.0, f"train.methods.{name}.alpha", "a number in [0, 1] or 'auto'",
+                   method.alpha)
+    _check(t.alpha_every >= 1, "train.alpha_every", "an integer >= 1", t.alpha_every)
+    _check(t.alpha_draws >= 2, "train.alpha_draws", "an integer >= 2 (a variance needs two draws)",
+           t.alpha_draws)
+    _check(t.alpha_draw_size >= 1, "train.alpha_draw_size", "an integer >= 1", t.alpha_draw_size)
+    _check(0 <= t.alpha_ema < 1, "train.alpha_ema", "a number in [0, 1)", t.alpha_ema)
+    _check(0 <= t.alpha_min <= t.alpha_max <= 1, "train.alpha_min",
+           "0 <= alpha_min <= alpha_max <= 1", (t.alpha_min, t.alpha_max))
+    _check(0 <= t.alpha_init <= 1, "train.alpha_init", "a number in [0, 1]", t.alpha_init)
+    _check(t.grad_sketch_dim >= 0, "train.grad_sketch_dim", "an integer >= 0", t.grad_sketch_dim)
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0", t.checkpoint_every)
+    _check(t.beta > 0, "train.beta", "a number > 0", t.beta)
+    if t.beta_empty is not None:
+        _check(t.beta_empty > 0, "train.beta_empty", "a number > 0", t.beta_empty)
+    _check(0 <= t.label_smoothing < 0.5, "train.label_smoothing", "a number in [0, 0.5)",
+           t.label_smoothing)
+    _check(t.nll_weight >= 0, "train.nll_weight", "a number >= 0", t.nll_weight)
+    _check(t.lr > 0, "train.lr", "a number > 0", t.lr)
+    _check(t.steps >= 1, "train.steps", "an integer >= 1", t.steps)
+    _check(t.num_processes >= 1, "train.num_processes", "an integer >= 1", t.num_processes)
+    _check(t.batch_size >= t.num_processes and t.batch_size % t.num_processes == 0,
+           "train.batch_size", f"a multiple of train.num_processes ({t.num_processes})",
+           t.batch_size)
+    per_process = t.batch_size // t.num_processes
+    _check(1 <= t.micro_batch_size and per_process % min(t.micro_batch_size, per_process) == 0,
+           "train.micro_batch_size", f"a divisor of the per-process batch ({per_process})",
+           t.micro_batch_size)
+    _check(params.tracking.register_method in t.methods, "tracking.register_method",
+           f"one of train.methods {sorted(t.methods)}", params.tracking.register_method)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read, type-check and validate params.yaml. Relative files resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path}: not found (expected a YAML file of parameters)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"params file {path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params file {path}: expected a mapping at the top level")
+    params = _build(Params, raw, "")
+    return validate(params, base_dir=path.resolve().parent)

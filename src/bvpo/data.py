@@ -1,0 +1,160 @@
+"""Prompt sources: the embedded arithmetic task and users' own JSONL/Parquet prompt files.
+
+The arithmetic task is what makes the default pipeline verifiable offline: every prompt has
+an exact answer, and the reference traces are deliberately stochastic (openers, phrasing,
+optional check lines) so that sampled traces vary the way a real model's do.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict
+
+OPENERS = ("", "", "Let me see.", "Step by step.", "OK.")
+STEP_FORMS = ("{a}{op}{b}={r}",)
+CLOSERS = ("", "", "so {ans}", "answer {ans}")
+
+
+class DataError(ValueError):
+    """A prompts file is missing or malformed. The message names the file, row and field."""
+
+
+def make_problem(rng: random.Random, min_ops: int, max_ops: int) -> tuple[str, list]:
+    """One arithmetic chain of 2-digit operands whose running value never goes negative:
+    (prompt text, [operand, (op, operand), ...])."""
+    n_ops = rng.randint(min_ops, max_ops)
+    first = rng.randint(10, 99)
+    chain: list = [first]
+    value = first
+    for _ in range(n_ops):
+        op, b = rng.choice("+-"), rng.randint(10, 99)
+        if op == "-" and value - b < 0:
+            op = "+"
+        value = value + b if op == "+" else value - b
+        chain.append((op, b))
+    expr = str(first) + "".join(f"{op}{b}" for op, b in chain[1:])
+    return f"Compute {expr}.", chain
+
+
+def solve(chain: list) -> list[tuple[int, str, int, int]]:
+    """The chain's steps, left to right: (a, op, b, result)."""
+    steps, acc = [], chain[0]
+    for op, b in chain[1:]:
+        result = acc + b if op == "+" else acc - b
+        steps.append((acc, op, b, result))
+        acc = result
+    return steps
+
+
+def make_trace(rng: random.Random, chain: list) -> str:
+    """A stochastic reasoning trace, one line per step (opener, phrasing, an optional check
+    line and closer vary), short enough that a tiny model can write it within budget."""
+    steps = solve(chain)
+    lines = []
+    opener = rng.choice(OPENERS)
+    if opener:
+        lines.append(opener)
+    for a, op, b, r in steps:
+        lines.append(rng.choice(STEP_FORMS).format(a=a, op=op, b=b, r=r))
+    if rng.random() < 0.3:
+        a, op, b, r = steps[-1]
+        lines.append(f"check {r}{'-' if op == '+' else '+'}{b}={a}")
+    closer = rng.choice(CLOSERS)
+    if closer:
+        lines.append(closer.format(ans=steps[-1][3]))
+    return "\n".join(lines)
+
+
+def synthetic_prompts(n_train: int, n_test: int, min_ops: int, max_ops: int, seed: int) -> DatasetDict:
+    """Disjoint train/test prompt sets with exact answers, from one seeded generator."""
+    rng = random.Random(f"bvpo-task-{seed}")
+    seen: set[str] = set()
+    rows: list[dict] = []
+    attempts = 0
+    while len(rows) < n_train + n_test:
+        attempts += 1
+        if attempts > 50 * (n_train + n_test):
+            raise DataError("synthetic task: could not draw enough distinct prompts")
+        prompt, chain = make_problem(rng, min_ops, max_ops)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        rows.append({"prompt": prompt, "answer": str(solve(chain)[-1][3])})
+    return DatasetDict(
+        train=Dataset.from_list(rows[n_test:]),
+        test=Dataset.from_list(rows[:n_test]),
+    )
+
+
+def warmup_examples(
+    n: int, test_prompts: set[str], min_ops: int, max_ops: int, seed: int
+) -> list[tuple[str, str, list]]:
+    """`n` distinct SFT problems (prompt, answer, trace) that never repeat a test prompt."""
+    rng = random.Random(f"bvpo-warmup-{seed}")
+    seen = set(test_prompts)
+    out = []
+    while len(out) < n:
+        prompt, chain = make_problem(rng, min_ops, max_ops)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        out.append((prompt, str(solve(chain)[-1][3]), chain))
+    return out
+
+
+def _check_row(path: Path, i: int, row: dict) -> dict:
+    """Validate one prompts row (1-based `i`); numbers in `answer` become text."""
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{path}, row {i}: field 'prompt' must be non-empty text, got {prompt!r}")
+    if "answer" in row:
+        answer = row["answer"]
+        if answer is None or isinstance(answer, (bool, dict, list)) or str(answer).strip() == "":
+            raise DataError(f"{path}, row {i}: field 'answer' must be text or a number, got {answer!r}")
+        row = {**row, "answer": str(answer)}
+    return row
+
+
+def read_prompts_file(path: str | Path) -> Dataset:
+    """Load a user's prompts (.jsonl or .parquet), refusing malformed rows with a clear error.
+
+    Required: `prompt`, non-empty text. Optional: `answer` (text or number, used by the
+    verified reward). Other columns are kept as they are.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: prompts file not found")
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {i}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {i}: expected a JSON object with a 'prompt' field")
+            rows.append(row)
+        if not rows:
+            raise DataError(f"{path}: no rows (expected one JSON object per line)")
+    elif path.suffix == ".parquet":
+        try:
+            rows = Dataset.from_parquet(str(path)).to_list()
+        except Exception as err:  # pyarrow raises many kinds; all mean "not a parquet file"
+            raise DataError(f"{path}: cannot be read as Parquet ({err})") from None
+    else:
+        raise DataError(f"{path}: expected a .jsonl or .parquet file")
+    if not any("prompt" in row for row in rows):
+        raise DataError(f"{path}: no 'prompt' column (columns: {sorted(rows[0]) if rows else []})")
+    rows = [_check_row(path, i, row) for i, row in enumerate(rows, start=1)]
+    if any("answer" in row for row in rows) and not all("answer" in row for row in rows):
+        missing = next(i for i, row in enumerate(rows, start=1) if "answer" not in row)
+        raise DataError(f"{path}, row {missing}: field 'answer' missing (other rows have one)")
+    try:
+        return Dataset.from_list(rows)
+    except Exception as err:  # e.g. a column holding text in one row and a number in another
+        raise DataError(f"{path}: columns must have one type each ({err})") from None

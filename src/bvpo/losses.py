@@ -1,0 +1,114 @@
+"""Preference losses and the BVPO mixture. Pure tensor functions, no model code.
+
+`dpo_loss` has TRL's semantics (sigmoid DPO with label smoothing, rewards = β·log-ratio), so
+numbers are comparable with TRL runs. `sequence_logps` scores exactly the completion tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sigmoid DPO per example: (losses, chosen_rewards, rejected_rewards).
+
+    label_smoothing is conservative DPO's ε: the probability that the label is flipped.
+    """
+    logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    losses = (
+        -F.logsigmoid(beta * logits) * (1 - label_smoothing)
+        - F.logsigmoid(-beta * logits) * label_smoothing
+    )
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPO per example (Azar et al., eq. 17): (h − 1/(2β))², on length-normalised log-probs."""
+    logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    losses = (logits - 1 / (2 * beta)) ** 2
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def sequence_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log-probs of the completion tokens, and their count, per row.
+
+    `completion_mask[i, j]` is 1 where token j of row i belongs to the scored completion;
+    prompt and padding tokens contribute nothing. Token j is predicted by logits at j−1.
+    """
+    labels = input_ids[:, 1:]
+    mask = completion_mask[:, 1:].to(logits.dtype)
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logps = torch.gather(logps, 2, labels.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+@dataclass
+class EstimatorLoss:
+    """One estimator's (trace or empty-trace) loss on a batch, and what to log about it."""
+
+    loss: torch.Tensor
+    preference: torch.Tensor
+    nll: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def estimator_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    loss_type: str,
+    beta: float,
+    label_smoothing: float,
+    nll_weight: float,
+) -> EstimatorLoss:
+    """Mean preference loss plus `nll_weight` × per-token NLL of the chosen completions."""
+    if loss_type == "ipo":
+        losses, cr, rr = ipo_loss(
+            chosen_logps / chosen_tokens, rejected_logps / rejected_tokens,
+            ref_chosen_logps / chosen_tokens, ref_rejected_logps / rejected_tokens, beta,
+        )
+    else:
+        losses, cr, rr = dpo_loss(
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, label_smoothing
+        )
+    preference = losses.mean()
+    # Per-sequence mean NLL, averaged over pairs: unlike a batch-wide token mean it splits
+    # exactly over micro-batches and processes, so accumulation and DDP change nothing.
+    nll = -(chosen_logps / chosen_tokens).mean()
+    return EstimatorLoss(preference + nll_weight * nll, preference, nll, cr, rr)
+
+
+def bvpo_loss(trace_loss: torch.Tensor, empty_loss: torch.Tensor, alpha: float) -> torch.Tensor:
+    """α·L_trace + (1−α)·L_empty; at α ∈ {0, 1} the unused term is dropped, not multiplied by 0,
+    so a NaN in an estimator the method does not use cannot poison its gradient."""
+    if alpha >= 1.0:
+        return trace_loss
+    if alpha <= 0.0:
+        return empty_loss
+    return alpha * trace_loss + (1 - alpha) * empty_loss

@@ -1,0 +1,62 @@
+"""Figures: where a picture beats a table (method comparison, training curves)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def eval_bar_chart(results: dict[str, dict], out: str | Path) -> None:
+    """Grouped bars: greedy accuracy per model, thinking on and off."""
+    names = list(results)
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.6), dpi=120)
+    for k, (mode, label) in enumerate((("think", "thinking"), ("nothink", "no thinking"))):
+        values = [100 * results[n][f"accuracy_{mode}"] for n in names]
+        xs = [i + (k - 0.5) * width for i in range(len(names))]
+        bars = ax.bar(xs, values, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("greedy accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("Held-out accuracy by method")
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+
+
+def _read_csv(path: Path) -> list[dict[str, float]]:
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def training_curves(csv_dir: str | Path, out: str | Path,
+                    keys: tuple[str, ...] = ("loss", "trace/margin", "empty/margin", "trace/nll", "empty/nll",
+                                             "grad_norm")) -> None:
+    """One panel per metric, one line per method, from the train stage's per-method CSVs."""
+    files = sorted(Path(csv_dir).glob("*.csv"))
+    histories = {f.stem: _read_csv(f) for f in files}
+    keys = tuple(k for k in keys if any(k in row for h in histories.values() for row in h))
+    cols = 3
+    rows = max(1, -(-len(keys) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), dpi=110, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for name, history in histories.items():
+            points = [(r["step"], r[key]) for r in history if key in r]
+            if points:
+                ax.plot(*zip(*points), label=name, linewidth=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    if keys:
+        axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)

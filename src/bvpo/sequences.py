@@ -1,0 +1,150 @@
+"""Turning (prompt, completion) text into scored token sequences, and generating completions.
+
+Sequences are right-padded for scoring (the completion mask marks the scored tokens) and
+left-padded for generation (so every row's next token sits in the last column).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .losses import sequence_logps
+from .modeling import THINK_CLOSE, THINK_OPEN, render_prompt
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    completion_start: int
+
+
+def encode(tokenizer, prompt: str, completion: str, thinking: bool, max_length: int) -> Encoded:
+    """Prompt via the chat template + completion as raw text; truncated from the left end of
+    the prompt if too long, never inside the completion."""
+    prompt_ids = tokenizer(render_prompt(tokenizer, prompt, thinking), add_special_tokens=False).input_ids
+    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
+    overflow = len(prompt_ids) + len(completion_ids) - max_length
+    if overflow > 0:
+        prompt_ids = prompt_ids[overflow:]
+    return Encoded(prompt_ids + completion_ids, len(prompt_ids))
+
+
+def collate(encoded: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and completion mask for a list of sequences."""
+    width = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    completion = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        attention[row, :n] = 1
+        completion[row, e.completion_start:n] = 1
+    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
+
+
+def score(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and completion token counts, one forward pass."""
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+    return sequence_logps(logits, input_ids, batch["completion_mask"].to(device))
+
+
+@torch.no_grad()
+def token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token log-probs of each row's own next token ([B, L−1]; masked positions are 0)."""
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = torch.gather(logps, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return picked * batch["completion_mask"][:, 1:].to(device)
+
+
+@dataclass
+class Generated:
+    text: str
+    n_tokens: int
+    truncated: bool
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    thinking: bool,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    desc: str | None = None,
+) -> list[Generated]:
+    """One completion per prompt (repeat a prompt to sample it several times), batched with
+    the KV cache. `truncated` marks completions that hit `max_new_tokens` without an EOS."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rendered = [render_prompt(tokenizer, p, thinking) for p in prompts]
+    # Longest prompts first keeps padding small inside each batch.
+    order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i]))
+    results: list[Generated | None] = [None] * len(rendered)
+    eos_id = tokenizer.eos_token_id
+    saved_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        n_batches = math.ceil(len(order) / batch_size)
+        for b in tqdm(range(n_batches), desc=desc, disable=desc is None, unit="batch"):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            enc = tokenizer([rendered[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                          pad_token_id=tokenizer.pad_token_id)
+            if greedy:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            else:
+                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            out = model.generate(**enc, **kwargs)
+            new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
+            for row, i in enumerate(idx):
+                tokens = new_tokens[row]
+                if eos_id in tokens:
+                    tokens = tokens[: tokens.index(eos_id)]
+                    truncated = False
+                else:
+                    tokens = [t for t in tokens if t != tokenizer.pad_token_id]
+                    truncated = True
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                results[i] = Generated(text, len(tokens) + (0 if truncated else 1), truncated)
+    finally:
+        tokenizer.padding_side = saved_side
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+@dataclass
+class Parsed:
+    trace: str | None
+    answer: str
+    unclosed: bool
+
+
+def parse_completion(text: str, thinking: bool) -> Parsed:
+    """Split a completion into trace and answer. With thinking on, a completion that never
+    closes its think block has no answer (unclosed)."""
+    if not thinking:
+        return Parsed(None, text.strip(), False)
+    stripped = text.lstrip()
+    if stripped.startswith(THINK_OPEN):
+        stripped = stripped[len(THINK_OPEN):]
+    if THINK_CLOSE not in stripped:
+        return Parsed(stripped.strip(), "", True)
+    trace, answer = stripped.split(THINK_CLOSE, 1)
+    return Parsed(trace.strip(), answer.strip(), False)
+

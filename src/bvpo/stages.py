@@ -1,0 +1,402 @@
+"""The pipeline stages: params + input paths → output paths. DVC and Prefect both call these.
+
+Each stage writes its outputs under a temporary name and renames them at the end, so a failed
+stage leaves nothing that looks finished. Each records a child run in MLflow (via `tracking`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from . import tracking
+from .config import Params
+
+# Where each stage reads and writes, relative to the project root; dvc.yaml uses the same.
+PATHS = {
+    "prompts": "data/prompts",
+    "base_model": "data/base_model",
+    "samples": "data/samples",
+    "pairs": "data/pairs",
+    "models": "data/models",
+    "eval": "metrics/eval.json",
+    "eval_plot": "metrics/eval.png",
+    "diagnostics": "metrics/diagnostics.json",
+    "train_plots": "metrics/train",
+    "checkpoints": "data/checkpoints",
+    "cache": "data/cache",
+}
+STAGES = ("prepare", "warmup", "sample", "pairs", "train", "evaluate", "analyze")
+
+
+class StageError(RuntimeError):
+    """A stage cannot run on its inputs. The message names what is wrong."""
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces `final`, on failure it vanishes."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        elif final.exists() or final.is_symlink():
+            final.unlink()
+        os.replace(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _project(p: Path | str | None) -> Path:
+    return Path(p or ".").resolve()
+
+
+def _mode_name(thinking: bool) -> str:
+    return "think" if thinking else "nothink"
+
+
+# --------------------------------------------------------------------------------- prepare
+def prepare(params: Params, project_dir: Path | str = ".") -> Path:
+    """Prompts as a datasets DatasetDict (train/test) on disk."""
+    from datasets import DatasetDict
+
+    from .data import read_prompts_file, synthetic_prompts
+
+    root = _project(project_dir)
+    d = params.data
+    if d.source == "synthetic":
+        prompts = synthetic_prompts(d.n_train, d.n_test, d.min_ops, d.max_ops, params.seed)
+    else:
+        train = read_prompts_file(root / d.source)
+        if d.test_source:
+            prompts = DatasetDict(train=train, test=read_prompts_file(root / d.test_source))
+        else:
+            split = train.train_test_split(test_size=d.test_fraction, seed=params.seed)
+            prompts = DatasetDict(train=split["train"], test=split["test"])
+    out = root / PATHS["prompts"]
+    with tracking.stage_run(root, params.tracking.experiment, "prepare", params={"data": params.to_dict()["data"]}):
+        with atomic_path(out) as tmp:
+            prompts.save_to_disk(str(tmp))
+        tracking.log_metrics({"n_train": len(prompts["train"]), "n_test": len(prompts["test"])})
+    return out
+
+
+def _load_prompts(root: Path):
+    from datasets import load_from_disk
+
+    path = root / PATHS["prompts"]
+    if not path.is_dir():
+        raise StageError(f"{path}: no prompts (run the prepare stage first)")
+    return load_from_disk(str(path))
+
+
+# --------------------------------------------------------------------------------- warmup
+def warmup(params: Params, project_dir: Path | str = ".") -> Path:
+    """The starting policy: the SFT'd embedded model, or a pointer to `model.path`."""
+    from .modeling import load_tokenizer, save_model, write_model_pointer
+    from .warmup import sft_tiny_model
+
+    root = _project(project_dir)
+    out = root / PATHS["base_model"]
+    if params.model.path is not None:
+        local = root / params.model.path
+        target = str(local.resolve()) if local.exists() else params.model.path
+        with atomic_path(out) as tmp:
+            write_model_pointer(target, tmp)
+            load_tokenizer(tmp)  # refuse a model without a thinking template now, not mid-pipeline
+        return out
+    prompts = _load_prompts(root)
+    with tracking.stage_run(root, params.tracking.experiment, "warmup",
+                            params={"model": params.to_dict()["model"], "warmup": params.to_dict()["warmup"]}):
+        model, tokenizer, history, seconds = sft_tiny_model(params, set(prompts["test"]["prompt"]))
+        with atomic_path(out) as tmp:
+            save_model(model, tokenizer, tmp)
+            _write_json(tmp / "warmup_summary.json", {"seconds": seconds, "final_loss": history[-1]["loss"],
+                                                      "steps": len(history)})
+        tracking.log_history(history)
+        tracking.log_metrics({"seconds": seconds, "n_parameters": sum(p.numel() for p in model.parameters())})
+    return out
+
+
+# --------------------------------------------------------------------------------- sample
+def sample(params: Params, project_dir: Path | str = ".") -> Path:
+    """K completions per training prompt with thinking on and K with it off, on the policy."""
+    import torch
+    from datasets import Dataset
+
+    from .modeling import load_model, load_tokenizer, pick_device
+    from .sequences import generate, parse_completion
+
+    root = _project(project_dir)
+    s = params.sample
+    prompts = _load_prompts(root)["train"]
+    tokenizer = load_tokenizer(root / PATHS["base_model"])
+    model = load_model(root / PATHS["base_model"], params.model.dtype, pick_device())
+    has_answer = "answer" in prompts.column_names
+    rows = []
+    out = root / PATHS["samples"]
+    with tracking.stage_run(root, params.tracking.experiment, "sample", params={"sample": params.to_dict()["sample"]}):
+        start = time.perf_counter()
+        for thinking in (True, False):
+            torch.manual_seed(params.seed + (0 if thinking else 1))
+            repeated = [p for p in prompts["prompt"] for _ in range(s.k)]
+            generated = generate(model, tokenizer, repeated, thinking, s.max_new_tokens, s.batch_size,
+                                 temperature=s.temperature, top_p=s.top_p,
+                                 desc=f"sample ({_mode_name(thinking)}, k={s.k})")
+            for i, g in enumerate(generated):
+                prompt_id = i // s.k
+                parsed = parse_completion(g.text, thinking)
+                rows.append({
+                    "prompt_id": prompt_id,
+                    "prompt": repeated[i],
+                    "answer": prompts[prompt_id]["answer"] if has_answer else "",
+                    "mode": _mode_name(thinking),
+                    "completion": g.text + tokenizer.eos_token * (not g.truncated),
+                    "trace": parsed.trace or "",
+                    "response": parsed.answer,
+                    "n_tokens": g.n_tokens,
+                    "truncated": g.truncated,
+                    "unclosed": parsed.unclosed,
+                    "valid": not (g.truncated or parsed.unclosed),
+                })
+        seconds = time.perf_counter() - start
+        with atomic_path(out) as tmp:
+            Dataset.from_list(rows).save_to_disk(str(tmp))
+        metrics = {"seconds": seconds, "samples_per_s": len(rows) / seconds}
+        for mode in ("think", "nothink"):
+            mine = [r for r in rows if r["mode"] == mode]
+            metrics[f"{mode}/valid_rate"] = sum(r["valid"] for r in mine) / len(mine)
+            metrics[f"{mode}/mean_tokens"] = sum(r["n_tokens"] for r in mine) / len(mine)
+        tracking.log_metrics(metrics)
+    return out
+
+
+# --------------------------------------------------------------------------------- pairs
+def pairs(params: Params, project_dir: Path | str = ".") -> Path:
+    """Reward every sample and build D_t (think/) and D_e (nothink/)."""
+    from datasets import Dataset, load_from_disk
+
+    from .pairs import build_pairs
+    from .rewards import REWARDS
+
+    root = _project(project_dir)
+    samples_dir = root / PATHS["samples"]
+    if not samples_dir.is_dir():
+        raise StageError(f"{samples_dir}: no samples (run the sample stage first)")
+    samples = load_from_disk(str(samples_dir)).to_list()
+    if not any(r["answer"] for r in samples):
+        raise StageError(f"pairs.reward={params.pairs.reward} needs an 'answer' column in the prompts; "
+                         f"{params.data.source} has none")
+    reward = REWARDS[params.pairs.reward]
+    for r in samples:
+        r["reward"] = reward(r["response"], r["answer"]) if r["valid"] else 0.0
+    built = build_pairs(samples, params.pairs.max_pairs_per_prompt)
+    stats = {}
+    for mode in ("think", "nothink"):
+        mine = [r for r in samples if r["mode"] == mode]
+        stats[f"{mode}/n_pairs"] = len(built[mode])
+        stats[f"{mode}/sample_accuracy"] = sum(r["reward"] == 1.0 for r in mine) / max(len(mine), 1)
+        stats[f"{mode}/mean_reward"] = sum(r["reward"] for r in mine) / max(len(mine), 1)
+        stats[f"{mode}/invalid_rate"] = sum(not r["valid"] for r in mine) / max(len(mine), 1)
+    out = root / PATHS["pairs"]
+    with tracking.stage_run(root, params.tracking.experiment, "pairs", params={"pairs": params.to_dict()["pairs"]}):
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            columns = ["prompt_id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"]
+            for mode, rows in built.items():
+                dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in columns})
+                dataset.save_to_disk(str(tmp / mode))
+            _write_json(tmp / "stats.json", stats)
+        tracking.log_metrics(stats)
+    return out
+
+
+# --------------------------------------------------------------------------------- train
+def accelerate_command(params: Params, module_args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch` for the configured processes. On a CPU-only machine several
+    processes need --multi_gpu (gloo); `--cpu --num_processes N` silently runs one."""
+    import torch
+
+    t = params.train
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    env = dict(os.environ)
+    if t.accelerate_config:
+        cmd += ["--config_file", t.accelerate_config, "--num_processes", str(t.num_processes)]
+    elif t.num_processes > 1:
+        cmd += ["--multi_gpu", "--num_processes", str(t.num_processes), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(29500 + os.getpid() % 1000)]
+        if not torch.cuda.is_available():
+            env["OMP_NUM_THREADS"] = "1"  # two spinning OpenMP pools on two cores collapse
+    else:
+        cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]
+    if not torch.cuda.is_available():
+        # --multi_gpu only spawns the processes; without this each would train alone (gloo needs it).
+        env["ACCELERATE_USE_CPU"] = "true"
+    return cmd + ["-m", "bvpo.train", *module_args], env
+
+
+def train(params: Params, project_dir: Path | str = ".", params_file: str | Path = "params.yaml") -> Path:
+    """Every method in `train.methods`, in one `accelerate launch` subprocess.
+
+    Checkpoints and finished methods go to data/checkpoints/ (not a DVC output), so a rerun
+    after a crash resumes there; only a complete run is moved into data/models at the end."""
+    from .plots import training_curves
+
+    root = _project(project_dir)
+    pairs_dir = root / PATHS["pairs"]
+    if not pairs_dir.is_dir():
+        raise StageError(f"{pairs_dir}: no pairs (run the pairs stage first)")
+    work = root / PATHS["checkpoints"]
+    cmd, env = accelerate_command(params, [
+        "--params", str(Path(params_file).resolve()), "--pairs", str(pairs_dir),
+        "--base", str(root / PATHS["base_model"]), "--work", str(work),
+        "--cache", str(root / PATHS["cache"]), "--project-dir", str(root),
+    ])
+    result = subprocess.run(cmd, cwd=root, env=env)
+    if result.returncode != 0:
+        raise StageError(f"training failed (exit {result.returncode}); its output is above. Checkpoints in "
+                         f"{work} let a rerun resume")
+    out = root / PATHS["models"]
+    with atomic_path(out) as tmp, atomic_path(root / PATHS["train_plots"]) as plot_tmp:
+        tmp.mkdir()
+        plot_tmp.mkdir()
+        for name in params.train.methods:
+            shutil.move(str(work / name / "final" / "history.csv"), plot_tmp / f"{name}.csv")
+            shutil.copytree(work / name / "final", tmp / name)
+        training_curves(plot_tmp, plot_tmp / "curves.png")
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------------- evaluate
+def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
+    """Greedy accuracy on held-out prompts, thinking on and off, for base and every method."""
+    from .modeling import load_model, load_tokenizer, pick_device
+    from .plots import eval_bar_chart
+    from .rewards import verified_reward
+    from .sequences import generate, parse_completion
+
+    root = _project(project_dir)
+    test = _load_prompts(root)["test"]
+    if "answer" not in test.column_names:
+        raise StageError("evaluate needs an 'answer' column in the held-out prompts")
+    if params.evaluate.n_prompts is not None:
+        test = test.select(range(min(params.evaluate.n_prompts, len(test))))
+    candidates = {"base": root / PATHS["base_model"]}
+    for name in params.train.methods:
+        path = root / PATHS["models"] / name
+        if not path.is_dir():
+            raise StageError(f"{path}: no trained model for method {name!r} (run the train stage first)")
+        candidates[name] = path
+    results = {}
+    device = pick_device()
+    e = params.evaluate
+    with tracking.stage_run(root, params.tracking.experiment, "evaluate",
+                            params={"evaluate": params.to_dict()["evaluate"]}):
+        for name, path in candidates.items():
+            tokenizer = load_tokenizer(path)
+            model = load_model(path, params.model.dtype, device)
+            entry = {}
+            for thinking in (True, False):
+                mode = _mode_name(thinking)
+                generated = generate(model, tokenizer, list(test["prompt"]), thinking, e.max_new_tokens,
+                                     e.batch_size, greedy=True, desc=f"evaluate {name} ({mode})")
+                correct, invalid = 0.0, 0
+                for g, answer in zip(generated, test["answer"]):
+                    parsed = parse_completion(g.text, thinking)
+                    if g.truncated or parsed.unclosed:
+                        invalid += 1
+                        continue
+                    correct += verified_reward(parsed.answer, answer)
+                n = len(generated)
+                suffix = "think" if thinking else "nothink"
+                entry[f"accuracy_{suffix}"] = correct / n
+                entry[f"mean_length_{suffix}"] = sum(g.n_tokens for g in generated) / n
+                entry[f"invalid_rate_{suffix}"] = invalid / n
+            entry["n_prompts"] = len(test)
+            results[name] = entry
+            tracking.log_metrics({f"{name}/{k}": v for k, v in entry.items()})
+            del model
+        out = root / PATHS["eval"]
+        with atomic_path(out) as tmp:
+            _write_json(tmp, results)
+        with atomic_path(root / PATHS["eval_plot"]) as tmp:
+            eval_bar_chart(results, tmp)
+        tracking.log_artifact(out)
+        tracking.log_artifact(root / PATHS["eval_plot"])
+    return out
+
+
+# --------------------------------------------------------------------------------- analyze
+def analyze(params: Params, project_dir: Path | str = ".") -> Path:
+    """The paper's trace diagnostics on the sampled completions, under the sampling policy."""
+    from datasets import load_from_disk
+
+    from .diagnostics import trace_diagnostics
+    from .modeling import THINK_CLOSE, load_model, load_tokenizer, pick_device
+    from .sequences import collate, encode, token_logps
+
+    root = _project(project_dir)
+    samples_dir = root / PATHS["samples"]
+    if not samples_dir.is_dir():
+        raise StageError(f"{samples_dir}: no samples (run the sample stage first)")
+    samples = load_from_disk(str(samples_dir)).to_list()
+    tokenizer = load_tokenizer(root / PATHS["base_model"])
+    model = load_model(root / PATHS["base_model"], params.model.dtype, pick_device())
+    model.eval()
+    encoded = [encode(tokenizer, r["prompt"], r["completion"], r["mode"] == "think", params.model.max_length)
+               for r in samples]
+    rows = []
+    bs = params.analyze.batch_size
+    order = sorted(range(len(samples)), key=lambda i: len(encoded[i].input_ids))
+    for start in range(0, len(order), bs):
+        idx = order[start:start + bs]
+        logps = token_logps(model, collate([encoded[i] for i in idx], tokenizer.pad_token_id)).cpu()
+        for row, i in enumerate(idx):
+            e, sample_row = encoded[i], samples[i]
+            n = len(e.input_ids) - e.completion_start
+            picked = logps[row, e.completion_start - 1:e.completion_start - 1 + n].tolist()
+            n_trace = None
+            if sample_row["mode"] == "think" and THINK_CLOSE in sample_row["completion"]:
+                head = sample_row["completion"].split(THINK_CLOSE, 1)[0] + THINK_CLOSE
+                n_trace = len(tokenizer(head, add_special_tokens=False).input_ids)
+            rows.append({"prompt_id": sample_row["prompt_id"], "mode": sample_row["mode"],
+                         "token_logps": picked, "n_trace_tokens": n_trace})
+    result = trace_diagnostics(rows)
+    out = root / PATHS["diagnostics"]
+    with tracking.stage_run(root, params.tracking.experiment, "analyze"):
+        with atomic_path(out) as tmp:
+            _write_json(tmp, result)
+        tracking.log_metrics({f"{group}/{k}": v for group, stats in result.items() for k, v in stats.items()})
+        tracking.log_artifact(out)
+    return out
+
+
+def run_stage(name: str, params: Params, project_dir: Path | str = ".", params_file: str | Path = "params.yaml") -> Path:
+    if name == "train":
+        return train(params, project_dir, params_file)
+    functions = {"prepare": prepare, "warmup": warmup, "sample": sample, "pairs": pairs,
+                 "evaluate": evaluate, "analyze": analyze}
+    if name not in functions:
+        raise StageError(f"unknown stage {name!r}: expected one of {', '.join(STAGES)}")
+    return functions[name](params, project_dir)

@@ -1,0 +1,196 @@
+"""MLflow, and only here. Every other module calls these functions, never mlflow itself.
+
+Store: `sqlite:///<project>/mlruns/mlflow.db` with artifacts under `<project>/mlruns/artifacts`
+(absolute, because relative sqlite URIs resolve against whatever the cwd is). A pipeline run
+is a parent run; each stage and each trained method is a child run. Stages learn their parent
+from `BVPO_PARENT_RUN_ID`, so a stage run by `dvc repro` inside the Prefect flow nests under
+the flow's parent run, and a stage run by a bare `dvc repro` gets a run of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+PARENT_ENV = "BVPO_PARENT_RUN_ID"
+FLOW_RUN_ENV = "BVPO_PREFECT_FLOW_RUN_ID"
+
+
+def tracking_uri(project_dir: str | Path) -> str:
+    return f"sqlite:///{(Path(project_dir).resolve() / 'mlruns' / 'mlflow.db')}"
+
+
+def artifact_root(project_dir: str | Path) -> Path:
+    return Path(project_dir).resolve() / "mlruns" / "artifacts"
+
+
+def configure(project_dir: str | Path, experiment: str) -> str:
+    """Point MLflow at the project's store and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    (Path(project_dir) / "mlruns").mkdir(parents=True, exist_ok=True)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(project_dir)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        experiment_id = found.experiment_id
+    else:
+        experiment_id = mlflow.create_experiment(
+            experiment, artifact_location=artifact_root(project_dir).as_uri()
+        )
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def provenance_tags(project_dir: str | Path) -> dict[str, str]:
+    """Git SHA, dvc.lock hash and Prefect flow-run id: what it takes to find this run again."""
+    tags = {}
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_dir, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        tags["git_sha"] = sha
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    lock = Path(project_dir) / "dvc.lock"
+    if lock.is_file():
+        tags["dvc_lock_md5"] = hashlib.md5(lock.read_bytes()).hexdigest()
+    if os.environ.get(FLOW_RUN_ENV):
+        tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    return tags
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+@contextlib.contextmanager
+def pipeline_run(project_dir: str | Path, experiment: str, params: dict, run_name: str) -> Iterator[str]:
+    """The parent run of one pipeline run; yields its id and exports it to child processes."""
+    import mlflow
+
+    configure(project_dir, experiment)
+    with mlflow.start_run(run_name=run_name, tags={**provenance_tags(project_dir), "kind": "pipeline"}) as run:
+        flat: dict[str, Any] = {}
+        _flatten("", params, flat)
+        mlflow.log_params(flat)
+        previous = os.environ.get(PARENT_ENV)
+        os.environ[PARENT_ENV] = run.info.run_id
+        try:
+            yield run.info.run_id
+        finally:
+            if previous is None:
+                os.environ.pop(PARENT_ENV, None)
+            else:
+                os.environ[PARENT_ENV] = previous
+
+
+@contextlib.contextmanager
+def stage_run(project_dir: str | Path, experiment: str, name: str, params: dict | None = None,
+              tags: dict | None = None) -> Iterator[str]:
+    """A child run of the current pipeline run (or a standalone run when there is none)."""
+    import mlflow
+
+    configure(project_dir, experiment)
+    parent = os.environ.get(PARENT_ENV)
+    all_tags = {**provenance_tags(project_dir), "stage": name, **(tags or {})}
+    with mlflow.start_run(run_name=name, parent_run_id=parent, tags=all_tags, nested=parent is not None) as run:
+        if params:
+            flat: dict[str, Any] = {}
+            _flatten("", params, flat)
+            mlflow.log_params(flat)
+        yield run.info.run_id
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
+    import mlflow
+
+    clean = {k: float(v) for k, v in metrics.items() if v is not None}
+    if run_id is None:
+        mlflow.log_metrics(clean, step=step)
+    else:
+        mlflow.MlflowClient().log_batch(
+            run_id,
+            metrics=[mlflow.entities.Metric(k, v, int(__import__("time").time() * 1000), step or 0)
+                     for k, v in clean.items()],
+        )
+
+
+def log_history(history: list[dict[str, float]], step_key: str = "step") -> None:
+    """Per-step metrics in batches (one SQL round-trip per 1000 values, not one per value)."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    run_id = mlflow.active_run().info.run_id
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now, int(row[step_key]))
+        for row in history for key, value in row.items() if key != step_key and value is not None
+    ]
+    client = mlflow.MlflowClient()
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_text(text, artifact_file)
+
+
+def log_and_register_model(model_dir: str | Path, registered_model: str, alias: str | None,
+                           tags: dict[str, str]) -> str:
+    """Log a saved HF model with the transformers flavour and register a new version."""
+    import logging
+
+    import mlflow
+    import mlflow.transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Offline, the flavour warns that it cannot fetch a hub model card or licence: expected.
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    import accelerate
+    import torch
+    import transformers
+
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name="model",
+        task="text-generation",
+        # Explicit requirements: inference would otherwise import torchvision to guess them.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                          f"transformers=={transformers.__version__}",
+                          f"accelerate=={accelerate.__version__}"],
+        registered_model_name=registered_model,
+    )
+    client = mlflow.MlflowClient()
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version, key, value)
+    if alias:
+        client.set_registered_model_alias(registered_model, alias, version)
+    return version

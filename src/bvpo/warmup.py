@@ -1,0 +1,77 @@
+"""Warmup: SFT the embedded tiny model from scratch into a small reasoning model.
+
+It learns the task in both modes from the same stochastic traces, so that thinking beats
+not thinking (the answer is hard to produce without writing the steps) while both leave room
+for preference optimisation to improve.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import Params
+from .data import make_trace, warmup_examples
+from .modeling import build_tiny_model, build_tokenizer, completion_text
+from .sequences import collate, encode, score
+
+
+def cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup to the peak learning rate, then cosine decay to zero."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def sft_tiny_model(params: Params, test_prompts: set[str], progress: bool = True):
+    """Build and SFT the embedded model. Returns (model, tokenizer, per-step loss history)."""
+    m, w = params.model, params.warmup
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(tokenizer, m.hidden_size, m.num_layers, m.num_heads,
+                             m.intermediate_size, m.max_length, params.seed)
+    problems = warmup_examples(params.data.n_warmup, test_prompts, params.data.min_ops,
+                               params.data.max_ops, params.seed)
+    rng = random.Random(f"bvpo-warmup-batches-{params.seed}")
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    scheduler = cosine_schedule(optimizer, max(1, w.steps // 20), w.steps)
+    model.train()
+    history = []
+    start = time.perf_counter()
+    bar = tqdm(range(w.steps), desc="warmup (SFT)", disable=not progress, unit="step")
+    for step in bar:
+        by_mode: dict[bool, list] = {True: [], False: []}
+        for prompt, answer, chain in rng.sample(problems, w.batch_size):
+            thinking = rng.random() < w.think_fraction
+            trace = make_trace(rng, chain) if thinking else None
+            completion = completion_text(trace, answer, tokenizer.eos_token)
+            by_mode[thinking].append(encode(tokenizer, prompt, completion, thinking, m.max_length))
+        # One forward per mode: empty-think rows are a third as long, so mixing them pads a lot.
+        total_tokens = sum(len(e.input_ids) - e.completion_start for b in by_mode.values() for e in b)
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = 0.0
+        for batch in by_mode.values():
+            if batch:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=w.bf16):
+                    logps, _ = score(model, collate(batch, tokenizer.pad_token_id))
+                loss = -logps.sum() / total_tokens
+                loss.backward()
+                loss_value += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        history.append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+    model.eval()
+    elapsed = time.perf_counter() - start
+    return model, tokenizer, history, elapsed

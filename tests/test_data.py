@@ -1,0 +1,68 @@
+import json
+import random
+
+import pandas as pd
+import pytest
+
+from bvpo.data import DataError, make_trace, read_prompts_file, solve, synthetic_prompts
+
+
+def test_synthetic_prompts_are_disjoint_seeded_and_correct():
+    a = synthetic_prompts(200, 50, 2, 3, seed=3)
+    b = synthetic_prompts(200, 50, 2, 3, seed=3)
+    assert a["train"]["prompt"] == b["train"]["prompt"]
+    assert not set(a["train"]["prompt"]) & set(a["test"]["prompt"])
+    for row in list(a["train"])[:50]:
+        expression = row["prompt"].removeprefix("Compute ").removesuffix(".")
+        assert int(row["answer"]) == eval(expression)  # noqa: S307 - digits and +/- only
+        assert 2 <= expression.count("+") + expression.count("-") <= 3
+
+
+def test_traces_are_stochastic_and_state_every_step():
+    chain = [47, ("+", 38), ("-", 19)]
+    rng = random.Random(0)
+    traces = {make_trace(rng, chain) for _ in range(50)}
+    assert len(traces) > 10
+    for trace in traces:
+        assert "85" in trace and "66" in trace
+    assert solve(chain)[-1][3] == 66
+
+
+def test_jsonl_prompts_keep_extra_columns(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "What is 2+2?", "answer": 4, "source": "x"},
+        {"prompt": "Name a prime.", "answer": "7", "source": "y"},
+    ]) + "\n")
+    ds = read_prompts_file(path)
+    assert ds["answer"] == ["4", "7"] and ds["source"] == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"prompt": "ok"}', "{not json"], r"p\.jsonl, line 2: not valid JSON"),
+        (['{"prompt": "ok"}', '{"prompt": "   "}'], r"row 2: field 'prompt' must be non-empty text"),
+        (['{"question": "ok"}'], "no 'prompt' column"),
+        (['{"prompt": "ok", "answer": ""}'], r"row 1: field 'answer'"),
+        (["[1, 2]"], "line 1: expected a JSON object"),
+        ([""], "no rows"),
+    ],
+)
+def test_malformed_jsonl_names_file_row_and_field(tmp_path, lines, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=message):
+        read_prompts_file(path)
+
+
+def test_parquet_prompts_and_bad_parquet(tmp_path):
+    good = tmp_path / "p.parquet"
+    pd.DataFrame({"prompt": ["a", "b"], "answer": ["1", "2"]}).to_parquet(good)
+    assert read_prompts_file(good)["prompt"] == ["a", "b"]
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(DataError, match="cannot be read as Parquet"):
+        read_prompts_file(bad)
+    with pytest.raises(DataError, match="not found"):
+        read_prompts_file(tmp_path / "missing.jsonl")

@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+
+from bvpo.losses import bvpo_loss, dpo_loss, estimator_loss, ipo_loss, sequence_logps
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_dpo_loss_matches_hand_computed_values():
+    pc, pr = torch.tensor([-5.0, -3.0]), torch.tensor([-7.0, -2.0])
+    rc, rr = torch.tensor([-6.0, -3.5]), torch.tensor([-6.5, -2.5])
+    losses, cr, rrw = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    # Row 0: (−5+7) − (−6+6.5) = 1.5 → −log σ(0.75); row 1: (−3+2) − (−3.5+2.5) = 0 → log 2.
+    assert losses.tolist() == pytest.approx([-log_sigmoid(0.75), math.log(2)], abs=1e-6)
+    assert cr.tolist() == pytest.approx([0.5, 0.25])
+    assert rrw.tolist() == pytest.approx([-0.25, 0.25])
+
+
+def test_dpo_label_smoothing_is_conservative_dpo():
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-1.0, -4.0, -2.0, -2.0))
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.2)
+    h = 0.1 * 3.0
+    assert losses.item() == pytest.approx(-0.8 * log_sigmoid(h) - 0.2 * log_sigmoid(-h), abs=1e-6)
+
+
+def test_ipo_loss_is_squared_distance_to_half_inverse_beta():
+    losses, _, _ = ipo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]),
+                            torch.tensor([-1.5]), beta=0.25)
+    assert losses.item() == pytest.approx((1.0 - 2.0) ** 2)
+
+
+def test_sequence_logps_scores_only_completion_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    ids = torch.tensor([[1, 2, 3, 4, 0], [5, 6, 1, 2, 3]])
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]])
+    total, count = sequence_logps(logits, ids, mask)
+    logp = torch.log_softmax(logits, -1)
+    expected0 = logp[0, 1, 3] + logp[0, 2, 4]
+    expected1 = logp[1, 0, 6] + logp[1, 1, 1] + logp[1, 2, 2] + logp[1, 3, 3]
+    assert total.tolist() == pytest.approx([expected0.item(), expected1.item()], abs=1e-5)
+    assert count.tolist() == [2, 4]
+
+
+def test_bvpo_gradient_is_the_alpha_mixture_of_estimator_gradients():
+    torch.manual_seed(1)
+    theta = torch.randn(6, requires_grad=True)
+    x_t, x_e = torch.randn(4, 6), torch.randn(4, 6)
+
+    def estimator(x):
+        logps = x @ theta  # stands in for sequence log-probs that depend on the weights
+        return estimator_loss(logps[:2], logps[2:], torch.tensor([3.0, 4.0]), torch.tensor([5.0, 2.0]),
+                              torch.zeros(2), torch.zeros(2), "sigmoid", 2.0, 0.0, 1.0).loss
+
+    alpha = 0.3
+    g_mixed, = torch.autograd.grad(bvpo_loss(estimator(x_t), estimator(x_e), alpha), theta)
+    g_t, = torch.autograd.grad(estimator(x_t), theta)
+    g_e, = torch.autograd.grad(estimator(x_e), theta)
+    assert torch.allclose(g_mixed, alpha * g_t + (1 - alpha) * g_e, atol=1e-6)
+
+
+def test_estimator_loss_gradient_matches_finite_differences():
+    torch.manual_seed(2)
+    theta = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    tokens = torch.tensor([2.0, 3.0], dtype=torch.float64)
+
+    def f(t):
+        logps = x @ t
+        return estimator_loss(logps[:2], logps[2:], tokens, tokens, torch.zeros(2, dtype=torch.float64),
+                              torch.zeros(2, dtype=torch.float64), "sigmoid", 0.7, 0.1, 0.5).loss
+
+    grad, = torch.autograd.grad(f(theta), theta)
+    eps = 1e-6
+    for i in range(3):
+        bump = torch.zeros(3, dtype=torch.float64)
+        bump[i] = eps
+        numeric = (f(theta.detach() + bump) - f(theta.detach() - bump)) / (2 * eps)
+        assert grad[i].item() == pytest.approx(numeric.item(), rel=1e-6, abs=1e-9)
+
+
+def test_nll_term_is_mean_per_token_nll_of_chosen():
+    chosen = torch.tensor([-4.0, -9.0])
+    result = estimator_loss(chosen, torch.tensor([-5.0, -5.0]), torch.tensor([2.0, 3.0]), torch.tensor([1.0, 1.0]),
+                            chosen, torch.tensor([-5.0, -5.0]), "sigmoid", 1.0, 0.0, 0.5)
+    assert result.nll.item() == pytest.approx((2.0 + 3.0) / 2)
+    assert result.preference.item() == pytest.approx(math.log(2))  # policy == reference
+    assert result.loss.item() == pytest.approx(math.log(2) + 0.5 * 2.5)
+
+
+def test_pure_methods_drop_the_unused_estimator():
+    nan = torch.tensor(float("nan"))
+    assert bvpo_loss(torch.tensor(1.0), nan, 1.0).item() == 1.0
+    assert bvpo_loss(nan, torch.tensor(2.0), 0.0).item() == 2.0

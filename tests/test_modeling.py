@@ -1,0 +1,111 @@
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from bvpo.modeling import (
+    EMPTY_THINK,
+    ModelError,
+    check_thinking_template,
+    completion_text,
+    load_model,
+    load_tokenizer,
+    render_prompt,
+    save_model,
+    write_model_pointer,
+)
+from bvpo.sequences import collate, encode, parse_completion
+
+
+def completion_tokens(tokenizer, encoded):
+    return tokenizer.decode(encoded.input_ids[encoded.completion_start:])
+
+
+def test_thinking_on_scores_trace_and_answer(tokenizer):
+    completion = completion_text("12+30=42.", "42", tokenizer.eos_token)
+    e = encode(tokenizer, "Compute 12+30.", completion, thinking=True, max_length=192)
+    scored = completion_tokens(tokenizer, e)
+    assert scored == "<think>\n12+30=42.\n</think>\n\n42<|im_end|>"
+    prompt = tokenizer.decode(e.input_ids[: e.completion_start])
+    assert "<think>" not in prompt and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_thinking_off_puts_the_empty_block_in_the_prompt(tokenizer):
+    completion = completion_text(None, "42", tokenizer.eos_token)
+    e = encode(tokenizer, "Compute 12+30.", completion, thinking=False, max_length=192)
+    assert completion_tokens(tokenizer, e) == "42<|im_end|>"
+    prompt = tokenizer.decode(e.input_ids[: e.completion_start])
+    assert prompt.endswith("<|im_start|>assistant\n" + EMPTY_THINK)
+
+
+def test_completion_mask_covers_exactly_the_completion(tokenizer):
+    a = encode(tokenizer, "Compute 1+2.", "3<|im_end|>", thinking=False, max_length=192)
+    b = encode(tokenizer, "Compute 10+20+30.", "<think>\nx\n</think>\n\n60<|im_end|>", True, 192)
+    batch = collate([a, b], tokenizer.pad_token_id)
+    for row, e in enumerate((a, b)):
+        mask = batch["completion_mask"][row]
+        assert mask.sum().item() == len(e.input_ids) - e.completion_start
+        assert mask[: e.completion_start].sum().item() == 0
+        assert batch["attention_mask"][row].sum().item() == len(e.input_ids)
+
+
+def test_truncation_never_cuts_the_completion(tokenizer):
+    completion = "<think>\n" + "1+1=2. " * 10 + "\n</think>\n\n2<|im_end|>"
+    e = encode(tokenizer, "Compute " + "1+" * 40 + "1.", completion, True, max_length=100)
+    assert len(e.input_ids) == 100
+    assert completion_tokens(tokenizer, e) == completion
+
+
+def test_template_honours_enable_thinking_like_qwen3(tokenizer):
+    on = render_prompt(tokenizer, "hi", thinking=True)
+    off = render_prompt(tokenizer, "hi", thinking=False)
+    assert off == on + "<think>\n\n</think>\n\n"
+
+
+def test_tokenizer_round_trips_through_save_pretrained(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = render_prompt(tokenizer, "Compute 5-3.", False) + "2<|im_end|>"
+    assert loaded(text, add_special_tokens=False).input_ids == tokenizer(text, add_special_tokens=False).input_ids
+    assert loaded.convert_ids_to_tokens(loaded("<think></think>", add_special_tokens=False).input_ids) == [
+        "<think>", "</think>"]
+    check_thinking_template(loaded, str(tmp_path))
+
+
+def test_model_without_thinking_template_is_refused(tokenizer, tiny_model, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    loaded.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                            "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    with pytest.raises(ModelError, match="does not honour enable_thinking"):
+        check_thinking_template(loaded, "some-model")
+    loaded.chat_template = None
+    with pytest.raises(ModelError, match="no chat template"):
+        check_thinking_template(loaded, "some-model")
+
+
+def test_pointer_and_saved_model_both_load(tokenizer, tiny_model, tmp_path):
+    save_model(tiny_model, tokenizer, tmp_path / "model")
+    write_model_pointer(str(tmp_path / "model"), tmp_path / "pointer")
+    for where in ("model", "pointer"):
+        model = load_model(tmp_path / where)
+        assert load_tokenizer(tmp_path / where).eos_token == "<|im_end|>"
+        for a, b in zip(model.parameters(), tiny_model.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="no model here"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, thinking, trace, answer, unclosed",
+    [
+        ("<think>\n1+1=2.\n</think>\n\n2", True, "1+1=2.", "2", False),
+        ("<think>\n1+1=2. 2+2", True, "1+1=2. 2+2", "", True),
+        ("  7 ", False, None, "7", False),
+    ],
+)
+def test_parse_completion(text, thinking, trace, answer, unclosed):
+    parsed = parse_completion(text, thinking)
+    assert (parsed.trace, parsed.answer, parsed.unclosed) == (trace, answer, unclosed)

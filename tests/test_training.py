@@ -1,0 +1,134 @@
+"""The training recipe for real: `accelerate launch` subprocesses, 1 and 2 gloo processes,
+checkpoints, a killed-and-resumed run, `auto` α."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from bvpo.config import load_params
+from bvpo.modeling import completion_text, save_model
+from bvpo.stages import accelerate_command
+from bvpo.tracking import tracking_uri
+from micro_params import write_micro_params
+
+pytestmark = pytest.mark.timeout(300)
+FIXED = {"bvpo": {"alpha": 0.5}, "dpo_trace": {"alpha": 1.0}, "dpo_empty": {"alpha": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tokenizer, tiny_model):
+    root = tmp_path_factory.mktemp("train")
+    save_model(tiny_model, tokenizer, root / "base")
+    eos = tokenizer.eos_token
+    for mode, thinking in (("think", True), ("nothink", False)):
+        rows = []
+        for i in range(16):
+            a, b = 10 + i, 20 + 3 * i
+            trace = f"{a}+{b}={a + b}" if thinking else None
+            wrong = f"{a}+{b}={a + b + 1 + i % 3}" if thinking else None
+            rows.append({"prompt_id": i, "prompt": f"Compute {a}+{b}.",
+                         "chosen": completion_text(trace, str(a + b), eos),
+                         "rejected": completion_text(wrong, str(a + b + 1 + i % 3), eos),
+                         "chosen_reward": 1.0, "rejected_reward": 0.0})
+        Dataset.from_list(rows).save_to_disk(str(root / "pairs" / mode))
+    return root
+
+
+def run_training(root: Path, tag: str, train: dict, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    methods = train.get("methods", FIXED)
+    params_file = write_micro_params(root / f"params-{tag}.yaml", {
+        "tracking": {"register_method": next(iter(methods))},
+        "train": {"steps": 4, "batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "lr": 1e-3,
+                  "alpha_every": 2, "alpha_draws": 2, "alpha_draw_size": 2, "checkpoint_every": 0,
+                  "methods": FIXED, **train},
+        "model": {"max_length": 96},
+    })
+    params = load_params(params_file)
+    cmd, env = accelerate_command(params, ["--params", str(params_file), "--pairs", str(root / "pairs"),
+                                           "--base", str(root / "base"), "--work", str(root / f"work-{tag}"),
+                                           "--cache", str(root / "cache"), "--project-dir", str(root)])
+    env.update({"MLFLOW_TRACKING_URI": tracking_uri(root), "OMP_NUM_THREADS": "1", **(extra_env or {})})
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+
+
+def final_weights(root: Path, tag: str, method: str) -> dict[str, torch.Tensor]:
+    return load_file(root / f"work-{tag}" / method / "final" / "model.safetensors")
+
+
+def history(root: Path, tag: str, method: str) -> list[dict]:
+    return json.loads((root / f"work-{tag}" / method / "final" / "history.json").read_text())["history"]
+
+
+def test_two_processes_match_one_process(inputs):
+    one = run_training(inputs, "p1", {"num_processes": 1})
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_training(inputs, "p2", {"num_processes": 2})
+    assert two.returncode == 0, two.stderr[-3000:]
+    base = load_file(inputs / "base" / "model.safetensors")
+    for method in FIXED:
+        w1, w2 = final_weights(inputs, "p1", method), final_weights(inputs, "p2", method)
+        moved = max((w1[k] - base[k]).abs().max().item() for k in base)
+        assert moved > 1e-4, f"{method} did not train"
+        for key in base:
+            torch.testing.assert_close(w2[key], w1[key], atol=2e-6, rtol=1e-4)
+        h1, h2 = history(inputs, "p1", method), history(inputs, "p2", method)
+        assert [r["loss"] for r in h2] == pytest.approx([r["loss"] for r in h1], rel=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_weights(inputs):
+    settings = {"num_processes": 1, "steps": 6, "checkpoint_every": 2, "methods": {"bvpo": {"alpha": 0.5}}}
+    full = run_training(inputs, "full", settings)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run_training(inputs, "resume", settings, {"BVPO_KILL_AFTER_CHECKPOINT": "3"})
+    assert killed.returncode != 0
+    checkpoints = list((inputs / "work-resume" / "bvpo" / "checkpoints").glob("step-*"))
+    assert [c.name for c in checkpoints] == ["step-000003"]
+    assert not (inputs / "work-resume" / "bvpo" / "final").exists()
+    resumed = run_training(inputs, "resume", settings)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step-000003" in resumed.stdout + resumed.stderr
+    a, b = final_weights(inputs, "full", "bvpo"), final_weights(inputs, "resume", "bvpo")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["loss"] for r in history(inputs, "resume", "bvpo")] == [r["loss"] for r in history(inputs, "full", "bvpo")]
+
+
+def test_auto_alpha_estimates_logs_and_clips(inputs):
+    import mlflow
+
+    result = run_training(inputs, "auto", {"num_processes": 2, "alpha_min": 0.2, "alpha_max": 0.9,
+                                           "methods": {"auto": {"alpha": "auto"}}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = history(inputs, "auto", "auto")
+    estimates = [r for r in rows if "alpha_star" in r]
+    assert [r["step"] for r in estimates] == [0, 2]
+    for r in rows:
+        assert 0.2 <= r["alpha"] <= 0.9
+    first = estimates[0]
+    assert first["alpha"] == pytest.approx(min(max(first["alpha_star"], 0.2), 0.9))
+    second = estimates[1]
+    assert second["alpha"] == pytest.approx(min(max(0.8 * first["alpha"] + 0.2 * second["alpha_star"], 0.2), 0.9))
+    for key in ("grad/var_trace", "grad/var_empty", "grad/bias_gap_sq", "grad/var_mixed", "alpha_sq",
+                "grad/step_cos_trace_empty", "grad/step_norm_trace"):
+        assert key in first
+    client = mlflow.MlflowClient(tracking_uri(inputs))
+    run = client.search_runs([client.get_experiment_by_name("bvpo").experiment_id],
+                             "tags.method = 'auto'")[0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "alpha_star")] == [0, 2]
+
+
+def test_live_reference_matches_precomputed(inputs):
+    pre = run_training(inputs, "pre", {"methods": {"bvpo": {"alpha": 0.5}}, "steps": 2})
+    live = run_training(inputs, "live", {"methods": {"bvpo": {"alpha": 0.5}}, "steps": 2, "reference": "live"})
+    assert pre.returncode == 0 and live.returncode == 0, live.stderr[-3000:]
+    a, b = final_weights(inputs, "pre", "bvpo"), final_weights(inputs, "live", "bvpo")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    assert list((inputs / "cache").glob("reference-*.pt"))
