@@ -12,7 +12,10 @@ MICRO = {
     "warmup": {"steps": 30, "batch_size": 32, "lr": 1.0e-2},
     "sample": {"k": 3, "max_new_tokens": 40, "batch_size": 128},
     "pairs": {"reward": "graded"},
-    "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "lr": 1.0e-3},
+    "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "lr": 1.0e-3,
+              "alpha_every": 2, "alpha_draws": 2, "alpha_draw_size": 2,
+              "methods": {"bvpo": {"alpha": 0.5}, "bvpo_auto": {"alpha": "auto"},
+                          "dpo_trace": {"alpha": 1.0}, "dpo_empty": {"alpha": 0.0}}},
     "evaluate": {"max_new_tokens": 40},
 }
 

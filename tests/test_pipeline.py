@@ -53,7 +53,7 @@ def pipeline_result(project, prefect_harness, monkeypatch_module):
 
 def test_eval_json_has_every_model_in_both_modes(project, pipeline_result):
     results = json.loads((project / "metrics/eval.json").read_text())
-    assert set(results) == {"base", "bvpo", "dpo_trace", "dpo_empty"}
+    assert set(results) == {"base", "bvpo", "bvpo_auto", "dpo_trace", "dpo_empty"}
     for entry in results.values():
         for key in ("accuracy_think", "accuracy_nothink"):
             assert 0.0 <= entry[key] <= 1.0
@@ -69,6 +69,7 @@ def test_trained_models_differ_from_base_and_each_other(project, pipeline_result
                for name, sub in [("base", "base_model"), ("bvpo", "models/bvpo"),
                                  ("dpo_trace", "models/dpo_trace"), ("dpo_empty", "models/dpo_empty")]}
     key = "model.layers.0.mlp.up_proj.weight"
+    assert (project / "metrics/train/gradients.png").read_bytes()[:4] == b"\x89PNG"
     assert not weights["bvpo"][key].equal(weights["base"][key])
     assert not weights["bvpo"][key].equal(weights["dpo_trace"][key])
     assert not weights["dpo_trace"][key].equal(weights["dpo_empty"][key])
@@ -95,19 +96,25 @@ def test_mlflow_holds_parent_children_and_registered_models(project, pipeline_re
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {run.info.run_name for run in children}
-    assert {"prepare", "warmup", "sample", "pairs", "train/bvpo", "train/dpo_trace", "train/dpo_empty",
-            "evaluate", "analyze", "register"} <= names
+    assert {"prepare", "warmup", "sample", "pairs", "train/bvpo", "train/bvpo_auto", "train/dpo_trace",
+            "train/dpo_empty", "evaluate", "analyze", "register"} <= names
     train_run = next(r for r in children if r.info.run_name == "train/bvpo")
     history = client.get_metric_history(train_run.info.run_id, "loss")
     assert [m.step for m in history] == [0, 1, 2]
     for key in ("trace/dpo", "empty/dpo", "trace/margin", "empty/accuracy", "trace/chosen_reward"):
         assert key in train_run.data.metrics
+    auto_run = next(r for r in children if r.info.run_name == "train/bvpo_auto")
+    alphas = client.get_metric_history(auto_run.info.run_id, "alpha_star")
+    assert [m.step for m in alphas] == [0, 2] and all(0 <= m.value <= 1 for m in alphas)
+    for key in ("alpha", "grad/var_trace", "grad/var_empty", "grad/bias_gap_sq", "grad/var_mixed",
+                "grad/step_cos_trace_empty"):
+        assert key in auto_run.data.metrics
     versions = client.search_model_versions("name = 'bvpo'")
-    assert {v.tags["method"] for v in versions} == {"bvpo", "dpo_trace", "dpo_empty"}
+    assert {v.tags["method"] for v in versions} == {"bvpo", "bvpo_auto", "dpo_trace", "dpo_empty"}
     champion = client.get_model_version_by_alias("bvpo", "champion")
     assert champion.tags["method"] == "bvpo"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"eval.json", "eval.png", "diagnostics.json", "curves.png", "results.md"} <= artifacts
+    assert {"eval.json", "eval.png", "diagnostics.json", "curves.png", "gradients.png", "results.md"} <= artifacts
 
 
 def test_dvc_repro_after_the_flow_is_a_no_op(project, pipeline_result):

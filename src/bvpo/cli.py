@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                            "this is what dvc.yaml's stages call.")
     stage.add_argument("name", choices=STAGES, help="the stage to run")
     stage.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    stage.add_argument("--fresh", action="store_true", help="train: discard checkpoints of an interrupted run "
+                       "instead of resuming from them (resuming is the default)")
 
     ui = sub.add_parser("ui", help="serve the MLflow UI over the project's store",
                         description="Serve the MLflow UI on 127.0.0.1 over mlruns/mlflow.db.")
@@ -75,6 +77,12 @@ def _stage(args) -> int:
     if not params_file.is_absolute():
         params_file = root / params_file
     params = load_params(params_file)
+    if args.fresh:
+        import shutil
+
+        from .stages import PATHS
+
+        shutil.rmtree(root / PATHS["checkpoints"], ignore_errors=True)
     out = run_stage(args.name, params, root, params_file)
     print(f"bvpo stage {args.name}: wrote {out.relative_to(root) if out.is_relative_to(root) else out}")
     return 0

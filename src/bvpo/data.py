@@ -23,17 +23,18 @@ class DataError(ValueError):
 
 
 def make_problem(rng: random.Random, min_ops: int, max_ops: int) -> tuple[str, list]:
-    """One arithmetic chain of 2-digit operands whose running value never goes negative:
-    (prompt text, [operand, (op, operand), ...])."""
+    """One chain of 2-digit operands whose running value stays within 0..99, so every step is
+    a 2-digit addition or subtraction: (prompt text, [operand, (op, operand), ...])."""
     n_ops = rng.randint(min_ops, max_ops)
     first = rng.randint(10, 99)
     chain: list = [first]
     value = first
-    for _ in range(n_ops):
+    while len(chain) <= n_ops:
         op, b = rng.choice("+-"), rng.randint(10, 99)
-        if op == "-" and value - b < 0:
-            op = "+"
-        value = value + b if op == "+" else value - b
+        result = value + b if op == "+" else value - b
+        if not 0 <= result <= 99:
+            continue
+        value = result
         chain.append((op, b))
     expr = str(first) + "".join(f"{op}{b}" for op, b in chain[1:])
     return f"Compute {expr}.", chain

@@ -58,7 +58,7 @@ def _stage_task(stage: str):
         logger = get_run_logger()
         root = Path(project_dir)
         if use_dvc:
-            cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+            cmd = [sys.executable, "-m", "dvc", "repro", "--quiet", "--single-item", stage]
         else:
             cmd = [sys.executable, "-m", "bvpo.cli", "stage", stage, "--params", params_file]
         _stream(cmd, root, logger)
@@ -126,8 +126,9 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
         tracking.log_metrics({f"{name}/{k}": v for name, entry in results.items() for k, v in entry.items()})
         tracking.log_metrics({f"diagnostics/{group}/{k}": v for group, stats in diagnostics.items()
                               for k, v in stats.items()})
-        curves = root / PATHS["train_plots"] / "curves.png"
-        for artifact in (root / PATHS["eval"], root / PATHS["eval_plot"], root / PATHS["diagnostics"], curves):
+        plots = root / PATHS["train_plots"]
+        for artifact in (root / PATHS["eval"], root / PATHS["eval_plot"], root / PATHS["diagnostics"],
+                         plots / "curves.png", plots / "gradients.png"):
             tracking.log_artifact(artifact)
         markdown = results_markdown(results, diagnostics, versions, params.tracking.registered_model)
         tracking.log_text(markdown, "results.md")

@@ -37,8 +37,8 @@ def _read_csv(path: Path) -> list[dict[str, float]]:
 
 
 def training_curves(csv_dir: str | Path, out: str | Path,
-                    keys: tuple[str, ...] = ("loss", "trace/margin", "empty/margin", "trace/nll", "empty/nll",
-                                             "grad_norm")) -> None:
+                    keys: tuple[str, ...] = ("loss", "trace/dpo", "empty/dpo", "trace/margin", "empty/margin",
+                                             "trace/nll", "empty/nll", "grad_norm", "alpha")) -> None:
     """One panel per metric, one line per method, from the train stage's per-method CSVs."""
     files = sorted(Path(csv_dir).glob("*.csv"))
     histories = {f.stem: _read_csv(f) for f in files}
@@ -57,6 +57,46 @@ def training_curves(csv_dir: str | Path, out: str | Path,
         ax.axis("off")
     if keys:
         axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+
+
+def gradient_telemetry(csv_dir: str | Path, out: str | Path) -> None:
+    """Why BVPO helps on this model: α (used and α*), the per-draw variances of each estimator
+    and of the mixture, the mixture's variance relative to the trace estimator's next to α²
+    (the paper's claim for the trace-induced part), the bias gap and the step gradients' cosine."""
+    histories = {f.stem: _read_csv(f) for f in sorted(Path(csv_dir).glob("*.csv"))}
+    panels = [
+        ("α used (line) and α* (dots)", ["alpha"], ["alpha_star"], False),
+        ("per-draw gradient variance", ["grad/var_trace", "grad/var_empty", "grad/var_mixed"], [], True),
+        ("Var(mixed) ÷ Var(trace) vs α² (dashed)", ["grad/var_ratio_mixed_to_trace"], [], False),
+        ("squared bias gap ‖ḡ_e − ḡ_t‖² (noise-corrected)", ["grad/bias_gap_sq"], [], True),
+        ("cos(g_t, g_e) of each step", ["grad/step_cos_trace_empty"], [], False),
+        ("‖g_t‖, ‖g_e‖ of each step", ["grad/step_norm_trace", "grad/step_norm_empty"], [], True),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.2), dpi=110)
+    for ax, (title, lines, dots, log) in zip(axes.flat, panels):
+        for name, history in histories.items():
+            for key in lines + dots:
+                points = [(r["step"], r[key]) for r in history if key in r]
+                if not points:
+                    continue
+                label = f"{name} {key.split('/')[-1]}" if len(lines) > 1 else name
+                if key in dots:
+                    ax.plot(*zip(*points), "o", markersize=3, label=f"{name} α*")
+                else:
+                    ax.plot(*zip(*points), linewidth=1, label=label)
+            if key == "grad/var_ratio_mixed_to_trace":
+                squares = [(r["step"], r["alpha_sq"]) for r in history if "alpha_sq" in r]
+                if squares:
+                    ax.plot(*zip(*squares), "--", linewidth=1, label=f"{name} α²")
+        if log and ax.has_data():
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        if ax.has_data():
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out, format="png")
     plt.close(fig)

@@ -260,7 +260,7 @@ def train(params: Params, project_dir: Path | str = ".", params_file: str | Path
 
     Checkpoints and finished methods go to data/checkpoints/ (not a DVC output), so a rerun
     after a crash resumes there; only a complete run is moved into data/models at the end."""
-    from .plots import training_curves
+    from .plots import gradient_telemetry, training_curves
 
     root = _project(project_dir)
     pairs_dir = root / PATHS["pairs"]
@@ -284,6 +284,7 @@ def train(params: Params, project_dir: Path | str = ".", params_file: str | Path
             shutil.move(str(work / name / "final" / "history.csv"), plot_tmp / f"{name}.csv")
             shutil.copytree(work / name / "final", tmp / name)
         training_curves(plot_tmp, plot_tmp / "curves.png")
+        gradient_telemetry(plot_tmp, plot_tmp / "gradients.png")
     shutil.rmtree(work, ignore_errors=True)
     return out
 

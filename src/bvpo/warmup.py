@@ -41,7 +41,6 @@ def sft_tiny_model(params: Params, test_prompts: set[str], progress: bool = True
     problems = warmup_examples(params.data.n_warmup, test_prompts, params.data.min_ops,
                                params.data.max_ops, params.seed)
     rng = random.Random(f"bvpo-warmup-batches-{params.seed}")
-    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = cosine_schedule(optimizer, max(1, w.steps // 20), w.steps)
     model.train()
@@ -61,8 +60,7 @@ def sft_tiny_model(params: Params, test_prompts: set[str], progress: bool = True
         loss_value = 0.0
         for batch in by_mode.values():
             if batch:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=w.bf16):
-                    logps, _ = score(model, collate(batch, tokenizer.pad_token_id))
+                logps, _ = score(model, collate(batch, tokenizer.pad_token_id))
                 loss = -logps.sum() / total_tokens
                 loss.backward()
                 loss_value += loss.item()

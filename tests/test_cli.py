@@ -1,0 +1,95 @@
+"""The console script as a person uses it: help, clear errors, the MLflow UI."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from micro_params import write_micro_params
+
+BVPO = [sys.executable, "-m", "bvpo.cli"]
+
+
+def bvpo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*BVPO, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["stage"], ["ui"], ["schedule"]])
+def test_help_for_every_command(command):
+    result = bvpo(*command, "--help")
+    assert result.returncode == 0
+    assert "usage: bvpo" in result.stdout
+
+
+def test_bad_param_is_one_clear_line_and_exit_2(tmp_path):
+    write_micro_params(tmp_path / "params.yaml", {"train": {"beta": -1.0}})
+    result = bvpo("stage", "prepare", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "bvpo: error: train.beta: expected a number > 0, got -1.0"
+    assert not (tmp_path / "data").exists()
+
+
+def test_missing_input_names_the_stage_to_run(tmp_path):
+    write_micro_params(tmp_path / "params.yaml")
+    result = bvpo("stage", "pairs", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no samples (run the sample stage first)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_malformed_prompts_file_fails_prepare_without_output(tmp_path):
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "ok", "answer": "1"}\n{"prompt": ""}\n')
+    write_micro_params(tmp_path / "params.yaml", {"data": {"source": "prompts.jsonl"}})
+    result = bvpo("stage", "prepare", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "prompts.jsonl, row 2: field 'prompt' must be non-empty text" in result.stderr
+    leftovers = list((tmp_path / "data").glob("*")) + list((tmp_path / "data").glob(".*"))
+    assert leftovers == []
+
+
+def test_model_without_thinking_template_is_refused_at_warmup(tmp_path, tokenizer, tiny_model):
+    from bvpo.modeling import save_model
+
+    save_model(tiny_model, tokenizer, tmp_path / "plain")
+    (tmp_path / "plain" / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+    write_micro_params(tmp_path / "params.yaml", {"model": {"path": "./plain"}})
+    result = bvpo("stage", "warmup", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "does not honour enable_thinking" in result.stderr
+    assert not (tmp_path / "data" / "base_model").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_project_store(tmp_path):
+    from bvpo.tracking import configure
+
+    configure(tmp_path, "bvpo")  # a store with one experiment, as a pipeline run leaves it
+    port = free_port()
+    server = subprocess.Popen([*BVPO, "--project-dir", str(tmp_path), "ui", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 90
+        body = None
+        while time.time() < deadline and body is None:
+            try:
+                url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=bvpo"
+                body = urllib.request.urlopen(url, timeout=2).read().decode()
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-2000:]
+                time.sleep(1)
+        assert body is not None and '"name": "bvpo"' in body.replace('":"', '": "')
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
