@@ -53,7 +53,8 @@ def run_training(root: Path, tag: str, train: dict, extra_env: dict | None = Non
     params = load_params(params_file)
     cmd, env = accelerate_command(params, ["--params", str(params_file), "--pairs", str(root / "pairs"),
                                            "--base", str(root / "base"), "--work", str(root / f"work-{tag}"),
-                                           "--cache", str(root / "cache"), "--project-dir", str(root)])
+                                           "--cache", str(root / "cache"), "--project-dir", str(root)],
+                                  threads_per_process=1)  # same float reduction order in every run
     env.update({"MLFLOW_TRACKING_URI": tracking_uri(root), "OMP_NUM_THREADS": "1", **(extra_env or {})})
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
 

@@ -99,6 +99,15 @@ def prepare(params: Params, project_dir: Path | str = ".") -> Path:
     return out
 
 
+def _load_samples(root: Path) -> list[dict]:
+    from datasets import load_from_disk
+
+    path = root / PATHS["samples"]
+    if not path.is_dir():
+        raise StageError(f"{path}: no samples (run the sample stage first)")
+    return load_from_disk(str(path)).to_list()
+
+
 def _load_prompts(root: Path):
     from datasets import load_from_disk
 
@@ -192,16 +201,13 @@ def sample(params: Params, project_dir: Path | str = ".") -> Path:
 # --------------------------------------------------------------------------------- pairs
 def pairs(params: Params, project_dir: Path | str = ".") -> Path:
     """Reward every sample and build D_t (think/) and D_e (nothink/)."""
-    from datasets import Dataset, load_from_disk
+    from datasets import Dataset
 
     from .pairs import build_pairs
     from .rewards import REWARDS
 
     root = _project(project_dir)
-    samples_dir = root / PATHS["samples"]
-    if not samples_dir.is_dir():
-        raise StageError(f"{samples_dir}: no samples (run the sample stage first)")
-    samples = load_from_disk(str(samples_dir)).to_list()
+    samples = _load_samples(root)
     if not any(r["answer"] for r in samples):
         raise StageError(f"pairs.reward={params.pairs.reward} needs an 'answer' column in the prompts; "
                          f"{params.data.source} has none")
@@ -230,27 +236,31 @@ def pairs(params: Params, project_dir: Path | str = ".") -> Path:
 
 
 # --------------------------------------------------------------------------------- train
-def accelerate_command(params: Params, module_args: list[str]) -> tuple[list[str], dict[str, str]]:
+def accelerate_command(params: Params, module_args: list[str],
+                       threads_per_process: int | None = None) -> tuple[list[str], dict[str, str]]:
     """`accelerate launch` for the configured processes. On a CPU-only machine several
-    processes need --multi_gpu (gloo); `--cpu --num_processes N` silently runs one."""
+    processes need --multi_gpu plus ACCELERATE_USE_CPU (gloo); `--cpu --num_processes N`
+    silently runs one. accelerate pins each process to ONE OpenMP thread unless told otherwise,
+    so on a CPU the cores are shared out explicitly."""
     import torch
 
     t = params.train
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     env = dict(os.environ)
+    on_cpu = not torch.cuda.is_available()
     if t.accelerate_config:
         cmd += ["--config_file", t.accelerate_config, "--num_processes", str(t.num_processes)]
     elif t.num_processes > 1:
         cmd += ["--multi_gpu", "--num_processes", str(t.num_processes), "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(29500 + os.getpid() % 1000)]
-        if not torch.cuda.is_available():
-            env["OMP_NUM_THREADS"] = "1"  # two spinning OpenMP pools on two cores collapse
     else:
         cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no"]
-    if not torch.cuda.is_available():
-        # --multi_gpu only spawns the processes; without this each would train alone (gloo needs it).
+    if on_cpu:
+        threads = threads_per_process or max(1, (os.cpu_count() or 1) // t.num_processes)
+        cmd += ["--num_cpu_threads_per_process", str(threads)]
+        # --multi_gpu only spawns the processes; without this each would train alone.
         env["ACCELERATE_USE_CPU"] = "true"
     return cmd + ["-m", "bvpo.train", *module_args], env
 
@@ -351,17 +361,12 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
 # --------------------------------------------------------------------------------- analyze
 def analyze(params: Params, project_dir: Path | str = ".") -> Path:
     """The paper's trace diagnostics on the sampled completions, under the sampling policy."""
-    from datasets import load_from_disk
-
     from .diagnostics import trace_diagnostics
     from .modeling import THINK_CLOSE, load_model, load_tokenizer, pick_device
     from .sequences import collate, encode, token_logps
 
     root = _project(project_dir)
-    samples_dir = root / PATHS["samples"]
-    if not samples_dir.is_dir():
-        raise StageError(f"{samples_dir}: no samples (run the sample stage first)")
-    samples = load_from_disk(str(samples_dir)).to_list()
+    samples = _load_samples(root)
     tokenizer = load_tokenizer(root / PATHS["base_model"])
     model = load_model(root / PATHS["base_model"], params.model.dtype, pick_device())
     model.eval()

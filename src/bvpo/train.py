@@ -282,7 +282,6 @@ def train_method(name: str, alpha_setting: float | str, params: Params, base_dir
     for step in bar:
         row: dict[str, float] = {"step": step}
         alpha = state["alpha"]
-        both = 0 < alpha < 1 or auto
         if (auto or t.telemetry) and step % t.alpha_every == 0:
             trace = recipe.gradient_draws(model, "think", step, rank, grad_vector, accelerator)
             empty = recipe.gradient_draws(model, "nothink", step, rank, grad_vector, accelerator)
@@ -415,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         reference = load_model(args.base, params.model.dtype, accelerator.device).eval().requires_grad_(False)
         data = {mode: PairSet(c, r, None, None) for mode, (c, r) in encoded.items()}
     else:
-        cache_file = Path(args.cache) / f"reference-{pairs_digest}-{base_digest}-{params.model.max_length}.pt"
+        cache_file = Path(args.cache) / (f"reference-{pairs_digest}-{base_digest}-{params.model.max_length}"
+                                        f"-{params.model.dtype}.pt")
         loader = load_model(args.base, params.model.dtype, accelerator.device) if not cache_file.is_file() else None
         logps = precomputed_reference(cache_file, loader, encoded, tokenizer.pad_token_id, accelerator)
         del loader
