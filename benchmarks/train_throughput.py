@@ -145,6 +145,7 @@ def main() -> int:
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     baseline = {r["config"].split(",")[1]: r for r in results if r["config"].startswith("fixed")}
     print(f"\n{'configuration':<32} {'pairs/s':>9} {'tokens/s':>10} {'peak MB':>9} {'overhead':>9}")
+    print('(pairs: both modes; tokens: scored completion tokens, chosen + rejected; overhead: time vs fixed α)')
     for r in results:
         ref = baseline[r["config"].split(",")[1]]
         overhead = 100 * (r["seconds"] / ref["seconds"] - 1)
