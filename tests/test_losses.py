@@ -96,3 +96,12 @@ def test_pure_methods_drop_the_unused_estimator():
     nan = torch.tensor(float("nan"))
     assert bvpo_loss(torch.tensor(1.0), nan, 1.0).item() == 1.0
     assert bvpo_loss(nan, torch.tensor(2.0), 0.0).item() == 2.0
+
+
+def test_preference_weight_zero_is_the_nll_only_control():
+    chosen, rejected = torch.tensor([-4.0, -9.0]), torch.tensor([-5.0, -1.0])
+    tokens = torch.tensor([2.0, 3.0])
+    control = estimator_loss(chosen, rejected, tokens, tokens, torch.zeros(2), torch.zeros(2), "sigmoid", 2.0, 0.0,
+                             1.0, preference_weight=0.0)
+    assert control.loss.item() == pytest.approx(control.nll.item())
+    assert control.preference.item() > 0  # still computed, for the logs

@@ -53,7 +53,7 @@ def pipeline_result(project, prefect_harness, monkeypatch_module):
 
 def test_eval_json_has_every_model_in_both_modes(project, pipeline_result):
     results = json.loads((project / "metrics/eval.json").read_text())
-    assert set(results) == {"base", "bvpo", "bvpo_auto", "dpo_trace", "dpo_empty"}
+    assert set(results) == {"base", "bvpo", "bvpo_auto", "dpo_trace", "dpo_empty", "nll_control"}
     for entry in results.values():
         for key in ("accuracy_think", "accuracy_nothink"):
             assert 0.0 <= entry[key] <= 1.0
@@ -73,6 +73,8 @@ def test_trained_models_differ_from_base_and_each_other(project, pipeline_result
     assert not weights["bvpo"][key].equal(weights["base"][key])
     assert not weights["bvpo"][key].equal(weights["dpo_trace"][key])
     assert not weights["dpo_trace"][key].equal(weights["dpo_empty"][key])
+    control = load_file(project / "data/models/nll_control/model.safetensors")
+    assert not control[key].equal(weights["bvpo"][key])  # same data and α, no DPO term
 
 
 def test_diagnostics_cover_both_modes(project, pipeline_result):
@@ -97,7 +99,7 @@ def test_mlflow_holds_parent_children_and_registered_models(project, pipeline_re
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {run.info.run_name for run in children}
     assert {"prepare", "warmup", "sample", "pairs", "train/bvpo", "train/bvpo_auto", "train/dpo_trace",
-            "train/dpo_empty", "evaluate", "analyze", "register"} <= names
+            "train/dpo_empty", "train/nll_control", "evaluate", "analyze", "register"} <= names
     train_run = next(r for r in children if r.info.run_name == "train/bvpo")
     history = client.get_metric_history(train_run.info.run_id, "loss")
     assert [m.step for m in history] == [0, 1, 2]
@@ -110,7 +112,7 @@ def test_mlflow_holds_parent_children_and_registered_models(project, pipeline_re
                 "grad/step_cos_trace_empty"):
         assert key in auto_run.data.metrics
     versions = client.search_model_versions("name = 'bvpo'")
-    assert {v.tags["method"] for v in versions} == {"bvpo", "bvpo_auto", "dpo_trace", "dpo_empty"}
+    assert {v.tags["method"] for v in versions} == {"bvpo", "bvpo_auto", "dpo_trace", "dpo_empty", "nll_control"}
     champion = client.get_model_version_by_alias("bvpo", "champion")
     assert champion.tags["method"] == "bvpo"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}

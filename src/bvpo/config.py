@@ -106,6 +106,10 @@ class MethodConfig:
     draws of both estimators, smoothed by `train.alpha_ema` and clipped to
     [`train.alpha_min`, `train.alpha_max`]. It assumes the trace estimator is unbiased for the
     marginal gradient and the two estimators are independent (METHOD.md)."""
+    preference_weight: float = 1.0
+    """Weight of the DPO/IPO term. 0 turns the method into the NLL-only control (fine-tuning on
+    the chosen completions with the same data, α and schedule), which a toy that is still
+    under-trained needs beside any preference result to be read honestly."""
 
 
 @dataclass
@@ -339,6 +343,8 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     for name, method in t.methods.items():
         _check(name.replace("_", "").replace("-", "").isalnum(), f"train.methods.{name}",
                "a name of letters, digits, '_' or '-'", name)
+        _check(method.preference_weight >= 0, f"train.methods.{name}.preference_weight", "a number >= 0",
+               method.preference_weight)
         if method.alpha != "auto":
             _check(0.0 <= method.alpha <= 1.0, f"train.methods.{name}.alpha", "a number in [0, 1] or 'auto'",
                    method.alpha)

@@ -86,8 +86,10 @@ def estimator_loss(
     beta: float,
     label_smoothing: float,
     nll_weight: float,
+    preference_weight: float = 1.0,
 ) -> EstimatorLoss:
-    """Mean preference loss plus `nll_weight` × per-token NLL of the chosen completions."""
+    """`preference_weight` × mean preference loss + `nll_weight` × per-token NLL of the chosen
+    completions (preference_weight 0: the NLL-only control)."""
     if loss_type == "ipo":
         losses, cr, rr = ipo_loss(
             chosen_logps / chosen_tokens, rejected_logps / rejected_tokens,
@@ -101,7 +103,7 @@ def estimator_loss(
     # Per-sequence mean NLL, averaged over pairs: unlike a batch-wide token mean it splits
     # exactly over micro-batches and processes, so accumulation and DDP change nothing.
     nll = -(chosen_logps / chosen_tokens).mean()
-    return EstimatorLoss(preference + nll_weight * nll, preference, nll, cr, rr)
+    return EstimatorLoss(preference_weight * preference + nll_weight * nll, preference, nll, cr, rr)
 
 
 def bvpo_loss(trace_loss: torch.Tensor, empty_loss: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -132,13 +132,15 @@ def step_indices(n: int, step: int, batch: int, seed: int, stream: str) -> list[
 class Recipe:
     """What every pass of one method needs: the data, the loss settings, the reference."""
 
-    def __init__(self, params: Params, data: dict[str, PairSet], pad_id: int, reference=None):
+    def __init__(self, params: Params, data: dict[str, PairSet], pad_id: int, reference=None,
+                 preference_weight: float = 1.0):
         self.t = params.train
         self.seed = params.seed
         self.data = data
         self.pad_id = pad_id
         self.reference = reference  # only for train.reference = live
         self.betas = {"think": self.t.beta, "nothink": self.t.beta_empty or self.t.beta}
+        self.preference_weight = preference_weight
 
     def loss(self, model, mode: str, chunk: list[int]):
         """Estimator loss (DPO/IPO + NLL) on the pairs `chunk` of `mode`, and token counts."""
@@ -152,7 +154,8 @@ class Recipe:
             with torch.no_grad():
                 ref, _ = score(self.reference, batch)
         result = estimator_loss(logps[:n], logps[n:], n_tokens[:n], n_tokens[n:], ref[:n], ref[n:],
-                                self.t.loss_type, self.betas[mode], self.t.label_smoothing, self.t.nll_weight)
+                                self.t.loss_type, self.betas[mode], self.t.label_smoothing, self.t.nll_weight,
+                                self.preference_weight)
         if not torch.isfinite(result.loss):
             raise TrainingError(f"non-finite {PREFIX[mode]} loss ({result.loss.item()}); the last good "
                                 "checkpoint is kept. Lower train.lr or train.beta, then rerun the stage")
@@ -420,17 +423,19 @@ def main(argv: list[str] | None = None) -> int:
         logps = precomputed_reference(cache_file, loader, encoded, tokenizer.pad_token_id, accelerator)
         del loader
         data = {mode: PairSet(c, r, *logps[mode]) for mode, (c, r) in encoded.items()}
-    recipe = Recipe(params, data, tokenizer.pad_token_id, reference)
+    recipes = {name: Recipe(params, data, tokenizer.pad_token_id, reference, method.preference_weight)
+               for name, method in t.methods.items()}
 
     train_config = {k: v for k, v in params.to_dict()["train"].items() if k not in ("methods", "num_processes")}
     for name, method in t.methods.items():
         # Everything that decides the weights: a checkpoint from other settings is never resumed.
         fingerprint = hashlib.sha256(json.dumps(
-            [name, method.alpha, train_config, params.seed, params.model.max_length, params.model.dtype,
+            [name, method.alpha, method.preference_weight, train_config, params.seed, params.model.max_length, params.model.dtype,
              pairs_digest, base_digest], sort_keys=True, default=str).encode()).hexdigest()[:16]
         if accelerator.is_main_process:
             with tracking.stage_run(args.project_dir, params.tracking.experiment, f"train/{name}",
-                                    params={"method": name, "alpha": method.alpha, **train_config},
+                                    params={"method": name, "alpha": method.alpha,
+                                            "preference_weight": method.preference_weight, **train_config},
                                     tags={"method": name}):
                 pending: list[dict] = []
 
@@ -440,13 +445,14 @@ def main(argv: list[str] | None = None) -> int:
                         tracking.log_history(pending)
                         pending.clear()
 
-                history = train_method(name, method.alpha, params, args.base, recipe, tokenizer, accelerator,
+                history = train_method(name, method.alpha, params, args.base, recipes[name], tokenizer, accelerator,
                                        work_dir, fingerprint, on_log)
                 if pending:
                     tracking.log_history(pending)
                 write_history_csv(history, work_dir / name / "final" / "history.csv")
         else:
-            train_method(name, method.alpha, params, args.base, recipe, tokenizer, accelerator, work_dir, fingerprint)
+            train_method(name, method.alpha, params, args.base, recipes[name], tokenizer, accelerator, work_dir,
+                         fingerprint)
     return 0
 
 
