@@ -133,3 +133,13 @@ def test_live_reference_matches_precomputed(inputs):
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
     assert list((inputs / "cache").glob("reference-*.pt"))
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(inputs):
+    result = run_training(inputs, "nan", {"steps": 8, "lr": 1e12, "checkpoint_every": 1, "max_grad_norm": 1e12,
+                                          "methods": {"bvpo": {"alpha": 0.5}}})
+    assert result.returncode != 0, result.stderr[-2000:]
+    message = [line for line in result.stderr.splitlines() if line.startswith("bvpo train: error:")]
+    assert message and "non-finite" in message[0] and "last good checkpoint is kept" in message[0]
+    assert list((inputs / "work-nan" / "bvpo" / "checkpoints").glob("step-*/bvpo_state.json"))
+    assert not (inputs / "work-nan" / "bvpo" / "final").exists()
