@@ -63,8 +63,7 @@ def run_one(args) -> None:
 
     from bvpo.config import load_params
     from bvpo.modeling import load_model, load_tokenizer
-    from bvpo.sequences import encode
-    from bvpo.train import PairSet, Recipe, load_pair_rows, reference_logps, train_method
+    from bvpo.train import PairSet, Recipe, encode_pairs, load_pair_rows, reference_logps, train_method
 
     config = CONFIGS[args.config]
     params = load_params(args.params)
@@ -75,19 +74,17 @@ def run_one(args) -> None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     tokenizer = load_tokenizer(args.base)
     rows = load_pair_rows(Path(args.pairs))
-    data, reference = {}, None
-    if config["reference"] == "live":
-        reference = load_model(args.base, params.model.dtype, accelerator.device).eval().requires_grad_(False)
+    reference = load_model(args.base, params.model.dtype, accelerator.device).eval().requires_grad_(False)
+    data = {}
     for mode in ("think", "nothink"):
-        chosen = [encode(tokenizer, r["prompt"], r["chosen"], mode == "think", params.model.max_length) for r in rows[mode]]
-        rejected = [encode(tokenizer, r["prompt"], r["rejected"], mode == "think", params.model.max_length)
-                    for r in rows[mode]]
-        if reference is None:
-            model = load_model(args.base, params.model.dtype, accelerator.device)
-            data[mode] = PairSet(chosen, rejected, reference_logps(model, chosen, tokenizer.pad_token_id),
-                                 reference_logps(model, rejected, tokenizer.pad_token_id))
-        else:
+        chosen, rejected = encode_pairs(tokenizer, rows[mode], mode == "think", params.model.max_length)
+        if config["reference"] == "live":
             data[mode] = PairSet(chosen, rejected, None, None)
+        else:
+            data[mode] = PairSet(chosen, rejected, reference_logps(reference, chosen, tokenizer.pad_token_id),
+                                 reference_logps(reference, rejected, tokenizer.pad_token_id))
+    if config["reference"] != "live":
+        reference = None  # precomputed: no second model in memory while training, as in the trainer
     recipe = Recipe(params, data, tokenizer.pad_token_id, reference)
     with tempfile.TemporaryDirectory() as work:
         start = time.perf_counter()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,11 +29,6 @@ def tiny_model(tokenizer):
 
     return build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                             max_length=192, seed=0)
-
-
-@pytest.fixture(scope="session")
-def python() -> str:
-    return sys.executable
 
 
 @pytest.fixture(scope="session")

@@ -71,7 +71,7 @@ def test_tokenizer_round_trips_through_save_pretrained(tokenizer, tmp_path):
     check_thinking_template(loaded, str(tmp_path))
 
 
-def test_model_without_thinking_template_is_refused(tokenizer, tiny_model, tmp_path):
+def test_model_without_thinking_template_is_refused(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     loaded.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"

@@ -30,6 +30,4 @@ def configure_environment(project_dir: str | Path = ".") -> None:
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("HF_HOME", str(root / ".hf"))
-    # Prefect's per-flow temporary server logs a banner and warnings; keep the console for progress.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

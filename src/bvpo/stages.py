@@ -1,7 +1,7 @@
 """The pipeline stages: params + input paths → output paths. DVC and Prefect both call these.
 
 Each stage writes its outputs under a temporary name and renames them at the end, so a failed
-stage leaves nothing that looks finished. Each records a child run in MLflow (via `tracking`).
+stage leaves nothing that looks finished. Stages record child runs in MLflow (via `tracking`).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def sample(params: Params, project_dir: Path | str = ".") -> Path:
     prompts = _load_prompts(root)["train"]
     tokenizer = load_tokenizer(root / PATHS["base_model"])
     model = load_model(root / PATHS["base_model"], params.model.dtype, pick_device())
-    has_answer = "answer" in prompts.column_names
+    answers = list(prompts["answer"]) if "answer" in prompts.column_names else [""] * len(prompts)
     rows = []
     out = root / PATHS["samples"]
     with tracking.stage_run(root, params.tracking.experiment, "sample", params={"sample": params.to_dict()["sample"]}):
@@ -176,7 +176,7 @@ def sample(params: Params, project_dir: Path | str = ".") -> Path:
                 rows.append({
                     "prompt_id": prompt_id,
                     "prompt": repeated[i],
-                    "answer": prompts[prompt_id]["answer"] if has_answer else "",
+                    "answer": answers[prompt_id],
                     "mode": _mode_name(thinking),
                     "completion": g.text + tokenizer.eos_token * (not g.truncated),
                     "trace": parsed.trace or "",

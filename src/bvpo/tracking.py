@@ -110,18 +110,10 @@ def stage_run(project_dir: str | Path, experiment: str, name: str, params: dict 
         yield run.info.run_id
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     import mlflow
 
-    clean = {k: float(v) for k, v in metrics.items() if v is not None}
-    if run_id is None:
-        mlflow.log_metrics(clean, step=step)
-    else:
-        mlflow.MlflowClient().log_batch(
-            run_id,
-            metrics=[mlflow.entities.Metric(k, v, int(__import__("time").time() * 1000), step or 0)
-                     for k, v in clean.items()],
-        )
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
 
 
 def log_history(history: list[dict[str, float]], step_key: str = "step") -> None:

@@ -16,6 +16,7 @@ resumed run continues exactly where it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -68,6 +69,13 @@ def load_pair_rows(pairs_dir: Path) -> dict[str, list[dict]]:
     return {mode: load_from_disk(str(pairs_dir / mode)).to_list() for mode in MODES}
 
 
+def encode_pairs(tokenizer, rows: list[dict], thinking: bool, max_length: int) -> tuple[list, list]:
+    """(chosen, rejected) encodings of one mode's pairs."""
+    chosen = [encode_sequence(tokenizer, r["prompt"], r["chosen"], thinking, max_length) for r in rows]
+    rejected = [encode_sequence(tokenizer, r["prompt"], r["rejected"], thinking, max_length) for r in rows]
+    return chosen, rejected
+
+
 def files_digest(folder: Path, limit_bytes: int = 1 << 30) -> str:
     """Content hash of a folder's files (name, size and mtime only past `limit_bytes`)."""
     h = hashlib.sha256()
@@ -100,10 +108,11 @@ def reference_logps(model, encoded: list[Encoded], pad_id: int, batch_size: int 
     return out
 
 
-def precomputed_reference(cache_file: Path, reference, data: dict[str, tuple], pad_id: int, accelerator):
+def precomputed_reference(cache_file: Path, load_reference, data: dict[str, tuple], pad_id: int, accelerator):
     """Reference log-probs for every pair, computed once (main process) and cached on disk,
     keyed by the pairs' and the reference model's hashes."""
     if accelerator.is_main_process and not cache_file.is_file():
+        reference = load_reference()
         computed = {mode: (reference_logps(reference, chosen, pad_id), reference_logps(reference, rejected, pad_id))
                     for mode, (chosen, rejected) in data.items()}
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +182,7 @@ class Recipe:
         chunks = [indices[i:i + micro] for i in range(0, len(indices), micro)]
         for c, chunk in enumerate(chunks):
             sync = sync_last and c == len(chunks) - 1
-            with (accelerator.no_sync(model) if not sync else _Nothing()):
+            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
                 result, n_tokens = self.loss(model, mode, chunk)
                 accelerator.backward(result.loss * (len(chunk) / share) * weight)
             margins = result.chosen_rewards - result.rejected_rewards
@@ -203,14 +212,6 @@ class Recipe:
             draws.append(grad_vector())
         model.zero_grad(set_to_none=True)
         return accelerator.gather(torch.stack(draws))
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -404,13 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "or were invalid); sample more (sample.k) or from more prompts")
 
     # Setup: encode every pair; reference log-probs once per (pairs, reference model).
-    encoded = {}
-    for mode in MODES:
-        thinking = mode == "think"
-        encoded[mode] = ([encode_sequence(tokenizer, r["prompt"], r["chosen"], thinking, params.model.max_length)
-                          for r in rows[mode]],
-                         [encode_sequence(tokenizer, r["prompt"], r["rejected"], thinking, params.model.max_length)
-                          for r in rows[mode]])
+    encoded = {mode: encode_pairs(tokenizer, rows[mode], mode == "think", params.model.max_length) for mode in MODES}
     pairs_digest, base_digest = files_digest(Path(args.pairs)), model_digest(args.base)
     reference = None
     if t.reference == "live":
@@ -419,9 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cache_file = Path(args.cache) / (f"reference-{pairs_digest}-{base_digest}-{params.model.max_length}"
                                         f"-{params.model.dtype}.pt")
-        loader = load_model(args.base, params.model.dtype, accelerator.device) if not cache_file.is_file() else None
-        logps = precomputed_reference(cache_file, loader, encoded, tokenizer.pad_token_id, accelerator)
-        del loader
+        logps = precomputed_reference(cache_file, lambda: load_model(args.base, params.model.dtype, accelerator.device),
+                                      encoded, tokenizer.pad_token_id, accelerator)
         data = {mode: PairSet(c, r, *logps[mode]) for mode, (c, r) in encoded.items()}
     recipes = {name: Recipe(params, data, tokenizer.pad_token_id, reference, method.preference_weight)
                for name, method in t.methods.items()}
