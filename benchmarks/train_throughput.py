@@ -1,11 +1,13 @@
-"""Training throughput of the BVPO recipe: fixed vs `auto` α, precomputed vs live reference.
+"""Training throughput of the BVPO recipe: fixed vs `auto` α, telemetry off vs on, precomputed vs
+live reference.
 
     python benchmarks/train_throughput.py [--steps 30] [--project-dir .]
 
 Uses the project's data/pairs and data/base_model when a pipeline run left them (the embedded
 default after `make run`); otherwise builds pairs from the synthetic task and a fresh
 embedded-size model. Each configuration runs in its own process (so peak memory is its own)
-and prints pairs/s, tokens/s and peak memory; `auto` α is reported as overhead over fixed α.
+and prints pairs/s, tokens/s and peak memory; every configuration's time is reported as
+overhead over fixed α with telemetry off (same reference kind).
 Timings exclude the reference pre-pass and model loading.
 """
 
@@ -24,7 +26,9 @@ from pathlib import Path
 
 CONFIGS = {
     "fixed α=0.5, precomputed ref": {"alpha": 0.5, "reference": "precomputed", "telemetry": False},
+    "fixed α=0.5, telemetry on": {"alpha": 0.5, "reference": "precomputed", "telemetry": True},
     "auto α, precomputed ref": {"alpha": "auto", "reference": "precomputed", "telemetry": False},
+    "auto α, telemetry on": {"alpha": "auto", "reference": "precomputed", "telemetry": True},
     "fixed α=0.5, live ref": {"alpha": 0.5, "reference": "live", "telemetry": False},
     "auto α, live ref": {"alpha": "auto", "reference": "live", "telemetry": False},
 }
@@ -77,7 +81,7 @@ def run_one(args) -> None:
     reference = load_model(args.base, params.model.dtype, accelerator.device).eval().requires_grad_(False)
     data = {}
     for mode in ("think", "nothink"):
-        chosen, rejected = encode_pairs(tokenizer, rows[mode], mode == "think", params.model.max_length)
+        chosen, rejected, _ = encode_pairs(tokenizer, rows[mode], mode == "think", params.model.max_length)
         if config["reference"] == "live":
             data[mode] = PairSet(chosen, rejected, None, None)
         else:
@@ -88,8 +92,7 @@ def run_one(args) -> None:
     recipe = Recipe(params, data, tokenizer.pad_token_id, reference)
     with tempfile.TemporaryDirectory() as work:
         start = time.perf_counter()
-        history = train_method("bench", config["alpha"], params, args.base, recipe, tokenizer, accelerator,
-                               Path(work), "bench")
+        history = train_method("bench", config["alpha"], params, args.base, recipe, tokenizer, Path(work), "bench")
         seconds = time.perf_counter() - start
     pairs = sum(params.train.batch_size * ((r["alpha"] > 0) + (r["alpha"] < 1)) for r in history)
     tokens = sum(params.train.batch_size * r.get(f"{p}/tokens_per_pair", 0.0) for r in history for p in ("trace", "empty"))
@@ -140,11 +143,11 @@ def main() -> int:
                 print(out.stderr[-2000:], file=sys.stderr)
                 return 1
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    baseline = {r["config"].split(",")[1]: r for r in results if r["config"].startswith("fixed")}
+    by_name = {r["config"]: r for r in results}
     print(f"\n{'configuration':<32} {'pairs/s':>9} {'tokens/s':>10} {'peak MB':>9} {'overhead':>9}")
     print('(pairs: both modes; tokens: scored completion tokens, chosen + rejected; overhead: time vs fixed α)')
     for r in results:
-        ref = baseline[r["config"].split(",")[1]]
+        ref = by_name["fixed α=0.5, live ref" if "live" in r["config"] else "fixed α=0.5, precomputed ref"]
         overhead = 100 * (r["seconds"] / ref["seconds"] - 1)
         print(f"{r['config']:<32} {r['pairs_per_s']:>9.1f} {r['tokens_per_s']:>10.0f} {r['peak_mb']:>9.0f} "
               f"{overhead:>8.1f}%")

@@ -13,7 +13,7 @@ from bvpo.modeling import (
     save_model,
     write_model_pointer,
 )
-from bvpo.sequences import collate, encode, parse_completion
+from bvpo.sequences import collate, encode, fits, parse_completion
 
 
 def completion_tokens(tokenizer, encoded):
@@ -22,7 +22,7 @@ def completion_tokens(tokenizer, encoded):
 
 def test_thinking_on_scores_trace_and_answer(tokenizer):
     completion = completion_text("12+30=42.", "42", tokenizer.eos_token)
-    e = encode(tokenizer, "Compute 12+30.", completion, thinking=True, max_length=192)
+    e = encode(tokenizer, "Compute 12+30.", completion, thinking=True)
     scored = completion_tokens(tokenizer, e)
     assert scored == "<think>\n12+30=42.\n</think>\n\n42<|im_end|>"
     prompt = tokenizer.decode(e.input_ids[: e.completion_start])
@@ -31,15 +31,15 @@ def test_thinking_on_scores_trace_and_answer(tokenizer):
 
 def test_thinking_off_puts_the_empty_block_in_the_prompt(tokenizer):
     completion = completion_text(None, "42", tokenizer.eos_token)
-    e = encode(tokenizer, "Compute 12+30.", completion, thinking=False, max_length=192)
+    e = encode(tokenizer, "Compute 12+30.", completion, thinking=False)
     assert completion_tokens(tokenizer, e) == "42<|im_end|>"
     prompt = tokenizer.decode(e.input_ids[: e.completion_start])
     assert prompt.endswith("<|im_start|>assistant\n" + EMPTY_THINK)
 
 
 def test_completion_mask_covers_exactly_the_completion(tokenizer):
-    a = encode(tokenizer, "Compute 1+2.", "3<|im_end|>", thinking=False, max_length=192)
-    b = encode(tokenizer, "Compute 10+20+30.", "<think>\nx\n</think>\n\n60<|im_end|>", True, 192)
+    a = encode(tokenizer, "Compute 1+2.", "3<|im_end|>", thinking=False)
+    b = encode(tokenizer, "Compute 10+20+30.", "<think>\nx\n</think>\n\n60<|im_end|>", True)
     batch = collate([a, b], tokenizer.pad_token_id)
     for row, e in enumerate((a, b)):
         mask = batch["completion_mask"][row]
@@ -48,11 +48,13 @@ def test_completion_mask_covers_exactly_the_completion(tokenizer):
         assert batch["attention_mask"][row].sum().item() == len(e.input_ids)
 
 
-def test_truncation_never_cuts_the_completion(tokenizer):
+def test_a_sequence_too_long_is_kept_whole_and_does_not_fit(tokenizer):
     completion = "<think>\n" + "1+1=2. " * 10 + "\n</think>\n\n2<|im_end|>"
-    e = encode(tokenizer, "Compute " + "1+" * 40 + "1.", completion, True, max_length=100)
-    assert len(e.input_ids) == 100
+    e = encode(tokenizer, "Compute " + "1+" * 40 + "1.", completion, True)
+    assert len(e.input_ids) > 100 and not fits(e, 100) and fits(e, len(e.input_ids))
     assert completion_tokens(tokenizer, e) == completion
+    prompt = tokenizer.decode(e.input_ids[: e.completion_start])
+    assert prompt.startswith("<|im_start|>user\nCompute 1+1+")  # the prompt is not cut either
 
 
 def test_template_honours_enable_thinking_like_qwen3(tokenizer):
@@ -99,13 +101,17 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, thinking, trace, answer, unclosed",
+    "text, thinking, trace, answer, malformed",
     [
         ("<think>\n1+1=2.\n</think>\n\n2", True, "1+1=2.", "2", False),
         ("<think>\n1+1=2. 2+2", True, "1+1=2. 2+2", "", True),
         ("  7 ", False, None, "7", False),
+        # Thinking off: the template closed an empty block; a block of the model's own is not
+        # a no-thinking answer, whether closed or not.
+        ("<think>\n1+1=2\n</think>\n\n2", False, None, "", True),
+        ("</think>2", False, None, "", True),
     ],
 )
-def test_parse_completion(text, thinking, trace, answer, unclosed):
+def test_parse_completion(text, thinking, trace, answer, malformed):
     parsed = parse_completion(text, thinking)
-    assert (parsed.trace, parsed.answer, parsed.unclosed) == (trace, answer, unclosed)
+    assert (parsed.trace, parsed.answer, parsed.malformed) == (trace, answer, malformed)

@@ -87,7 +87,7 @@ def test_killed_run_resumes_to_the_same_weights(inputs):
     settings = {"num_processes": 1, "steps": 6, "checkpoint_every": 2, "methods": {"bvpo": {"alpha": 0.5}}}
     full = run_training(inputs, "full", settings)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = run_training(inputs, "resume", settings, {"BVPO_KILL_AFTER_CHECKPOINT": "3"})
+    killed = run_training(inputs, "resume", settings, {"BVPO_KILL_AFTER_CHECKPOINT": "bvpo:3"})
     assert killed.returncode != 0
     checkpoints = list((inputs / "work-resume" / "bvpo" / "checkpoints").glob("step-*"))
     assert [c.name for c in checkpoints] == ["step-000003"]
@@ -159,8 +159,8 @@ def test_accumulated_update_gradient_is_the_bvpo_objective_gradient(inputs, toke
     rows = load_pair_rows(inputs / "pairs")
     data = {}
     for mode in ("think", "nothink"):
-        chosen = [encode(tokenizer, r["prompt"], r["chosen"], mode == "think", 96) for r in rows[mode]]
-        rejected = [encode(tokenizer, r["prompt"], r["rejected"], mode == "think", 96) for r in rows[mode]]
+        chosen = [encode(tokenizer, r["prompt"], r["chosen"], mode == "think") for r in rows[mode]]
+        rejected = [encode(tokenizer, r["prompt"], r["rejected"], mode == "think") for r in rows[mode]]
         # A reference that differs from the policy, so the DPO term has a non-trivial gradient.
         ref = reference_logps(tiny_model, chosen, tokenizer.pad_token_id) - 0.3, \
             reference_logps(tiny_model, rejected, tokenizer.pad_token_id) + 0.2
@@ -171,16 +171,16 @@ def test_accumulated_update_gradient_is_the_bvpo_objective_gradient(inputs, toke
     alpha, indices = 0.3, [0, 3, 5, 7, 9, 11]
 
     model.zero_grad(set_to_none=True)
-    recipe.update_pass(model, "think", indices, alpha, len(indices), accelerator, sync_last=False)
-    recipe.update_pass(model, "nothink", indices, 1 - alpha, len(indices), accelerator, sync_last=True)
+    recipe.update_pass(model, "think", indices, len(indices), accelerator, sync_last=False, alpha=alpha)
+    recipe.update_pass(model, "nothink", indices, len(indices), accelerator, sync_last=True, alpha=alpha)
     accumulated = [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad(set_to_none=True)
     whole = Recipe(load_params(write_micro_params(inputs / "params-grad1.yaml", {
         "train": {"micro_batch_size": 64, "nll_weight": 0.7, "beta": 1.5}, "model": {"max_length": 96}})),
         data, tokenizer.pad_token_id)
-    trace, _ = whole.loss(model, "think", indices)
-    empty, _ = whole.loss(model, "nothink", indices)
+    trace, _, _ = whole.loss(model, "think", indices)
+    empty, _, _ = whole.loss(model, "nothink", indices)
     bvpo_loss(trace.loss, empty.loss, alpha).backward()
     for a, b in zip(accumulated, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

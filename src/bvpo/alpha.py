@@ -12,6 +12,14 @@ The plug-in uses n independent draws of each (rows of [n, d] tensors, one micro-
 per row): tr Σ from the per-row sample variances (the variance of ONE draw, since BVPO mixes
 one draw of each per step), and ‖b_e‖² from the gap between the two means, minus the noise
 that gap carries from finite n: E‖ḡ_e − ḡ_t‖² = ‖b_e‖² + (tr Σ_t + tr Σ_e)/n.
+
+The step's batch is not the draw's. A draw is the mean gradient of `draw_size` pairs, but a
+training step mixes the means of `batch_size` pairs of each estimator: the per-pair variances
+shrink as 1/batch_size while the bias does not. So the trainer rescales the variances AFTER
+the noise correction of the bias gap (which depends on the draws, not the step):
+tr Σ_step = tr Σ_draw · draw_size / batch_size, then α* from those (`step_statistics`). With
+per-pair variances 8 and 0.8 and ‖b_e‖² = 0.09, 8-pair draws give α*_draw = 0.160 while the
+optimum for 32-pair steps is 0.315: without the rescaling α* is pushed toward 0.
 """
 
 from __future__ import annotations
@@ -55,6 +63,15 @@ def alpha_from_statistics(var_trace: float, var_empty: float, bias_gap_sq: float
     if denominator <= 0:
         return 0.5  # both estimators identical and noiseless: any mixture is optimal
     return float(min(max(numerator / denominator, 0.0), 1.0))
+
+
+def step_statistics(stats: dict[str, float], trace_draw_size: int, empty_draw_size: int,
+                    batch_size: int) -> dict[str, float]:
+    """The variances of the step's `batch_size`-pair means, from those of the draws (pairs per
+    draw may differ by estimator when one dataset is smaller than the draw size)."""
+    return {"var_trace": stats["var_trace"] * trace_draw_size / batch_size,
+            "var_empty": stats["var_empty"] * empty_draw_size / batch_size,
+            "bias_gap_sq": stats["bias_gap_sq"]}
 
 
 def optimal_alpha(trace_grads: torch.Tensor, empty_grads: torch.Tensor) -> float:

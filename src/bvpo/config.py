@@ -151,11 +151,13 @@ class TrainConfig:
     """Steps between gradient-statistics estimates: α* for `auto` methods, and the variance,
     bias and α² telemetry for every method (when `telemetry` is on). Step 0 always estimates."""
     alpha_draws: int = 4
-    """Micro-batch gradient draws of EACH estimator per estimate, per process (all processes'
-    draws are gathered, so the estimate uses alpha_draws × processes rows of each)."""
+    """Gradient draws of EACH estimator per estimate. A draw's pairs depend only on the seed and
+    the step, and every process computes its share of each draw, so 1 and N processes estimate
+    the same α*."""
     alpha_draw_size: int = 8
-    """Pairs per gradient draw. α* mixes one draw of each estimator, so the variances it uses
-    are those of a draw of this size."""
+    """Pairs per gradient draw (a multiple of `num_processes`). The variances of these draws are
+    rescaled to the step's `batch_size` before α* is formed (bvpo.alpha.step_statistics):
+    variances shrink with the batch, the bias does not."""
     alpha_ema: float = 0.8
     """Smoothing of α* between estimates: α ← ema·α + (1−ema)·α*; the first estimate is used as is."""
     alpha_min: float = 0.0
@@ -166,10 +168,12 @@ class TrainConfig:
     """α used by `auto` methods before the first estimate (only if alpha_every skips step 0)."""
     telemetry: bool = True
     """Also estimate gradient statistics for fixed-α methods (costs the same extra passes)."""
-    grad_sketch_dim: int = 0
-    """0: gradient statistics on the full flattened gradient (fine for small models). N > 0: on a
-    seeded count-sketch of dimension N, which preserves norms and inner products in
-    expectation with O(parameters) time and O(N) memory, for large models."""
+    grad_sketch_dim: int = 65536
+    """Gradient statistics (α*, telemetry) on a seeded count-sketch of this dimension, which
+    keeps norms and inner products unbiased at O(parameters) time and O(N) memory, so no
+    parameter-sized fp32 copy is made per draw; a model with fewer parameters uses its full
+    gradient (no larger). 0: always the full flattened fp32 gradient, one copy per draw (fine
+    for small models only). FSDP needs N > 0: each process sketches its own shard."""
     reference: Literal["precomputed", "live"] = "precomputed"
     """`precomputed`: reference log-probs computed once per pairs dataset and reference model,
     cached under data/cache/ (keyed by both hashes), so no reference model stays in memory.
@@ -177,10 +181,17 @@ class TrainConfig:
     checkpoint_every: int = 50
     """Steps between checkpoints (model, optimizer, scheduler, RNG, data position, α state) in
     data/checkpoints/; a rerun of the stage resumes from the last one. 0 = off."""
+    max_skipped_fraction: float = 0.1
+    """Pairs whose prompt + completion exceed `model.max_length` are skipped (never truncated)
+    and counted per mode; training stops with an error if a mode loses more than this share."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast for the policy's forward (passed to `accelerate launch`, over any config file).
+    The reference is scored under the same autocast, so the log-ratio is 0 at step 0."""
     num_processes: int = 1
     """Processes `accelerate launch` starts (GPUs, or gloo processes on a CPU)."""
     accelerate_config: str | None = None
-    """Optional accelerate config file (configs/*.yaml) for DDP, FSDP or DeepSpeed."""
+    """Optional accelerate config file (configs/*.yaml) for multi-GPU DDP or FSDP. DeepSpeed is
+    refused: its engine steps on every backward, which is not a BVPO step."""
 
 
 @dataclass
@@ -327,6 +338,8 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
         looks_local = m.path.startswith((".", "/", "~")) or local.exists()
         if looks_local:
             _check(local.is_dir(), "model.path", "an existing model directory", str(local))
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length"):
+        _check(getattr(m, name) >= 1, f"model.{name}", "an integer >= 1", getattr(m, name))
     _check(m.hidden_size % m.num_heads == 0, "model.hidden_size",
            "a multiple of model.num_heads", m.hidden_size)
     _check(m.num_heads % 2 == 0, "model.num_heads", "an even number", m.num_heads)
@@ -374,9 +387,62 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     _check(1 <= t.micro_batch_size and per_process % min(t.micro_batch_size, per_process) == 0,
            "train.micro_batch_size", f"a divisor of the per-process batch ({per_process})",
            t.micro_batch_size)
+    _check(0 <= t.max_skipped_fraction <= 1, "train.max_skipped_fraction", "a fraction in [0, 1]",
+           t.max_skipped_fraction)
+    _check(t.alpha_draw_size % t.num_processes == 0, "train.alpha_draw_size",
+           f"a multiple of train.num_processes ({t.num_processes})", t.alpha_draw_size)
+    _check(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
+    _check(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+    _check(t.max_grad_norm > 0, "train.max_grad_norm", "a number > 0", t.max_grad_norm)
+    if t.accelerate_config is not None:
+        _check_accelerate_config(t.accelerate_config, base_dir)
+    e = params.evaluate
+    if e.n_prompts is not None:
+        _check(e.n_prompts >= 1, "evaluate.n_prompts", "an integer >= 1 or null (all)", e.n_prompts)
+    _check(e.max_new_tokens >= 1, "evaluate.max_new_tokens", "an integer >= 1", e.max_new_tokens)
+    _check(e.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", e.batch_size)
+    _check(params.analyze.batch_size >= 1, "analyze.batch_size", "an integer >= 1", params.analyze.batch_size)
+    _check(s.batch_size >= 1, "sample.batch_size", "an integer >= 1", s.batch_size)
+    w = params.warmup
+    _check(w.batch_size >= 1, "warmup.batch_size", "an integer >= 1", w.batch_size)
+    _check(w.lr > 0, "warmup.lr", "a number > 0", w.lr)
+    _check(params.seed >= 0, "seed", "an integer >= 0", params.seed)
+    if d.source == "synthetic" and m.path is None:
+        _check_task_fits(params)
     _check(params.tracking.register_method in t.methods, "tracking.register_method",
            f"one of train.methods {sorted(t.methods)}", params.tracking.register_method)
     return params
+
+
+def _check_accelerate_config(config_file: str, base_dir: Path | None) -> None:
+    path = Path(config_file)
+    if base_dir is not None and not path.is_absolute() and not path.is_file():
+        path = base_dir / path
+    _check(path.is_file(), "train.accelerate_config", "an existing accelerate config file", config_file)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"train.accelerate_config: {path} is not a readable YAML file ({err})") from None
+    kind = raw.get("distributed_type") if isinstance(raw, dict) else None
+    _check(kind != "DEEPSPEED", "train.accelerate_config",
+           "a DDP or FSDP config (DeepSpeed steps its engine on every backward pass, but a BVPO step runs "
+           "several and clips the mixed gradient itself)", config_file)
+
+
+def _check_task_fits(params: Params) -> None:
+    """The embedded task's longest prompt plus the generation budget must fit the model's
+    context, or samples would be scored without their prompt (and then skipped)."""
+    from .data import longest_prompt
+    from .modeling import build_tokenizer, render_prompt
+
+    tokenizer = build_tokenizer()
+    text = longest_prompt(params.data.max_ops)
+    prompt_tokens = max(len(tokenizer(render_prompt(tokenizer, text, thinking), add_special_tokens=False).input_ids)
+                        for thinking in (True, False))
+    budget = max(params.sample.max_new_tokens, params.evaluate.max_new_tokens)
+    _check(prompt_tokens + budget <= params.model.max_length, "model.max_length",
+           f"at least {prompt_tokens + budget} (the task's longest prompt, {prompt_tokens} tokens, plus "
+           f"max_new_tokens {budget})", params.model.max_length)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -385,7 +451,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"params file {path}: not found (expected a YAML file of parameters)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"params file {path}: not valid UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"params file {path}: cannot be read ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"params file {path}: not valid YAML ({err})") from None
     if not isinstance(raw, dict):

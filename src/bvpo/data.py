@@ -37,7 +37,17 @@ def make_problem(rng: random.Random, min_ops: int, max_ops: int) -> tuple[str, l
         value = result
         chain.append((op, b))
     expr = str(first) + "".join(f"{op}{b}" for op, b in chain[1:])
-    return f"Compute {expr}.", chain
+    return prompt_text(expr), chain
+
+
+def longest_prompt(max_ops: int) -> str:
+    """The longest prompt `make_problem` can write with `max_ops` operations (every operand
+    has two digits), for checking that prompts and samples fit the model's context."""
+    return prompt_text("10" + "+10" * max_ops)
+
+
+def prompt_text(expression: str) -> str:
+    return f"Compute {expression}."
 
 
 def solve(chain: list) -> list[tuple[int, str, int, int]]:
@@ -126,11 +136,19 @@ def read_prompts_file(path: str | Path) -> Dataset:
     verified reward). Other columns are kept as they are.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a .jsonl or .parquet prompts file")
     if not path.is_file():
         raise DataError(f"{path}: prompts file not found")
     if path.suffix == ".jsonl":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not valid UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+        except OSError as err:
+            raise DataError(f"{path}: cannot be read ({err.strerror})") from None
         rows = []
-        for i, line in enumerate(path.read_text().splitlines(), start=1):
+        for i, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -144,9 +162,14 @@ def read_prompts_file(path: str | Path) -> Dataset:
             raise DataError(f"{path}: no rows (expected one JSON object per line)")
     elif path.suffix == ".parquet":
         try:
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            raise DataError(f"{path}: cannot be read ({err.strerror})") from None
+        try:
             rows = Dataset.from_parquet(str(path)).to_list()
-        except Exception as err:  # pyarrow raises many kinds; all mean "not a parquet file"
-            raise DataError(f"{path}: cannot be read as Parquet ({err})") from None
+        except Exception as err:  # pyarrow raises many kinds (truncated, not parquet): all unreadable
+            raise DataError(f"{path}: cannot be read as Parquet ({type(err).__name__}: {err})") from None
     else:
         raise DataError(f"{path}: expected a .jsonl or .parquet file")
     if not any("prompt" in row for row in rows):

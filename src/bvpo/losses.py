@@ -106,11 +106,20 @@ def estimator_loss(
     return EstimatorLoss(preference_weight * preference + nll_weight * nll, preference, nll, cr, rr)
 
 
-def bvpo_loss(trace_loss: torch.Tensor, empty_loss: torch.Tensor, alpha: float) -> torch.Tensor:
-    """α·L_trace + (1−α)·L_empty; at α ∈ {0, 1} the unused term is dropped, not multiplied by 0,
-    so a NaN in an estimator the method does not use cannot poison its gradient."""
-    if alpha >= 1.0:
-        return trace_loss
-    if alpha <= 0.0:
-        return empty_loss
-    return alpha * trace_loss + (1 - alpha) * empty_loss
+def bvpo_loss(trace_loss: torch.Tensor | None, empty_loss: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """The BVPO objective α·L_trace + (1−α)·L_empty.
+
+    A term the method does not use (α ∈ {0, 1}) is dropped, not multiplied by 0, so a NaN in it
+    cannot poison the gradient. Either term may be None: the objective is linear, so the
+    trainer, which runs each estimator's forward/backward separately (their sequences differ
+    threefold in length), calls this once per pass with the other term None, and the passes'
+    gradients add up to exactly the objective's."""
+    total = None
+    for weight, term in ((alpha, trace_loss), (1.0 - alpha, empty_loss)):
+        if weight <= 0.0 or term is None:
+            continue
+        part = term if weight >= 1.0 else weight * term
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError(f"bvpo_loss: no term with a positive weight (alpha={alpha})")
+    return total

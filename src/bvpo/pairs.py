@@ -1,8 +1,8 @@
 """Preference pairs from scored samples: D_t (thinking on) and D_e (thinking off).
 
 Within each prompt and mode, valid samples are ranked by reward; the i-th best is paired with
-the i-th worst while it is strictly better. Invalid samples (unclosed think block, length
-limit hit) are not answers and never enter a pair; ties make no pair.
+the i-th worst while it is strictly better. Invalid samples (unclosed think block, a think
+block written with thinking off, length limit hit) are not answers and never enter a pair; ties make no pair.
 """
 
 from __future__ import annotations

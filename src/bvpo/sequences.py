@@ -22,15 +22,17 @@ class Encoded:
     completion_start: int
 
 
-def encode(tokenizer, prompt: str, completion: str, thinking: bool, max_length: int) -> Encoded:
-    """Prompt via the chat template + completion as raw text; truncated from the left end of
-    the prompt if too long, never inside the completion."""
+def encode(tokenizer, prompt: str, completion: str, thinking: bool) -> Encoded:
+    """Prompt via the chat template + completion as raw text, whole. Nothing is truncated: a
+    completion scored without its prompt is a different sequence, so callers skip (and count)
+    what does not fit `model.max_length` (`fits`)."""
     prompt_ids = tokenizer(render_prompt(tokenizer, prompt, thinking), add_special_tokens=False).input_ids
     completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
-    overflow = len(prompt_ids) + len(completion_ids) - max_length
-    if overflow > 0:
-        prompt_ids = prompt_ids[overflow:]
     return Encoded(prompt_ids + completion_ids, len(prompt_ids))
+
+
+def fits(encoded: Encoded, max_length: int) -> bool:
+    return len(encoded.input_ids) <= max_length
 
 
 def collate(encoded: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -132,14 +134,18 @@ def generate(
 class Parsed:
     trace: str | None
     answer: str
-    unclosed: bool
+    malformed: bool
+    """Not a valid answer in its mode: thinking on and the think block never closed, or
+    thinking off and the model wrote a think block of its own."""
 
 
 def parse_completion(text: str, thinking: bool) -> Parsed:
     """Split a completion into trace and answer. With thinking on, a completion that never
-    closes its think block has no answer (unclosed)."""
+    closes its think block has no answer; with thinking off (the template already closed an
+    empty block), a completion that opens or closes one is not a no-thinking answer."""
     if not thinking:
-        return Parsed(None, text.strip(), False)
+        stray = THINK_OPEN in text or THINK_CLOSE in text
+        return Parsed(None, "" if stray else text.strip(), stray)
     stripped = text.lstrip()
     if stripped.startswith(THINK_OPEN):
         stripped = stripped[len(THINK_OPEN):]

@@ -183,8 +183,8 @@ def sample(params: Params, project_dir: Path | str = ".") -> Path:
                     "response": parsed.answer,
                     "n_tokens": g.n_tokens,
                     "truncated": g.truncated,
-                    "unclosed": parsed.unclosed,
-                    "valid": not (g.truncated or parsed.unclosed),
+                    "malformed": parsed.malformed,
+                    "valid": not (g.truncated or parsed.malformed),
                 })
         seconds = time.perf_counter() - start
         with atomic_path(out) as tmp:
@@ -252,11 +252,10 @@ def accelerate_command(params: Params, module_args: list[str],
         cmd += ["--config_file", t.accelerate_config, "--num_processes", str(t.num_processes)]
     elif t.num_processes > 1:
         cmd += ["--multi_gpu", "--num_processes", str(t.num_processes), "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(29500 + os.getpid() % 1000)]
+                "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000)]
     else:
-        cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no"]
+        cmd += ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
+    cmd += ["--mixed_precision", t.mixed_precision]
     if on_cpu:
         threads = threads_per_process or max(1, (os.cpu_count() or 1) // t.num_processes)
         cmd += ["--num_cpu_threads_per_process", str(threads)]
@@ -335,7 +334,7 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
                 correct, invalid = 0.0, 0
                 for g, answer in zip(generated, test["answer"]):
                     parsed = parse_completion(g.text, thinking)
-                    if g.truncated or parsed.unclosed:
+                    if g.truncated or parsed.malformed:
                         invalid += 1
                         continue
                     correct += verified_reward(parsed.answer, answer)
@@ -363,15 +362,20 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
     """The paper's trace diagnostics on the sampled completions, under the sampling policy."""
     from .diagnostics import trace_diagnostics
     from .modeling import THINK_CLOSE, load_model, load_tokenizer, pick_device
-    from .sequences import collate, encode, token_logps
+    from .sequences import collate, encode, fits, token_logps
 
     root = _project(project_dir)
     samples = _load_samples(root)
     tokenizer = load_tokenizer(root / PATHS["base_model"])
     model = load_model(root / PATHS["base_model"], params.model.dtype, pick_device())
     model.eval()
-    encoded = [encode(tokenizer, r["prompt"], r["completion"], r["mode"] == "think", params.model.max_length)
-               for r in samples]
+    encoded = [encode(tokenizer, r["prompt"], r["completion"], r["mode"] == "think") for r in samples]
+    # A completion is only scored with its whole prompt; samples past model.max_length are left out.
+    kept = [i for i, e in enumerate(encoded) if fits(e, params.model.max_length)]
+    skipped = dict.fromkeys(("think", "nothink"), 0)
+    for i in set(range(len(samples))) - set(kept):
+        skipped[samples[i]["mode"]] += 1
+    samples, encoded = [samples[i] for i in kept], [encoded[i] for i in kept]
     rows = []
     bs = params.analyze.batch_size
     order = sorted(range(len(samples)), key=lambda i: len(encoded[i].input_ids))
@@ -394,6 +398,7 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
         with atomic_path(out) as tmp:
             _write_json(tmp, result)
         tracking.log_metrics({f"{group}/{k}": v for group, stats in result.items() for k, v in stats.items()})
+        tracking.log_metrics({f"{mode}/skipped_too_long": n for mode, n in skipped.items()})
         tracking.log_artifact(out)
     return out
 

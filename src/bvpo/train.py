@@ -1,22 +1,26 @@
 """The BVPO training recipe, run under `accelerate launch` (1 CPU, 2 gloo processes or N GPUs).
 
-Reads top to bottom: setup (pairs, reference log-probs), then for each method: model,
-optimizer, resume, the step loop, save. One optimizer step of a method with weight α:
+Reads top to bottom: pair setup (encoding, reference log-probs) shared by every method, then
+for each method `setup` (its own Accelerator, model, optimizer, resume), `train_loop`,
+`save_final`, and the method's memory is released before the next one starts. One optimizer
+step of a method with weight α minimises the BVPO objective (`losses.bvpo_loss`):
 
-    loss = α · [DPO_t + λ·NLL_t](trace pairs) + (1 − α) · [DPO_e + λ·NLL_e](empty-trace pairs)
+    α · [DPO_t + λ·NLL_t](trace pairs) + (1 − α) · [DPO_e + λ·NLL_e](empty-trace pairs)
 
 Each estimator runs its own forward/backward passes (trace sequences are ~3× longer, so a
 shared padded batch would waste most of the empty-trace compute); chosen and rejected go
 through one concatenated forward. The global batch is `train.batch_size` pairs of each mode,
-split evenly over processes, then into micro-batches. Data order depends only on the seed and
-the step, never on the number of processes, so 1 and 2 processes take the same steps and a
-resumed run continues exactly where it stopped.
+split evenly over processes, then into micro-batches. Data order, and the pairs of every
+gradient draw, depend only on the seed and the step, never on the number of processes, so 1
+and 2 processes take the same steps (and estimate the same α*) and a resumed run continues
+exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -25,24 +29,26 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .alpha import alpha_from_statistics, gradient_statistics
-from .config import ConfigError, Params, load_params
+from .alpha import alpha_from_statistics, gradient_statistics, step_statistics
+from .config import ConfigError, Params, TrainConfig, load_params
 from .gradients import GradientVector, mixed_variance
-from .losses import estimator_loss
+from .losses import bvpo_loss, estimator_loss
 from .modeling import load_model, load_tokenizer, resolve_model_dir
-from .sequences import Encoded, collate, score
+from .sequences import Encoded, collate, fits, score
 from .sequences import encode as encode_sequence
 from .warmup import cosine_schedule
 
 MODES = ("think", "nothink")
 PREFIX = {"think": "trace", "nothink": "empty"}
-KILL_ENV = "BVPO_KILL_AFTER_CHECKPOINT"  # tests: die (SIGKILL) right after saving this step
+KILL_ENV = "BVPO_KILL_AFTER_CHECKPOINT"  # tests: "METHOD:STEP" dies (SIGKILL) right after that checkpoint
+# The code that turns pairs into scored log-probs: a change to it invalidates cached references.
+SCORING_MODULES = ("sequences.py", "modeling.py", "losses.py")
 
 
 class TrainingError(RuntimeError):
@@ -62,18 +68,27 @@ class PairSet:
         return len(self.chosen)
 
 
-# ----------------------------------------------------------------------------------- setup
+# ----------------------------------------------------------------------------------- pair setup
 def load_pair_rows(pairs_dir: Path) -> dict[str, list[dict]]:
     from datasets import load_from_disk
 
     return {mode: load_from_disk(str(pairs_dir / mode)).to_list() for mode in MODES}
 
 
-def encode_pairs(tokenizer, rows: list[dict], thinking: bool, max_length: int) -> tuple[list, list]:
-    """(chosen, rejected) encodings of one mode's pairs."""
-    chosen = [encode_sequence(tokenizer, r["prompt"], r["chosen"], thinking, max_length) for r in rows]
-    rejected = [encode_sequence(tokenizer, r["prompt"], r["rejected"], thinking, max_length) for r in rows]
-    return chosen, rejected
+def encode_pairs(tokenizer, rows: list[dict], thinking: bool, max_length: int) -> tuple[list, list, int]:
+    """(chosen, rejected, skipped) encodings of one mode's pairs. A pair whose chosen or
+    rejected sequence does not fit `max_length` whole is skipped, never truncated: a
+    completion scored without its prompt is not the sequence the policy wrote."""
+    chosen, rejected, skipped = [], [], 0
+    for r in rows:
+        c = encode_sequence(tokenizer, r["prompt"], r["chosen"], thinking)
+        j = encode_sequence(tokenizer, r["prompt"], r["rejected"], thinking)
+        if fits(c, max_length) and fits(j, max_length):
+            chosen.append(c)
+            rejected.append(j)
+        else:
+            skipped += 1
+    return chosen, rejected, skipped
 
 
 def files_digest(folder: Path, limit_bytes: int = 1 << 30) -> str:
@@ -95,26 +110,40 @@ def model_digest(model_dir: str | Path) -> str:
     return files_digest(Path(resolved)) if Path(resolved).is_dir() else hashlib.sha256(resolved.encode()).hexdigest()[:16]
 
 
+def scoring_code_digest() -> str:
+    """Hash of the modules that encode and score sequences, and of the library versions under
+    them: cached reference log-probs are only valid for the code that computed them."""
+    import transformers
+
+    h = hashlib.sha256(f"{torch.__version__}-{transformers.__version__}".encode())
+    for name in SCORING_MODULES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 @torch.no_grad()
-def reference_logps(model, encoded: list[Encoded], pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Summed completion log-probs under the frozen reference."""
+def reference_logps(model, encoded: list[Encoded], pad_id: int, batch_size: int = 64,
+                    autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Summed completion log-probs under the frozen reference, under the same autocast as the
+    policy's forward, so that the policy/reference log-ratio is exactly 0 at step 0."""
     model.eval()
     out = torch.empty(len(encoded))
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        logps, _ = score(model, collate([encoded[i] for i in idx], pad_id))
+        with autocast():
+            logps, _ = score(model, collate([encoded[i] for i in idx], pad_id))
         out[idx] = logps.float().cpu()
     return out
 
 
 def precomputed_reference(cache_file: Path, load_reference, data: dict[str, tuple], pad_id: int, accelerator):
-    """Reference log-probs for every pair, computed once (main process) and cached on disk,
-    keyed by the pairs' and the reference model's hashes."""
+    """Reference log-probs for every pair, computed once (main process) and cached on disk."""
     if accelerator.is_main_process and not cache_file.is_file():
         reference = load_reference()
-        computed = {mode: (reference_logps(reference, chosen, pad_id), reference_logps(reference, rejected, pad_id))
-                    for mode, (chosen, rejected) in data.items()}
+        computed = {mode: tuple(reference_logps(reference, encoded, pad_id, autocast=accelerator.autocast)
+                                for encoded in sequences)
+                    for mode, sequences in data.items()}
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
         torch.save(computed, tmp)
@@ -137,6 +166,12 @@ def step_indices(n: int, step: int, batch: int, seed: int, stream: str) -> list[
     return out
 
 
+def rank_part(indices: list[int], rank: int, world: int) -> list[int]:
+    """This process's contiguous share of a global list (its length is a multiple of world)."""
+    share = len(indices) // world
+    return indices[rank * share:(rank + 1) * share]
+
+
 # ----------------------------------------------------------------------------------- losses
 class Recipe:
     """What every pass of one method needs: the data, the loss settings, the reference."""
@@ -151,7 +186,7 @@ class Recipe:
         self.betas = {"think": self.t.beta, "nothink": self.t.beta_empty or self.t.beta}
         self.preference_weight = preference_weight
 
-    def loss(self, model, mode: str, chunk: list[int]):
+    def loss(self, model, mode: str, chunk: list[int], autocast=contextlib.nullcontext):
         """Estimator loss (DPO/IPO + NLL) on the pairs `chunk` of `mode`, and token counts."""
         pairs = self.data[mode]
         n = len(chunk)
@@ -160,7 +195,7 @@ class Recipe:
         if pairs.ref_chosen is not None:
             ref = torch.cat([pairs.ref_chosen[chunk], pairs.ref_rejected[chunk]]).to(logps.device)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 ref, _ = score(self.reference, batch)
         result = estimator_loss(logps[:n], logps[n:], n_tokens[:n], n_tokens[n:], ref[:n], ref[n:],
                                 self.t.loss_type, self.betas[mode], self.t.label_smoothing, self.t.nll_weight,
@@ -168,23 +203,34 @@ class Recipe:
         if not torch.isfinite(result.loss):
             raise TrainingError(f"non-finite {PREFIX[mode]} loss ({result.loss.item()}); the last good "
                                 "checkpoint is kept. Lower train.lr or train.beta, then rerun the stage")
-        return result, n_tokens
+        return result, n_tokens, (logps.detach().float() - ref.float()).abs()
 
-    def update_pass(self, model, mode: str, indices: list[int], weight: float, share: int, accelerator,
-                    sync_last: bool) -> dict[str, float]:
+    def update_pass(self, model, mode: str, indices: list[int], denominator: float, accelerator,
+                    sync_last: bool, alpha: float | None = None) -> dict[str, float]:
         """Forward/backward of one estimator over this process's `indices` (micro-batched,
-        longest first), each micro-batch scaled by its share of `share` pairs. Returns sums."""
+        longest first); each micro-batch's mean loss is scaled by its size / `denominator`, so
+        that the processes' average (DDP, FSDP) is the mean over the global batch. With `alpha`
+        the loss is the estimator's term of the BVPO objective; without, the bare estimator
+        (gradient draws). Returns sums over the pairs, for logging."""
         sums = dict.fromkeys(("loss", "dpo", "nll", "chosen_reward", "rejected_reward", "margin", "accuracy",
-                              "tokens"), 0.0)
+                              "abs_logratio", "tokens"), 0.0)
         pairs = self.data[mode]
         indices = sorted(indices, key=lambda i: -len(pairs.chosen[i].input_ids) - len(pairs.rejected[i].input_ids))
         micro = min(self.t.micro_batch_size, len(indices))
         chunks = [indices[i:i + micro] for i in range(0, len(indices), micro)]
+        # FSDP2 must reduce-scatter on every backward (its no_sync keeps unsharded gradients
+        # out of .grad); DDP accumulates locally and synchronises once, on the last pass.
+        sharded = accelerator.distributed_type.name == "FSDP"
         for c, chunk in enumerate(chunks):
-            sync = sync_last and c == len(chunks) - 1
-            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                result, n_tokens = self.loss(model, mode, chunk)
-                accelerator.backward(result.loss * (len(chunk) / share) * weight)
+            sync = sharded or (sync_last and c == len(chunks) - 1)
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                result, n_tokens, abs_logratio = self.loss(model, mode, chunk, accelerator.autocast)
+                if alpha is None:
+                    objective = result.loss
+                else:
+                    objective = bvpo_loss(result.loss if mode == "think" else None,
+                                          result.loss if mode == "nothink" else None, alpha)
+                accelerator.backward(objective * (len(chunk) / denominator))
             margins = result.chosen_rewards - result.rejected_rewards
             sums["loss"] += result.loss.item() * len(chunk)
             sums["dpo"] += result.preference.item() * len(chunk)
@@ -193,25 +239,91 @@ class Recipe:
             sums["rejected_reward"] += result.rejected_rewards.sum().item()
             sums["margin"] += margins.sum().item()
             sums["accuracy"] += (margins > 0).float().sum().item()
+            sums["abs_logratio"] += abs_logratio.sum().item() / 2  # chosen and rejected: per pair
             sums["tokens"] += n_tokens.sum().item()
         return sums
 
-    def gradient_draws(self, model, mode: str, step: int, rank: int, grad_vector: GradientVector,
-                       accelerator) -> torch.Tensor:
-        """`alpha_draws` independent micro-batch gradients of one estimator, gathered over
-        processes: [draws × processes, d]. Leaves .grad zeroed."""
-        rng = random.Random(f"{self.seed}-draws-{mode}-{step}-{rank}")
+    def gradient_draws(self, model, mode: str, step: int, grad_vector: GradientVector,
+                       accelerator) -> tuple[torch.Tensor, int]:
+        """`alpha_draws` independent gradients of one estimator, each the mean over
+        `alpha_draw_size` random pairs, and that size. A draw's pairs depend only on (seed,
+        mode, step, draw), never on the number of processes: each process computes its share
+        of every draw and the synchronised backward completes it, so 1 and N processes see the
+        same rows. Returns [alpha_draws, d], identical on every process; leaves .grad zeroed."""
         n = len(self.data[mode])
+        size = min(self.t.alpha_draw_size, n)
+        size -= size % accelerator.num_processes
+        if size < accelerator.num_processes:
+            raise TrainingError(f"{PREFIX[mode]} pairs: {n} are too few for a gradient draw on "
+                                f"{accelerator.num_processes} processes; sample more pairs or set train.telemetry: "
+                                "false and use a fixed alpha")
+        rng = random.Random(f"{self.seed}-draws-{mode}-{step}")
         draws = []
         for _ in range(self.t.alpha_draws):
-            chunk = rng.sample(range(n), min(self.t.alpha_draw_size, n))
+            chunk = rng.sample(range(n), size)
+            mine = rank_part(chunk, accelerator.process_index, accelerator.num_processes)
             model.zero_grad(set_to_none=True)
-            with accelerator.no_sync(model):
-                result, _ = self.loss(model, mode, chunk)
-                accelerator.backward(result.loss)
-            draws.append(grad_vector())
+            self.update_pass(model, mode, mine, size / accelerator.num_processes, accelerator, sync_last=True)
+            draws.append(grad_vector(synced=True))
         model.zero_grad(set_to_none=True)
-        return accelerator.gather(torch.stack(draws))
+        return torch.stack(draws), size
+
+
+# ----------------------------------------------------------------------------------- α
+@dataclass
+class AlphaState:
+    """The method's mixing weight: fixed, or `auto` (re-estimated from gradient draws)."""
+
+    alpha: float
+    auto: bool
+    estimated: bool = False
+
+
+def update_alpha(state: AlphaState, statistics: dict[str, float], config: TrainConfig) -> tuple[AlphaState, dict]:
+    """α* from one estimate's draw statistics (`gradient_statistics` plus the pairs per draw of
+    each estimator, `trace_draw_size` and `empty_draw_size`), and the method's new α state.
+
+    α* is the optimum for the step's batch (`config.batch_size` pairs of each estimator), not
+    for a draw: the draws' variances are rescaled by draw size / batch size after the bias gap
+    was noise-corrected (`alpha.step_statistics`). An `auto` method takes the first estimate as
+    is, then smooths (α ← ema·α + (1−ema)·α*) and clips to [alpha_min, alpha_max]; a fixed
+    method keeps its α and only reports α*. Returns (state, values to log)."""
+    step = step_statistics(statistics, int(statistics["trace_draw_size"]), int(statistics["empty_draw_size"]),
+                           config.batch_size)
+    alpha_star = alpha_from_statistics(step["var_trace"], step["var_empty"], step["bias_gap_sq"])
+    logged = {"alpha_star": alpha_star,
+              "alpha_star_draw": alpha_from_statistics(statistics["var_trace"], statistics["var_empty"],
+                                                       statistics["bias_gap_sq"]),
+              "grad/var_trace_step": step["var_trace"], "grad/var_empty_step": step["var_empty"]}
+    if not state.auto:
+        return state, logged
+    smoothed = alpha_star if not state.estimated else config.alpha_ema * state.alpha + (1 - config.alpha_ema) * alpha_star
+    return AlphaState(min(max(smoothed, config.alpha_min), config.alpha_max), auto=True, estimated=True), logged
+
+
+# ----------------------------------------------------------------------------------- metrics
+class MetricLogger:
+    """Per-step rows to MLflow from the main process (inside its stage run), in batches;
+    every other process logs nothing."""
+
+    def __init__(self, enabled: bool, every: int = 25):
+        self.enabled = enabled
+        self.every = every
+        self.pending: list[dict] = []
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.pending.append(row)
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.enabled and self.pending:
+            from . import tracking
+
+            tracking.log_history(self.pending)
+            self.pending.clear()
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -224,7 +336,7 @@ def latest_checkpoint(method_dir: Path, fingerprint: str) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_checkpoint(accelerator, method_dir: Path, step: int, state: dict) -> None:
+def save_checkpoint(accelerator, method_dir: Path, name: str, step: int, state: dict) -> None:
     """accelerate's state (model, optimizer, scheduler, RNG) + ours (step, α, history)."""
     target = method_dir / "checkpoints" / f"step-{step:06d}"
     accelerator.save_state(str(target))
@@ -234,27 +346,36 @@ def save_checkpoint(accelerator, method_dir: Path, step: int, state: dict) -> No
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-    if os.environ.get(KILL_ENV) == str(step):
+    if os.environ.get(KILL_ENV) == f"{name}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------- one method
-def train_method(name: str, alpha_setting: float | str, params: Params, base_dir: str, recipe: Recipe,
-                 tokenizer, accelerator, work_dir: Path, fingerprint: str, on_log=None) -> list[dict]:
-    t = params.train
-    method_dir = work_dir / name
-    final_dir = method_dir / "final"
-    if (final_dir / "history.json").is_file() and \
-            json.loads((final_dir / "history.json").read_text())["fingerprint"] == fingerprint:
-        if accelerator.is_main_process:
-            print(f"train {name}: already trained in an earlier, interrupted run; reusing it", flush=True)
-        history = json.loads((final_dir / "history.json").read_text())["history"]
-        for row in history if on_log is not None else []:
-            on_log(row)
-        return history
+@dataclass
+class TrainState:
+    """Everything one method's training holds; built by `setup`, dropped after `save_final`."""
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    auto = alpha_setting == "auto"
+    name: str
+    fingerprint: str
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    grad_vector: GradientVector
+    alpha: AlphaState
+    start_step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def setup(name: str, alpha_setting: float | str, params: Params, base_dir: str, method_dir: Path,
+          fingerprint: str) -> TrainState:
+    """A fresh Accelerator, the policy, AdamW and the schedule for one method, resumed from its
+    latest checkpoint when one matches `fingerprint`. Its own Accelerator means a checkpoint
+    holds this method's model and optimizer only, whatever ran before it in the stage."""
+    from accelerate import Accelerator
+
+    t = params.train
+    accelerator = Accelerator()
     torch.manual_seed(params.seed)
     model = load_model(base_dir, params.model.dtype)
     model.train()
@@ -263,102 +384,144 @@ def train_method(name: str, alpha_setting: float | str, params: Params, base_dir
     scheduler = cosine_schedule(optimizer, t.warmup_steps, t.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    grad_vector = GradientVector(list(accelerator.unwrap_model(model).parameters()), t.grad_sketch_dim, params.seed)
-
-    state = {"fingerprint": fingerprint, "alpha": t.alpha_init if auto else float(alpha_setting),
-             "alpha_estimated": False, "history": []}
-    start_step = 0
+    sharded = accelerator.distributed_type.name == "FSDP"
+    grad_vector = GradientVector(list(model.parameters() if sharded else accelerator.unwrap_model(model).parameters()),
+                                 t.grad_sketch_dim, params.seed, sharded=sharded)
+    auto = alpha_setting == "auto"
+    state = TrainState(name, fingerprint, accelerator, model, optimizer, scheduler, grad_vector,
+                       AlphaState(t.alpha_init if auto else float(alpha_setting), auto))
     checkpoint = latest_checkpoint(method_dir, fingerprint)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "bvpo_state.json").read_text())
-        start_step = state["step"] + 1
+        saved = json.loads((checkpoint / "bvpo_state.json").read_text())
+        state.alpha = AlphaState(saved["alpha"], auto, saved["alpha_estimated"])
+        state.start_step = saved["step"] + 1
+        state.history = saved["history"]
         if accelerator.is_main_process:
             print(f"train {name}: resuming from {checkpoint.name}", flush=True)
-    history: list[dict] = state["history"]
-    for row in history if on_log is not None else []:
-        on_log(row)  # a resumed run's MLflow run holds the whole curve, not just the tail
+    return state
 
+
+def train_loop(state: TrainState, recipe: Recipe, t: TrainConfig, method_dir: Path, logger: MetricLogger) -> None:
+    accelerator, model, optimizer = state.accelerator, state.model, state.optimizer
+    world, rank = accelerator.num_processes, accelerator.process_index
     per_process = t.batch_size // world
-    bar = tqdm(range(start_step, t.steps), desc=f"train {name} (alpha={alpha_setting})", unit="step",
-               disable=not accelerator.is_main_process, initial=start_step, total=t.steps)
-    started = time.perf_counter()
+    for row in state.history:
+        logger.log(row)  # a resumed run's MLflow run holds the whole curve, not just the tail
+    bar = tqdm(range(state.start_step, t.steps), desc=f"train {state.name}", unit="step",
+               disable=not accelerator.is_main_process, initial=state.start_step, total=t.steps)
     for step in bar:
         row: dict[str, float] = {"step": step}
-        alpha = state["alpha"]
-        if (auto or t.telemetry) and step % t.alpha_every == 0:
-            trace = recipe.gradient_draws(model, "think", step, rank, grad_vector, accelerator)
-            empty = recipe.gradient_draws(model, "nothink", step, rank, grad_vector, accelerator)
+        if (state.alpha.auto or t.telemetry) and step % t.alpha_every == 0:
+            trace, trace_size = recipe.gradient_draws(model, "think", step, state.grad_vector, accelerator)
+            empty, empty_size = recipe.gradient_draws(model, "nothink", step, state.grad_vector, accelerator)
             stats = gradient_statistics(trace, empty)
-            alpha_star = alpha_from_statistics(stats["var_trace"], stats["var_empty"], stats["bias_gap_sq"])
-            if auto:
-                smoothed = alpha_star if not state["alpha_estimated"] else \
-                    t.alpha_ema * state["alpha"] + (1 - t.alpha_ema) * alpha_star
-                state["alpha"] = alpha = min(max(smoothed, t.alpha_min), t.alpha_max)
-                state["alpha_estimated"] = True
-            var_mixed = mixed_variance(trace, empty, alpha)
+            state.alpha, logged = update_alpha(
+                state.alpha, {**stats, "trace_draw_size": trace_size, "empty_draw_size": empty_size}, t)
+            var_mixed = mixed_variance(trace, empty, state.alpha.alpha)
             row.update({f"grad/{k}": v for k, v in stats.items()})
-            row["alpha_star"] = alpha_star
+            row.update(logged)
             row["grad/var_mixed"] = var_mixed
             row["grad/var_ratio_mixed_to_trace"] = var_mixed / max(stats["var_trace"], 1e-30)
-            row["alpha_sq"] = alpha**2
+            row["alpha_sq"] = state.alpha.alpha ** 2
+        alpha = state.alpha.alpha
 
-        weights = {"think": alpha, "nothink": 1.0 - alpha}
-        active = [mode for mode in MODES if weights[mode] > 0]
+        active = [mode for mode, weight in (("think", alpha), ("nothink", 1 - alpha)) if weight > 0]
         optimizer.zero_grad(set_to_none=True)
-        loss_total, trace_grad = 0.0, None
+        loss_total, trace_vector = 0.0, None
         for k, mode in enumerate(active):
-            global_idx = step_indices(len(recipe.data[mode]), step, t.batch_size, params.seed, mode)
-            mine = global_idx[rank * per_process:(rank + 1) * per_process]
-            # Each process averages over its share; DDP then averages the processes' gradients.
-            sums = recipe.update_pass(model, mode, mine, weights[mode], per_process, accelerator,
-                                      sync_last=k == len(active) - 1)
-            if mode == "think" and len(active) == 2:
-                trace_grad = grad_vector() / weights["think"]
+            mine = rank_part(step_indices(len(recipe.data[mode]), step, t.batch_size, recipe.seed, mode),
+                             rank, world)
+            last = k == len(active) - 1
+            sums = recipe.update_pass(model, mode, mine, per_process, accelerator, sync_last=last, alpha=alpha)
+            if t.telemetry and len(active) == 2 and mode == "think":
+                # The step's own g_t: .grad now holds α·g_t (DDP: each process's part, unsynced).
+                trace_vector = state.grad_vector(synced=False) / alpha
             totals = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "sum")
             for key, value in zip(sums, (totals / t.batch_size).tolist()):
                 row[f"{PREFIX[mode]}/{key if key != 'tokens' else 'tokens_per_pair'}"] = value
-            loss_total += weights[mode] * row[f"{PREFIX[mode]}/loss"]
-        if trace_grad is not None:
-            # The step's own estimator gradients: ‖g_t‖, ‖g_e‖ and their cosine.
-            trace_grad = accelerator.reduce(trace_grad, "mean")
-            empty_grad = (grad_vector() - weights["think"] * trace_grad) / weights["nothink"]
-            row["grad/step_norm_trace"] = trace_grad.norm().item()
-            row["grad/step_norm_empty"] = empty_grad.norm().item()
-            row["grad/step_cos_trace_empty"] = torch.nn.functional.cosine_similarity(
-                trace_grad, empty_grad, dim=0).item()
+            loss_total += (alpha if mode == "think" else 1 - alpha) * row[f"{PREFIX[mode]}/loss"]
+        if trace_vector is not None:
+            # ‖g_t‖, ‖g_e‖, cos(g_t, g_e) from ⟨G, G⟩ and ⟨G, g_t⟩ of the mixed G = α·g_t + (1−α)·g_e,
+            # so no second parameter-sized vector is built.
+            mixed_sq, mixed_dot_trace = state.grad_vector.dot_current(trace_vector)
+            trace_sq = (trace_vector @ trace_vector).item()
+            empty_dot_trace = (mixed_dot_trace - alpha * trace_sq) / (1 - alpha)
+            empty_sq = max((mixed_sq - 2 * alpha * mixed_dot_trace + alpha**2 * trace_sq) / (1 - alpha) ** 2, 0.0)
+            row["grad/step_norm_trace"] = trace_sq ** 0.5
+            row["grad/step_norm_empty"] = empty_sq ** 0.5
+            row["grad/step_cos_trace_empty"] = empty_dot_trace / max((trace_sq * empty_sq) ** 0.5, 1e-30)
         row["loss"] = loss_total
         row["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
         if not torch.isfinite(torch.tensor(row["grad_norm"])):
-            raise TrainingError(f"non-finite gradient norm at step {step} of {name}; the last good checkpoint "
-                                "is kept. Lower train.lr or train.beta, then rerun the stage")
+            raise TrainingError(f"non-finite gradient norm at step {step} of {state.name}; the last good "
+                                "checkpoint is kept. Lower train.lr or train.beta, then rerun the stage")
         optimizer.step()
-        scheduler.step()
-        row["lr"] = scheduler.get_last_lr()[0]
+        state.scheduler.step()
+        row["lr"] = state.scheduler.get_last_lr()[0]
         row["alpha"] = alpha
-        history.append(row)
+        state.history.append(row)
         if accelerator.is_main_process:
             bar.set_postfix(loss=f"{loss_total:.3f}", alpha=f"{alpha:.2f}")
-            if on_log is not None:
-                on_log(row)
+        logger.log(row)
         if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
-            save_checkpoint(accelerator, method_dir, step, state)
-    elapsed = time.perf_counter() - started
+            save_checkpoint(accelerator, method_dir, state.name, step, {
+                "fingerprint": state.fingerprint, "alpha": state.alpha.alpha,
+                "alpha_estimated": state.alpha.estimated, "history": state.history})
 
+
+def save_final(state: TrainState, method_dir: Path, tokenizer, summary: dict) -> None:
+    """The trained model, tokenizer, summary and history, moved into place in one rename;
+    the method's checkpoints are then removed."""
+    accelerator = state.accelerator
     accelerator.wait_for_everyone()
+    # Under FSDP the full weights exist only once gathered; elsewhere the model has them.
+    state_dict = accelerator.get_state_dict(state.model) if accelerator.distributed_type.name == "FSDP" else None
     if accelerator.is_main_process:
         tmp = method_dir / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        accelerator.unwrap_model(state.model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "train_summary.json").write_text(json.dumps(
-            {"method": name, "alpha": alpha_setting, "final_alpha": state["alpha"], "steps": t.steps,
-             "seconds_this_run": elapsed, "final": history[-1]}, indent=2) + "\n")
-        (tmp / "history.json").write_text(json.dumps({"fingerprint": fingerprint, "history": history}))
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp, final_dir)
+            {**summary, "final_alpha": state.alpha.alpha, "final": state.history[-1]}, indent=2) + "\n")
+        (tmp / "history.json").write_text(json.dumps({"fingerprint": state.fingerprint, "history": state.history}))
+        shutil.rmtree(method_dir / "final", ignore_errors=True)
+        os.replace(tmp, method_dir / "final")
         shutil.rmtree(method_dir / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def finished_history(method_dir: Path, fingerprint: str) -> list[dict] | None:
+    """The history of a method an earlier, interrupted run of the stage already finished."""
+    path = method_dir / "final" / "history.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["fingerprint"] == fingerprint:
+            return saved["history"]
+    return None
+
+
+def train_method(name: str, alpha_setting: float | str, params: Params, base_dir: str, recipe: Recipe,
+                 tokenizer, work_dir: Path, fingerprint: str, logger: MetricLogger | None = None) -> list[dict]:
+    """setup → train_loop → save_final for one method; its model and optimizer are freed after."""
+    logger = logger or MetricLogger(enabled=False)
+    method_dir = work_dir / name
+    history = finished_history(method_dir, fingerprint)
+    if history is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train {name}: already trained in an earlier, interrupted run; reusing it", flush=True)
+        for row in history:
+            logger.log(row)
+        return history
+    state = setup(name, alpha_setting, params, base_dir, method_dir, fingerprint)
+    started = time.perf_counter()
+    train_loop(state, recipe, params.train, method_dir, logger)
+    save_final(state, method_dir, tokenizer, {"method": name, "alpha": alpha_setting, "steps": params.train.steps,
+                                              "seconds_this_run": time.perf_counter() - started})
+    history = state.history
+    state.accelerator.free_memory()
+    del state
+    gc.collect()
     return history
 
 
@@ -373,6 +536,40 @@ def write_history_csv(history: list[dict], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- main
+def check_launch(accelerator) -> None:
+    """Refuse set-ups that would silently train something other than the BVPO objective."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise TrainingError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "
+                            "each would train alone. On a CPU-only machine set ACCELERATE_USE_CPU=true")
+    kind = accelerator.distributed_type.name
+    if kind == "DEEPSPEED":
+        raise TrainingError("DeepSpeed is not supported: its engine steps the optimizer on every backward, but a "
+                            "BVPO step runs several (two estimators, micro-batches, gradient draws) and clips the "
+                            "mixed gradient itself. Use DDP or FSDP (configs/fsdp.yaml) instead")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != "FSDP":
+        raise TrainingError(f"an FSDP config was given but accelerate runs {kind}: accelerate enables FSDP only on "
+                            "GPU-class devices, so on this machine every process would hold the whole model. "
+                            "Drop train.accelerate_config to train with DDP")
+
+
+def needed_modes(t: TrainConfig) -> dict[str, str]:
+    """Which pair sets must be non-empty, and for what (a method's weight, auto α, telemetry)."""
+    needed = {}
+    for name, method in t.methods.items():
+        if method.alpha == "auto":
+            needed.update(think=f"train.methods.{name} (alpha: auto)", nothink=f"train.methods.{name} (alpha: auto)")
+        else:
+            if method.alpha > 0:
+                needed.setdefault("think", f"train.methods.{name} (alpha: {method.alpha})")
+            if method.alpha < 1:
+                needed.setdefault("nothink", f"train.methods.{name} (alpha: {method.alpha})")
+    if t.telemetry:
+        needed.setdefault("think", "train.telemetry (set it to false to train without gradient statistics)")
+        needed.setdefault("nothink", "train.telemetry (set it to false to train without gradient statistics)")
+    return needed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bvpo.train", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
@@ -389,31 +586,40 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params)
     t = params.train
-    accelerator = Accelerator()
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        raise TrainingError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "
-                            "each would train alone. On a CPU-only machine set ACCELERATE_USE_CPU=true")
+    accelerator = Accelerator()  # for the shared setup; each method gets its own in `setup`
+    check_launch(accelerator)
+    main_process = accelerator.is_main_process
     work_dir = Path(args.work)
     tokenizer = load_tokenizer(args.base)
     rows = load_pair_rows(Path(args.pairs))
-    for mode in MODES:
-        needed = any(m.alpha == "auto" or (m.alpha if mode == "think" else 1 - m.alpha) > 0
-                     for m in t.methods.values())
-        if needed and len(rows[mode]) < 1:
-            raise TrainingError(f"{args.pairs}/{mode}: no preference pairs (every prompt's samples tied "
-                                "or were invalid); sample more (sample.k) or from more prompts")
 
-    # Setup: encode every pair; reference log-probs once per (pairs, reference model).
-    encoded = {mode: encode_pairs(tokenizer, rows[mode], mode == "think", params.model.max_length) for mode in MODES}
+    # Setup: encode every pair that fits; reference log-probs once per (pairs, model, code).
+    encoded, skipped = {}, {}
+    for mode in MODES:
+        chosen, rejected, skipped[mode] = encode_pairs(tokenizer, rows[mode], mode == "think", params.model.max_length)
+        encoded[mode] = (chosen, rejected)
+        if rows[mode] and skipped[mode] / len(rows[mode]) > t.max_skipped_fraction:
+            raise TrainingError(f"{args.pairs}/{mode}: {skipped[mode]} of {len(rows[mode])} pairs do not fit "
+                                f"model.max_length={params.model.max_length} tokens (prompt + completion); more "
+                                f"than train.max_skipped_fraction={t.max_skipped_fraction}. Raise model.max_length "
+                                "or lower sample.max_new_tokens")
+        if skipped[mode] and main_process:
+            print(f"train: skipped {skipped[mode]} of {len(rows[mode])} {mode} pairs longer than model.max_length="
+                  f"{params.model.max_length}", flush=True)
+    for mode, reason in needed_modes(t).items():
+        if not encoded[mode][0]:
+            raise TrainingError(f"{args.pairs}/{mode}: no usable {PREFIX[mode]} pairs, but {reason} needs them. "
+                                "Every prompt's samples tied or were invalid (or too long): sample more (sample.k) "
+                                "or from more prompts")
     pairs_digest, base_digest = files_digest(Path(args.pairs)), model_digest(args.base)
     reference = None
     if t.reference == "live":
         reference = load_model(args.base, params.model.dtype, accelerator.device).eval().requires_grad_(False)
         data = {mode: PairSet(c, r, None, None) for mode, (c, r) in encoded.items()}
     else:
-        cache_file = Path(args.cache) / (f"reference-{pairs_digest}-{base_digest}-{params.model.max_length}"
-                                        f"-{params.model.dtype}.pt")
+        key = "-".join([pairs_digest, base_digest, scoring_code_digest(), str(params.model.max_length),
+                        params.model.dtype, str(accelerator.mixed_precision)])
+        cache_file = Path(args.cache) / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
         logps = precomputed_reference(cache_file, lambda: load_model(args.base, params.model.dtype, accelerator.device),
                                       encoded, tokenizer.pad_token_id, accelerator)
         data = {mode: PairSet(c, r, *logps[mode]) for mode, (c, r) in encoded.items()}
@@ -424,29 +630,21 @@ def main(argv: list[str] | None = None) -> int:
     for name, method in t.methods.items():
         # Everything that decides the weights: a checkpoint from other settings is never resumed.
         fingerprint = hashlib.sha256(json.dumps(
-            [name, method.alpha, method.preference_weight, train_config, params.seed, params.model.max_length, params.model.dtype,
-             pairs_digest, base_digest], sort_keys=True, default=str).encode()).hexdigest()[:16]
-        if accelerator.is_main_process:
-            with tracking.stage_run(args.project_dir, params.tracking.experiment, f"train/{name}",
-                                    params={"method": name, "alpha": method.alpha,
-                                            "preference_weight": method.preference_weight, **train_config},
-                                    tags={"method": name}):
-                pending: list[dict] = []
-
-                def on_log(row, pending=pending):
-                    pending.append(row)
-                    if len(pending) >= 25:
-                        tracking.log_history(pending)
-                        pending.clear()
-
-                history = train_method(name, method.alpha, params, args.base, recipes[name], tokenizer, accelerator,
-                                       work_dir, fingerprint, on_log)
-                if pending:
-                    tracking.log_history(pending)
-                write_history_csv(history, work_dir / name / "final" / "history.csv")
-        else:
-            train_method(name, method.alpha, params, args.base, recipes[name], tokenizer, accelerator, work_dir,
-                         fingerprint)
+            [name, method.alpha, method.preference_weight, train_config, params.seed, params.model.max_length,
+             params.model.dtype, pairs_digest, base_digest], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        run = tracking.stage_run(args.project_dir, params.tracking.experiment, f"train/{name}",
+                                 params={"method": name, "alpha": method.alpha,
+                                         "preference_weight": method.preference_weight, **train_config},
+                                 tags={"method": name}) if main_process else contextlib.nullcontext()
+        with run:
+            logger = MetricLogger(enabled=main_process)
+            if main_process:
+                tracking.log_metrics({f"{mode}/skipped_too_long": n for mode, n in skipped.items()})
+            history = train_method(name, method.alpha, params, args.base, recipes[name], tokenizer, work_dir,
+                                   fingerprint, logger)
+            logger.flush()
+        if main_process:
+            write_history_csv(history, work_dir / name / "final" / "history.csv")
     return 0
 
 

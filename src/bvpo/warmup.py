@@ -53,7 +53,7 @@ def sft_tiny_model(params: Params, test_prompts: set[str], progress: bool = True
             thinking = rng.random() < w.think_fraction
             trace = make_trace(rng, chain) if thinking else None
             completion = completion_text(trace, answer, tokenizer.eos_token)
-            by_mode[thinking].append(encode(tokenizer, prompt, completion, thinking, m.max_length))
+            by_mode[thinking].append(encode(tokenizer, prompt, completion, thinking))
         # One forward per mode: empty-think rows are a third as long, so mixing them pads a lot.
         total_tokens = sum(len(e.input_ids) - e.completion_start for b in by_mode.values() for e in b)
         optimizer.zero_grad(set_to_none=True)
