@@ -55,3 +55,61 @@ def test_shape_errors_are_clear():
         optimal_alpha(torch.zeros(3, 4), torch.zeros(3, 5))
     with pytest.raises(ValueError, match="at least 2"):
         optimal_alpha(torch.zeros(1, 4), torch.zeros(3, 4))
+
+
+def test_alpha_for_the_steps_batch_matches_the_closed_form():
+    """Per-pair gradients with known variances and bias, draws of 8 pairs, steps of 32: the
+    estimate is the optimum for a 32-pair step, not for an 8-pair draw (the issue's example:
+    per-pair variances 8 and 0.8, squared bias 0.09 → 0.160 for 8-pair means, 0.315 for 32)."""
+    from bvpo.config import TrainConfig
+    from bvpo.train import AlphaState, update_alpha
+
+    d, draw_size, batch, n_draws = 16, 8, 32, 16
+    var_pair_t, var_pair_e, bias_sq = 8.0, 0.8, 0.09
+    optimum_draw = (bias_sq + var_pair_e / draw_size) / ((var_pair_t + var_pair_e) / draw_size + bias_sq)
+    optimum_step = (bias_sq + var_pair_e / batch) / ((var_pair_t + var_pair_e) / batch + bias_sq)
+    assert (round(optimum_draw, 3), round(optimum_step, 3)) == (0.160, 0.315)
+    config = TrainConfig(batch_size=batch, alpha_draw_size=draw_size)
+    g = torch.linspace(-1, 1, d, dtype=torch.float64)
+    b_e = torch.full((d,), (bias_sq / d) ** 0.5, dtype=torch.float64)
+    estimates, draw_estimates = [], []
+    for seed in range(300):
+        gen = torch.Generator().manual_seed(seed)
+        # Each draw is the mean of `draw_size` per-pair gradients.
+        pairs_t = g + (var_pair_t / d) ** 0.5 * torch.randn(n_draws, draw_size, d, generator=gen, dtype=torch.float64)
+        pairs_e = g + b_e + (var_pair_e / d) ** 0.5 * torch.randn(n_draws, draw_size, d, generator=gen,
+                                                                  dtype=torch.float64)
+        stats = gradient_statistics(pairs_t.mean(1), pairs_e.mean(1))
+        _, logged = update_alpha(AlphaState(0.5, auto=True), {**stats, "trace_draw_size": draw_size,
+                                                             "empty_draw_size": draw_size}, config)
+        estimates.append(logged["alpha_star"])
+        draw_estimates.append(logged["alpha_star_draw"])
+    mean = sum(estimates) / len(estimates)
+    # The plug-in is a ratio of noisy estimates: its mean over seeds lands within 0.03 of the optimum.
+    assert mean == pytest.approx(optimum_step, abs=0.03)
+    assert sum(draw_estimates) / len(draw_estimates) == pytest.approx(optimum_draw, abs=0.03)
+
+
+def test_step_statistics_rescale_each_estimator_by_its_own_draw_size():
+    from bvpo.alpha import step_statistics
+
+    stats = {"var_trace": 2.0, "var_empty": 1.0, "bias_gap_sq": 0.5}
+    assert step_statistics(stats, 8, 4, 32) == {"var_trace": 0.5, "var_empty": 0.125, "bias_gap_sq": 0.5}
+
+
+def test_update_alpha_takes_the_first_estimate_then_smooths_and_clips():
+    from bvpo.config import TrainConfig
+    from bvpo.train import AlphaState, update_alpha
+
+    config = TrainConfig(batch_size=8, alpha_draw_size=8, alpha_ema=0.8, alpha_min=0.1, alpha_max=0.7)
+    # Draw size = batch size: α* = (b² + v_e) / (v_t + v_e + b²) = (0.2 + 0.2) / (0.6 + 0.2 + 0.2) = 0.4.
+    stats = {"var_trace": 0.6, "var_empty": 0.2, "bias_gap_sq": 0.2, "trace_draw_size": 8, "empty_draw_size": 8}
+    first, logged = update_alpha(AlphaState(0.5, auto=True), stats, config)
+    assert logged["alpha_star"] == pytest.approx(0.4) and first == AlphaState(pytest.approx(0.4), True, True)
+    high = {**stats, "var_trace": 0.0}  # α* = 1
+    second, _ = update_alpha(first, high, config)
+    assert second.alpha == pytest.approx(0.8 * 0.4 + 0.2 * 1.0)
+    third, _ = update_alpha(AlphaState(0.7, True, True), high, config)
+    assert third.alpha == 0.7  # 0.76 clipped to alpha_max
+    fixed, logged = update_alpha(AlphaState(0.5, auto=False), high, config)
+    assert fixed == AlphaState(0.5, False) and logged["alpha_star"] == 1.0

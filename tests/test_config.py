@@ -72,3 +72,66 @@ def test_methods_replace_the_default_set(tmp_path):
                                           "tracking.register_method": "bvpo"}))
     assert list(params.train.methods) == ["bvpo"]
     assert params.train.methods["bvpo"].alpha == pytest.approx(0.3)
+
+
+def numeric_fields():
+    """Every int/float parameter of every section, as dotted names."""
+    import dataclasses
+    import typing
+
+    from bvpo.config import Params
+
+    out = []
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+            elif any(a in (int, float) for a in args):
+                out.append(f"{prefix}{f.name}")
+
+    walk(Params, "")
+    return out
+
+
+@pytest.mark.parametrize("field", numeric_fields())
+def test_every_numeric_parameter_is_range_checked(tmp_path, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_params(write(tmp_path, {field: -5}))
+
+
+def test_numeric_fields_cover_the_sections():
+    fields = numeric_fields()
+    assert {"evaluate.n_prompts", "seed", "train.max_grad_norm", "model.max_length", "data.n_test"} <= set(fields)
+
+
+def test_deepspeed_is_refused_with_the_reason(tmp_path):
+    config = tmp_path / "ds.yaml"
+    config.write_text("distributed_type: DEEPSPEED\nnum_processes: 8\n")
+    with pytest.raises(ConfigError, match="train.accelerate_config.*DeepSpeed steps its engine on every backward"):
+        load_params(write(tmp_path, {"train.accelerate_config": str(config)}))
+    with pytest.raises(ConfigError, match="train.accelerate_config: expected an existing"):
+        load_params(write(tmp_path, {"train.accelerate_config": str(tmp_path / "missing.yaml")}))
+    assert not (ROOT / "configs" / "deepspeed_zero3.yaml").exists()
+    for shipped in (ROOT / "configs").glob("*.yaml"):
+        load_params(write(tmp_path, {"train.accelerate_config": str(shipped)}))
+
+
+def test_the_embedded_task_must_fit_the_context(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.max_length: expected at least \d+ .*max_new_tokens 150"):
+        load_params(write(tmp_path, {"sample.max_new_tokens": 150}))
+    load_params(write(tmp_path, {"sample.max_new_tokens": 150, "model.max_length": 256}))
+
+
+def test_draw_size_must_split_over_processes(tmp_path):
+    with pytest.raises(ConfigError, match="train.alpha_draw_size: expected a multiple of train.num_processes"):
+        load_params(write(tmp_path, {"train.num_processes": 4, "train.alpha_draw_size": 6}))
+
+
+def test_unreadable_params_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"seed: 0\ntrain:\n  lr: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
+        load_params(path)

@@ -66,3 +66,32 @@ def test_parquet_prompts_and_bad_parquet(tmp_path):
         read_prompts_file(bad)
     with pytest.raises(DataError, match="not found"):
         read_prompts_file(tmp_path / "missing.jsonl")
+
+
+def test_unreadable_prompt_files_name_the_file(tmp_path):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"prompt": "caf\u00e9", "answer": "1"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=f"{latin1}: not valid UTF-8"):
+        read_prompts_file(latin1)
+    folder = tmp_path / "prompts.jsonl"
+    folder.mkdir()
+    with pytest.raises(DataError, match=f"{folder}: is a directory"):
+        read_prompts_file(folder)
+    good = tmp_path / "p.parquet"
+    pd.DataFrame({"prompt": [f"q{i}" for i in range(200)], "answer": ["1"] * 200}).to_parquet(good)
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(DataError, match=f"{truncated}: cannot be read as Parquet"):
+        read_prompts_file(truncated)
+
+
+def test_a_file_without_read_permission_names_the_file(tmp_path):
+    import os
+
+    locked = tmp_path / "locked.jsonl"
+    locked.write_text('{"prompt": "q", "answer": "1"}\n')
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):
+        pytest.skip("running as root: file permissions do not stop reads here")
+    with pytest.raises(DataError, match=f"{locked}: cannot be read"):
+        read_prompts_file(locked)

@@ -105,3 +105,33 @@ def test_preference_weight_zero_is_the_nll_only_control():
                              1.0, preference_weight=0.0)
     assert control.loss.item() == pytest.approx(control.nll.item())
     assert control.preference.item() > 0  # still computed, for the logs
+
+
+def test_reference_cache_key_follows_the_scoring_code(tmp_path):
+    """Editing the code that encodes or scores sequences must not reuse cached reference log-probs."""
+    import shutil
+    from pathlib import Path
+
+    import bvpo.train
+    from bvpo.train import SCORING_MODULES, scoring_code_digest
+
+    package = Path(bvpo.train.__file__).parent
+    copy = tmp_path / "bvpo"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert scoring_code_digest(copy) == scoring_code_digest()
+    digests = set()
+    for name in SCORING_MODULES:
+        original = (copy / name).read_text()
+        (copy / name).write_text(original + "\n# changed\n")
+        digests.add(scoring_code_digest(copy))
+        (copy / name).write_text(original)
+    assert len(digests) == len(SCORING_MODULES) and scoring_code_digest() not in digests
+
+
+def test_bvpo_loss_terms_add_up_to_the_objective():
+    trace, empty = torch.tensor(2.0), torch.tensor(5.0)
+    assert bvpo_loss(trace, empty, 0.3).item() == pytest.approx(0.3 * 2 + 0.7 * 5)
+    assert (bvpo_loss(trace, None, 0.3) + bvpo_loss(None, empty, 0.3)).item() == pytest.approx(0.3 * 2 + 0.7 * 5)
+    assert bvpo_loss(trace, torch.tensor(float("nan")), 1.0).item() == 2.0
+    with pytest.raises(ValueError, match="no term with a positive weight"):
+        bvpo_loss(None, empty, 1.0)

@@ -4,6 +4,7 @@ checkpoints, a killed-and-resumed run, `auto` α."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def inputs(tmp_path_factory, tokenizer, tiny_model):
     return root
 
 
-def run_training(root: Path, tag: str, train: dict, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def run_training(root: Path, tag: str, train: dict, extra_env: dict | None = None, params: dict | None = None,
+                 pairs: Path | None = None) -> subprocess.CompletedProcess:
     methods = train.get("methods", FIXED)
     params_file = write_micro_params(root / f"params-{tag}.yaml", {
         "tracking": {"register_method": next(iter(methods))},
@@ -49,9 +51,10 @@ def run_training(root: Path, tag: str, train: dict, extra_env: dict | None = Non
                   "alpha_every": 2, "alpha_draws": 2, "alpha_draw_size": 2, "checkpoint_every": 0,
                   "methods": FIXED, **train},
         "model": {"max_length": 96},
+        **(params or {}),
     })
-    params = load_params(params_file)
-    cmd, env = accelerate_command(params, ["--params", str(params_file), "--pairs", str(root / "pairs"),
+    loaded = load_params(params_file)
+    cmd, env = accelerate_command(loaded, ["--params", str(params_file), "--pairs", str(pairs or root / "pairs"),
                                            "--base", str(root / "base"), "--work", str(root / f"work-{tag}"),
                                            "--cache", str(root / "cache"), "--project-dir", str(root)],
                                   threads_per_process=1)  # same float reduction order in every run
@@ -83,22 +86,119 @@ def test_two_processes_match_one_process(inputs):
         assert [r["loss"] for r in h2] == pytest.approx([r["loss"] for r in h1], rel=1e-5)
 
 
-def test_killed_run_resumes_to_the_same_weights(inputs):
-    settings = {"num_processes": 1, "steps": 6, "checkpoint_every": 2, "methods": {"bvpo": {"alpha": 0.5}}}
-    full = run_training(inputs, "full", settings)
-    assert full.returncode == 0, full.stderr[-3000:]
-    killed = run_training(inputs, "resume", settings, {"BVPO_KILL_AFTER_CHECKPOINT": "bvpo:3"})
+RESUME = {"steps": 6, "checkpoint_every": 2, "methods": {"bvpo": {"alpha": 0.5}, "bvpo_auto": {"alpha": "auto"},
+                                                        "dpo_trace": {"alpha": 1.0}, "dpo_empty": {"alpha": 0.0}}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(inputs):
+    """Four methods, 1 and 2 processes, run to the end without interruption."""
+    for processes in (1, 2):
+        result = run_training(inputs, f"full{processes}", {**RESUME, "num_processes": processes})
+        assert result.returncode == 0, result.stderr[-3000:]
+    return inputs
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_killed_run_resumes_every_method_to_the_same_weights(uninterrupted, processes):
+    """SIGKILL while the second method trains, after its first checkpoint; the rerun reuses the
+    finished first method, resumes the second (α state included) and trains the rest: every
+    method ends bit for bit where an uninterrupted run ends."""
+    inputs, tag = uninterrupted, f"resume{processes}"
+    settings = {**RESUME, "num_processes": processes}
+    killed = run_training(inputs, tag, settings, {"BVPO_KILL_AFTER_CHECKPOINT": "bvpo_auto:3"})
     assert killed.returncode != 0
-    checkpoints = list((inputs / "work-resume" / "bvpo" / "checkpoints").glob("step-*"))
-    assert [c.name for c in checkpoints] == ["step-000003"]
-    assert not (inputs / "work-resume" / "bvpo" / "final").exists()
-    resumed = run_training(inputs, "resume", settings)
+    assert (inputs / f"work-{tag}" / "bvpo" / "final").is_dir()
+    checkpoint = inputs / f"work-{tag}" / "bvpo_auto" / "checkpoints" / "step-000003"
+    assert [c.name for c in checkpoint.parent.glob("step-*")] == ["step-000003"]
+    saved = sorted(p.name for p in checkpoint.iterdir())
+    # This method's model and optimizer only, not the first method's beside them.
+    assert [n for n in saved if n.startswith("model")] == ["model.safetensors"], saved
+    assert [n for n in saved if n.startswith("optimizer")] == ["optimizer.bin"], saved
+    assert not (inputs / f"work-{tag}" / "bvpo_auto" / "final").exists()
+    resumed = run_training(inputs, tag, settings)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from step-000003" in resumed.stdout + resumed.stderr
-    a, b = final_weights(inputs, "full", "bvpo"), final_weights(inputs, "resume", "bvpo")
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert [r["loss"] for r in history(inputs, "resume", "bvpo")] == [r["loss"] for r in history(inputs, "full", "bvpo")]
+    output = resumed.stdout + resumed.stderr
+    assert "train bvpo: already trained in an earlier, interrupted run" in output
+    assert "train bvpo_auto: resuming from step-000003" in output
+    for method in RESUME["methods"]:
+        a, b = final_weights(inputs, f"full{processes}", method), final_weights(inputs, tag, method)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (method, key)
+        assert history(inputs, tag, method) == history(inputs, f"full{processes}", method)
+
+
+def test_auto_alpha_is_the_same_with_one_and_two_processes(uninterrupted):
+    one, two = history(uninterrupted, "full1", "bvpo_auto"), history(uninterrupted, "full2", "bvpo_auto")
+    assert [r["step"] for r in one if "alpha_star" in r] == [0, 2, 4]
+    for a, b in zip(one, two):
+        assert b["alpha"] == pytest.approx(a["alpha"], rel=1e-4, abs=1e-6)
+        if "alpha_star" in a:
+            for key in ("alpha_star", "alpha_star_draw", "grad/var_trace", "grad/var_empty", "grad/bias_gap_sq_raw"):
+                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-9), key
+    assert len({round(r["alpha"], 6) for r in one}) > 1  # it did move
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("reference", ["precomputed", "live"])
+def test_policy_and_reference_agree_at_step_zero(inputs, precision, reference):
+    """The reference is scored under the policy's autocast: the log-ratio starts at 0."""
+    tag = f"logratio-{precision}-{reference}"
+    result = run_training(inputs, tag, {"steps": 1, "mixed_precision": precision, "reference": reference,
+                                        "methods": {"bvpo": {"alpha": 0.5}}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = history(inputs, tag, "bvpo")[0]
+    assert first["trace/abs_logratio"] < 1e-6 and first["empty/abs_logratio"] < 1e-6, first
+    assert abs(first["trace/chosen_reward"]) < 1e-6
+
+
+def test_pairs_that_do_not_fit_are_skipped_and_counted(tokenizer):
+    from bvpo.train import encode_pairs
+
+    eos = tokenizer.eos_token
+    rows = [{"prompt": "Compute 1+1.", "chosen": completion_text("1+1=2 " * i, "2", eos),
+             "rejected": completion_text("1+1=3 " * (i % 3), "3", eos)} for i in range(1, 9)]
+    lengths = [len(x.input_ids) for x in encode_pairs(tokenizer, rows, True, 10_000)[0]]
+    limit = sorted(lengths)[3]  # the 4 shortest chosen fit; their rejected are shorter still
+    chosen, rejected, skipped = encode_pairs(tokenizer, rows, True, limit)
+    assert (len(chosen), len(rejected), skipped) == (4, 4, 4)
+    assert all(len(c.input_ids) <= limit and len(r.input_ids) <= limit for c, r in zip(chosen, rejected))
+    assert all(c.completion_start == chosen[0].completion_start for c in chosen)  # prompts kept whole
+
+
+def test_too_many_long_pairs_stop_with_a_clear_error(inputs):
+    result = run_training(inputs, "toolong", {"methods": {"bvpo": {"alpha": 0.5}}},
+                          params={"model": {"max_length": 45}, "sample": {"max_new_tokens": 1},
+                                  "evaluate": {"max_new_tokens": 1}})
+    assert result.returncode != 0
+    message = [line for line in result.stderr.splitlines() if line.startswith("bvpo train: error:")]
+    assert message and "16 of 16 pairs do not fit model.max_length=45" in message[0], result.stderr[-2000:]
+    assert "train.max_skipped_fraction" in message[0]
+
+
+@pytest.mark.parametrize("telemetry, methods, expected", [
+    (True, {"bvpo": {"alpha": 1.0}}, "train.telemetry"),
+    (False, {"bvpo": {"alpha": 0.5}}, "train.methods.bvpo (alpha: 0.5)"),
+    (False, {"bvpo": {"alpha": "auto"}}, "train.methods.bvpo (alpha: auto)"),
+])
+def test_empty_empty_trace_pairs_are_a_clear_error(inputs, tmp_path, telemetry, methods, expected):
+    shutil.copytree(inputs / "pairs" / "think", tmp_path / "pairs" / "think")
+    Dataset.from_dict({c: [] for c in ("prompt_id", "prompt", "chosen", "rejected")}).save_to_disk(
+        str(tmp_path / "pairs" / "nothink"), num_shards=1)  # as the pairs stage writes an empty set
+    result = run_training(inputs, f"empty-{telemetry}-{len(expected)}", {"telemetry": telemetry, "methods": methods},
+                          pairs=tmp_path / "pairs")
+    assert result.returncode != 0, result.stderr[-2000:]
+    message = [line for line in result.stderr.splitlines() if line.startswith("bvpo train: error:")]
+    assert message and "no usable empty pairs" in message[0] and expected in message[0], result.stderr[-2000:]
+
+
+def test_a_trace_only_method_trains_without_empty_pairs(inputs, tmp_path):
+    shutil.copytree(inputs / "pairs" / "think", tmp_path / "pairs" / "think")
+    Dataset.from_dict({c: [] for c in ("prompt_id", "prompt", "chosen", "rejected")}).save_to_disk(
+        str(tmp_path / "pairs" / "nothink"), num_shards=1)  # as the pairs stage writes an empty set
+    result = run_training(inputs, "traceonly", {"telemetry": False, "steps": 2, "methods": {"dpo_trace": {"alpha": 1.0}}},
+                          pairs=tmp_path / "pairs")
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_auto_alpha_estimates_logs_and_clips(inputs):

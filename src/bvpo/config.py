@@ -330,7 +330,8 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     _check(0 < d.test_fraction < 1, "data.test_fraction", "a fraction in (0, 1)", d.test_fraction)
     for name in ("n_train", "n_test", "n_warmup"):
         _check(getattr(d, name) >= 1, f"data.{name}", "an integer >= 1", getattr(d, name))
-    _check(1 <= d.min_ops <= d.max_ops, "data.min_ops", "1 <= min_ops <= max_ops", d.min_ops)
+    _check(d.max_ops >= 1, "data.max_ops", "an integer >= 1", d.max_ops)
+    _check(1 <= d.min_ops <= d.max_ops, "data.min_ops", f"an integer in [1, max_ops={d.max_ops}]", d.min_ops)
     if m.path is not None:
         local = Path(m.path)
         if base_dir is not None and not local.is_absolute():
@@ -366,8 +367,9 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
            t.alpha_draws)
     _check(t.alpha_draw_size >= 1, "train.alpha_draw_size", "an integer >= 1", t.alpha_draw_size)
     _check(0 <= t.alpha_ema < 1, "train.alpha_ema", "a number in [0, 1)", t.alpha_ema)
-    _check(0 <= t.alpha_min <= t.alpha_max <= 1, "train.alpha_min",
-           "0 <= alpha_min <= alpha_max <= 1", (t.alpha_min, t.alpha_max))
+    _check(0 <= t.alpha_max <= 1, "train.alpha_max", "a number in [0, 1]", t.alpha_max)
+    _check(0 <= t.alpha_min <= t.alpha_max, "train.alpha_min", f"a number in [0, alpha_max={t.alpha_max}]",
+           t.alpha_min)
     _check(0 <= t.alpha_init <= 1, "train.alpha_init", "a number in [0, 1]", t.alpha_init)
     _check(t.grad_sketch_dim >= 0, "train.grad_sketch_dim", "an integer >= 0", t.grad_sketch_dim)
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0", t.checkpoint_every)

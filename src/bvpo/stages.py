@@ -229,7 +229,8 @@ def pairs(params: Params, project_dir: Path | str = ".") -> Path:
             columns = ["prompt_id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"]
             for mode, rows in built.items():
                 dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in columns})
-                dataset.save_to_disk(str(tmp / mode))
+                # An empty dataset saved with the default 0 shards cannot be loaded back.
+                dataset.save_to_disk(str(tmp / mode), num_shards=None if rows else 1)
             _write_json(tmp / "stats.json", stats)
         tracking.log_metrics(stats)
     return out

@@ -110,14 +110,14 @@ def model_digest(model_dir: str | Path) -> str:
     return files_digest(Path(resolved)) if Path(resolved).is_dir() else hashlib.sha256(resolved.encode()).hexdigest()[:16]
 
 
-def scoring_code_digest() -> str:
+def scoring_code_digest(package_dir: Path = Path(__file__).parent) -> str:
     """Hash of the modules that encode and score sequences, and of the library versions under
     them: cached reference log-probs are only valid for the code that computed them."""
     import transformers
 
     h = hashlib.sha256(f"{torch.__version__}-{transformers.__version__}".encode())
     for name in SCORING_MODULES:
-        h.update((Path(__file__).parent / name).read_bytes())
+        h.update((package_dir / name).read_bytes())
     return h.hexdigest()[:16]
 
 

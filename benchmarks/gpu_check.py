@@ -1,0 +1,106 @@
+"""GPU check of the trainer: the micro pipeline on CUDA in bf16, trained with 1-process DDP and
+with 1-process FSDP2 (configs/fsdp.yaml), each checked and timed.
+
+    bash benchmarks/gpu_check.sh            # on a machine with CUDA; ~3 minutes, unattended
+
+Checks per variant: the train stage exits 0; at step 0 the policy/reference log-ratio is ~0
+(the reference is scored under the same bf16 autocast); losses and final weights are finite;
+`auto` α stays in [0, 1]. Prints PASS/FAIL per check and pairs/s; exits non-zero on any FAIL.
+`--allow-cpu` runs the same on a CPU (DDP passes; FSDP is refused with a clear error, since
+accelerate enables FSDP only on GPU-class devices) to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+VARIANTS = {"ddp": None, "fsdp": str(ROOT / "configs" / "fsdp.yaml")}
+
+
+def bvpo(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bvpo.cli", "--project-dir", str(project), *args],
+                          capture_output=True, text=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--allow-cpu", action="store_true", help="run without CUDA (checks the script only)")
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+
+    import torch
+
+    from micro_params import write_micro_params
+
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print("gpu_check: SKIP, no CUDA device here")
+        return 3
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    print(f"gpu_check on {device}, torch {torch.__version__}")
+    failures = 0
+
+    def check(name: str, ok: bool, detail: str = "") -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}{': ' + detail if detail else ''}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(tmp)
+        train = {"steps": args.steps, "batch_size": 16, "micro_batch_size": 8, "warmup_steps": 2, "lr": 1e-3,
+                 "alpha_every": 10, "alpha_draws": 2, "alpha_draw_size": 4, "checkpoint_every": 20,
+                 "mixed_precision": "bf16",
+                 "methods": {"bvpo": {"alpha": 0.5}, "bvpo_auto": {"alpha": "auto"}}}
+        params = write_micro_params(project / "params.yaml", {"train": train, "warmup": {"steps": 200}})
+        for stage in ("prepare", "warmup", "sample", "pairs"):
+            result = bvpo(project, "stage", stage, "--params", str(params))
+            check(f"stage {stage}", result.returncode == 0, result.stderr.strip().splitlines()[-1]
+                  if result.returncode else "")
+            if result.returncode:
+                return 1
+        for variant, config in VARIANTS.items():
+            print(f"{variant}:", flush=True)
+            variant_params = write_micro_params(project / f"params-{variant}.yaml", {
+                "train": {**train, "accelerate_config": config}, "warmup": {"steps": 200}})
+            start = time.perf_counter()
+            result = bvpo(project, "stage", "train", "--params", str(variant_params), "--fresh")
+            seconds = time.perf_counter() - start
+            if result.returncode != 0:
+                check("train stage", False, (result.stderr.strip().splitlines() or ["?"])[-1])
+                continue
+            check("train stage", True, f"{seconds:.0f} s for 2 methods x {args.steps} steps (process start included)")
+            for method in train["methods"]:
+                model_dir = project / "data" / "models" / method
+                rows = json.loads((model_dir / "history.json").read_text())["history"]
+                first = rows[0]
+                check(f"{method}: step-0 log-ratio ~ 0 under bf16",
+                      first["trace/abs_logratio"] < 1e-3 and first["empty/abs_logratio"] < 1e-3,
+                      f"{first['trace/abs_logratio']:.2e} / {first['empty/abs_logratio']:.2e}")
+                check(f"{method}: finite losses", all(math.isfinite(r["loss"]) for r in rows))
+                check(f"{method}: alpha in [0, 1]", all(0 <= r["alpha"] <= 1 for r in rows),
+                      f"final alpha {rows[-1]['alpha']:.3f}")
+                summary = json.loads((model_dir / "train_summary.json").read_text())
+                pairs = sum(train["batch_size"] * ((r["alpha"] > 0) + (r["alpha"] < 1)) for r in rows)
+                print(f"        {method}: {pairs / summary['seconds_this_run']:.0f} pairs/s "
+                      f"(loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f})", flush=True)
+                from safetensors.torch import load_file
+
+                weights = load_file(model_dir / "model.safetensors")
+                check(f"{method}: finite saved weights", all(bool(torch.isfinite(w).all()) for w in weights.values()))
+        result = bvpo(project, "stage", "evaluate", "--params", str(params))
+        check("stage evaluate", result.returncode == 0)
+    print(f"gpu_check: {'PASS' if failures == 0 else f'{failures} FAIL'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

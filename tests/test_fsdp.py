@@ -1,0 +1,36 @@
+"""Sharded (FSDP2) gradients: each process sketches its own shard and the sketches are summed,
+which gives the sketch of the full gradient. 2 gloo processes with torch's fully_shard vs 1
+unsharded process: the same draws (same pairs), the same statistics and α*."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.timeout(300)
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def run_worker(processes: int, out: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+           "--master_port", str(29700 + processes + os.getpid() % 200), str(WORKER), str(out)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_fsdp_shard_sketches_sum_to_the_full_gradients_sketch(tmp_path):
+    one = run_worker(1, tmp_path / "one.json")
+    two = run_worker(2, tmp_path / "two.json")
+    assert two["sharded"] == ["DTensor"] and one["sharded"] == ["Parameter"]
+    for mode in ("think", "nothink"):
+        a, b = torch.tensor(one["draws"][mode]), torch.tensor(two["draws"][mode])
+        assert a.shape == (3, 4096) and a.norm() > 0
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * a.abs().max().item())
+    for key in ("var_trace", "var_empty", "bias_gap_sq_raw"):
+        assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-4)
