@@ -75,7 +75,9 @@ def main() -> int:
             result = bvpo(project, "stage", "train", "--params", str(variant_params), "--fresh")
             seconds = time.perf_counter() - start
             if result.returncode != 0:
-                check("train stage", False, (result.stderr.strip().splitlines() or ["?"])[-1])
+                lines = (result.stdout + result.stderr).splitlines()
+                reason = [line for line in lines if line.startswith("bvpo train: error:")] or lines[-1:] or ["?"]
+                check("train stage", False, reason[0])
                 continue
             check("train stage", True, f"{seconds:.0f} s for 2 methods x {args.steps} steps (process start included)")
             for method in train["methods"]:
