@@ -13,12 +13,13 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export HF_HOME := $(CURDIR)/.hf
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test install repro ui bench clean help
+.PHONY: run test install repro experiment ui bench clean help
 
 help:
 	@echo "make run    - set up .venv, run the whole pipeline on the embedded default"
 	@echo "make test   - set up .venv, run the test suite"
 	@echo "make repro  - dvc repro (rebuild what params.yaml or the code changed)"
+	@echo "make experiment - every method x 3 seeds as DVC experiments, with 95% intervals"
 	@echo "make ui     - MLflow UI on http://127.0.0.1:5000"
 	@echo "make bench  - training throughput benchmark"
 
@@ -48,6 +49,12 @@ test: $(STAMP)
 
 repro: $(STAMP)
 	$(BIN)/dvc repro
+
+# DVC experiments start from a git commit (a fresh clone has one).
+experiment: $(STAMP) .dvc/config
+	@start=$$(date +%s); \
+	$(BIN)/bvpo experiment; status=$$?; \
+	echo "make experiment: $$(( $$(date +%s) - start ))s"; exit $$status
 
 ui: $(STAMP)
 	$(BIN)/bvpo ui

@@ -139,7 +139,7 @@ def test_auto_alpha_is_the_same_with_one_and_two_processes(uninterrupted):
     assert len({round(r["alpha"], 6) for r in one}) > 1  # it did move
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("reference", ["precomputed", "live"])
 def test_policy_and_reference_agree_at_step_zero(inputs, precision, reference):
     """The reference is scored under the policy's autocast: the log-ratio starts at 0."""

@@ -2,6 +2,7 @@
 
     bvpo run                 the Prefect pipeline flow on params.yaml (DVC decides what is stale)
     bvpo stage NAME          one stage (what dvc.yaml calls)
+    bvpo experiment          every method x several seeds (DVC experiments), with 95% intervals
     bvpo ui                  the MLflow UI over the project's store, on 127.0.0.1
     bvpo schedule --cron C   serve the pipeline on a cron schedule (needs a Prefect server)
 """
@@ -39,6 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     stage.add_argument("--fresh", action="store_true", help="train: discard checkpoints of an interrupted run "
                        "instead of resuming from them (resuming is the default)")
+
+    experiment = sub.add_parser(
+        "experiment", help="every method x several seeds, aggregated with 95%% intervals",
+        description="Train and evaluate every method in params.yaml's `experiment.methods` once per seed in "
+        "`experiment.seeds`, each seed a DVC experiment of the pipeline (`dvc exp run --temp`) on the shared "
+        "base model, then aggregate: metrics/experiment.json (means, 95%% intervals, paired differences "
+        "against `experiment.reference_method`), metrics/experiment.png and .md, MLflow runs. Needs a DVC "
+        "project with a git commit.")
+    experiment.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
 
     ui = sub.add_parser("ui", help="serve the MLflow UI over the project's store",
                         description="Serve the MLflow UI on 127.0.0.1 over mlruns/mlflow.db.")
@@ -87,6 +97,17 @@ def _stage(args) -> int:
     return 0
 
 
+def _experiment(args) -> int:
+    from .flow import bvpo_experiment
+
+    root = Path(args.project_dir).resolve()
+    result = bvpo_experiment(project_dir=str(root), params_file=args.params)
+    print("\n" + result["markdown"])
+    print("Written: metrics/experiment.json, metrics/experiment.png, metrics/experiment.md; MLflow parent run "
+          f"{result['mlflow_parent_run_id']} (`bvpo ui`); each seed is a DVC experiment (`dvc exp show`).")
+    return 0
+
+
 def _ui(args) -> int:
     from .tracking import artifact_root, tracking_uri
 
@@ -114,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     from .modeling import ModelError
     from .stages import StageError
 
-    handlers = {"run": _run, "stage": _stage, "ui": _ui, "schedule": _schedule}
+    from .experiment import ExperimentError
+
+    handlers = {"run": _run, "stage": _stage, "experiment": _experiment, "ui": _ui, "schedule": _schedule}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, StageError) as err:
+    except (ConfigError, DataError, ModelError, StageError, ExperimentError) as err:
         print(f"bvpo: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

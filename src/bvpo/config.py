@@ -86,6 +86,9 @@ class SampleConfig:
     """Generation budget; a sample that hits it is flagged invalid (truncated)."""
     batch_size: int = 256
     """Sequences generated at once (KV-cached, left-padded)."""
+    seed: int | None = None
+    """Seed of the sampling RNG; None uses the top-level `seed`. Experiments vary this (and
+    `train.seed`) per run while the base model, built from `seed`, stays the same."""
 
 
 @dataclass
@@ -184,14 +187,16 @@ class TrainConfig:
     max_skipped_fraction: float = 0.1
     """Pairs whose prompt + completion exceed `model.max_length` are skipped (never truncated)
     and counted per mode; training stops with an error if a mode loses more than this share."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast for the policy's forward (passed to `accelerate launch`, over any config file).
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast of the policy's forward (passed to `accelerate launch`, over any config file); fp32 = none.
     The reference is scored under the same autocast, so the log-ratio is 0 at step 0."""
     num_processes: int = 1
     """Processes `accelerate launch` starts (GPUs, or gloo processes on a CPU)."""
     accelerate_config: str | None = None
     """Optional accelerate config file (configs/*.yaml) for multi-GPU DDP or FSDP. DeepSpeed is
     refused: its engine steps on every backward, which is not a BVPO step."""
+    seed: int | None = None
+    """Seed of the training data order and gradient draws; None uses the top-level `seed`."""
 
 
 @dataclass
@@ -202,6 +207,11 @@ class EvalConfig:
     """Greedy generation budget per answer."""
     batch_size: int = 256
     """Sequences generated at once."""
+    n_samples: int = 0
+    """Sampled completions per prompt and mode at `temperature`, for the sampled accuracy (the
+    mean over them, `accuracy_*_sampled`); 0 = greedy accuracy only."""
+    temperature: float = 1.0
+    """Sampling temperature of the sampled accuracy."""
 
 
 @dataclass
@@ -220,6 +230,32 @@ class TrackingConfig:
     """Which trained method is registered (must be one of `train.methods`)."""
 
 
+def _experiment_methods() -> dict[str, MethodConfig]:
+    return {
+        "bvpo": MethodConfig(alpha=0.5),
+        "bvpo_auto": MethodConfig(alpha="auto"),
+        "dpo_trace": MethodConfig(alpha=1.0),
+        "dpo_empty": MethodConfig(alpha=0.0),
+        "bvpo_alpha025": MethodConfig(alpha=0.25),
+        "bvpo_alpha075": MethodConfig(alpha=0.75),
+        "nll_control": MethodConfig(alpha=0.5, preference_weight=0.0),
+    }
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "bvpo-experiment"
+    """Experiment name: the MLflow parent run, the DVC experiment names (NAME-seedN) and the
+    rows of metrics/experiment.json."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """One run per seed: the seed sets `sample.seed` and `train.seed` (sampling and data order);
+    prompts and the base model are shared by every run."""
+    methods: dict[str, MethodConfig] = field(default_factory=_experiment_methods)
+    """Methods trained in every run (replacing `train.methods` there); `base` is always evaluated."""
+    reference_method: str = "bvpo"
+    """Every other model's paired difference (same seed, same pairs) is taken against this one."""
+
+
 @dataclass
 class Params:
     seed: int = 0
@@ -233,6 +269,7 @@ class Params:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -257,6 +294,10 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         if value not in args:
             raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -411,6 +452,24 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     _check(params.seed >= 0, "seed", "an integer >= 0", params.seed)
     if d.source == "synthetic" and m.path is None:
         _check_task_fits(params)
+    _check(e.n_samples >= 0, "evaluate.n_samples", "an integer >= 0", e.n_samples)
+    _check(e.temperature > 0, "evaluate.temperature", "a number > 0", e.temperature)
+    for where, value in (("sample.seed", s.seed), ("train.seed", t.seed)):
+        if value is not None:
+            _check(value >= 0, where, "an integer >= 0 or null", value)
+    x = params.experiment
+    _check(len(x.seeds) >= 2 and len(set(x.seeds)) == len(x.seeds) and min(x.seeds) >= 0, "experiment.seeds",
+           "at least 2 distinct integers >= 0 (an interval needs two runs)", x.seeds)
+    _check(x.name.replace("_", "").replace("-", "").isalnum(), "experiment.name",
+           "a name of letters, digits, '_' or '-'", x.name)
+    for name, method in x.methods.items():
+        _check(name.replace("_", "").replace("-", "").isalnum() and name != "base", f"experiment.methods.{name}",
+               "a name of letters, digits, '_' or '-' other than 'base'", name)
+        if method.alpha != "auto":
+            _check(0.0 <= method.alpha <= 1.0, f"experiment.methods.{name}.alpha", "a number in [0, 1] or 'auto'",
+                   method.alpha)
+    _check(x.reference_method in x.methods, "experiment.reference_method", f"one of experiment.methods "
+           f"{sorted(x.methods)}", x.reference_method)
     _check(params.tracking.register_method in t.methods, "tracking.register_method",
            f"one of train.methods {sorted(t.methods)}", params.tracking.register_method)
     return params

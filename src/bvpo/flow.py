@@ -136,3 +136,65 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
         logger.info("\n%s", markdown)
     return {"eval": results, "diagnostics_ratios": diagnostics.get("ratios", {}), "versions": versions,
             "mlflow_parent_run_id": parent_id}
+
+
+@task(name="experiment-seed")
+def run_experiment_seed(project_dir: str, params_file: str, seed: int) -> dict:
+    """One seed: the pipeline as a DVC experiment up to evaluate; returns its eval.json."""
+    from . import experiment
+
+    root = Path(project_dir)
+    params = load_params(params_file)
+    name = experiment.run_name(params, seed)
+    experiment.remove_run(root, name)
+    command = experiment.seed_command(params, seed)
+    _stream([sys.executable, "-m", *command], root, get_run_logger())
+    return experiment.run_results(root, name)
+
+
+@flow(name="bvpo-experiment", log_prints=True)
+def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml") -> dict:
+    """Every method in `experiment.methods` × every seed in `experiment.seeds` on the shared
+    base model, aggregated: metrics/experiment.json, .png and .md, one MLflow parent run with a
+    child run per model × seed, and the table as a Prefect artifact."""
+    from prefect.runtime import flow_run
+
+    from . import experiment
+    from .plots import experiment_chart
+    from .stages import atomic_path
+
+    root = Path(project_dir).resolve()
+    params_path = (root / params_file).resolve()
+    if params_path != (root / "params.yaml").resolve():
+        raise StageError(f"DVC experiments read {root / 'params.yaml'}; edit it rather than {params_path}")
+    params = load_params(params_path)
+    x = params.experiment
+    experiment.check_repository(root)
+    os.environ[tracking.FLOW_RUN_ENV] = str(flow_run.get_id() or "")
+    with tracking.pipeline_run(root, params.tracking.experiment, {"experiment": params.to_dict()["experiment"]},
+                               run_name=f"experiment-{x.name}", kind="experiment") as parent_id:
+        per_seed = {seed: run_experiment_seed(str(root), str(params_path), seed) for seed in x.seeds}
+        result = experiment.aggregate(per_seed, x.reference_method)
+        result["commands"] = {str(seed): " ".join(experiment.seed_command(params, seed)) for seed in x.seeds}
+        markdown = experiment.markdown_table(result, x.name)
+        outputs = {"json": root / PATHS["experiment"], "plot": root / PATHS["experiment_plot"],
+                   "table": root / PATHS["experiment_table"]}
+        with atomic_path(outputs["json"]) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_path(outputs["plot"]) as tmp:
+            experiment_chart(result, tmp)
+        with atomic_path(outputs["table"]) as tmp:
+            tmp.write_text(markdown)
+        for seed, models in per_seed.items():
+            for model, entry in models.items():
+                with tracking.stage_run(root, params.tracking.experiment, f"{model}/seed{seed}",
+                                        tags={"method": model, "seed": str(seed), "experiment": x.name}):
+                    tracking.log_metrics({k: v for k, v in entry.items() if isinstance(v, (int, float))})
+        tracking.log_metrics({f"{model}/{metric}_mean": stats["mean"] for model, by_metric in result["models"].items()
+                              for metric, stats in by_metric.items()})
+        for path in outputs.values():
+            tracking.log_artifact(path)
+        create_markdown_artifact(markdown=markdown, key="bvpo-experiment", description=f"Experiment {x.name}")
+        logger = get_run_logger()
+        logger.info("\n%s", markdown)
+    return {"result": result, "markdown": markdown, "mlflow_parent_run_id": parent_id}

@@ -31,6 +31,34 @@ def eval_bar_chart(results: dict[str, dict], out: str | Path) -> None:
     plt.close(fig)
 
 
+def experiment_chart(result: dict, out: str | Path) -> None:
+    """Grouped bars with 95% intervals over seeds: each model's accuracy, thinking on, off and
+    their mean (greedy; sampled too when evaluated)."""
+    names = list(result["models"])
+    metrics = [m for m in ("accuracy_think", "accuracy_nothink", "accuracy_mean") if m in result["metrics"]]
+    sampled = [m + "_sampled" for m in metrics if m + "_sampled" in result["metrics"]]
+    panels = [("greedy", metrics)] + ([("sampled, T=1", sampled)] if sampled else [])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(2.0 + 1.2 * len(names), 3.4 * len(panels)), dpi=120,
+                             squeeze=False)
+    width = 0.8 / len(metrics)
+    for ax, (title, keys) in zip(axes[:, 0], panels):
+        for k, key in enumerate(keys):
+            stats = [result["models"][n][key] for n in names]
+            means = [100 * s["mean"] for s in stats]
+            errors = [[100 * (s["mean"] - s["low"]) for s in stats], [100 * (s["high"] - s["mean"]) for s in stats]]
+            xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(names))]
+            label = key.replace("accuracy_", "").replace("_sampled", "")
+            ax.bar(xs, means, width, yerr=errors, capsize=2, label=label)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_ylabel(f"accuracy (%), {title}")
+        ax.set_ylim(0, 100)
+        ax.legend(loc="upper right", fontsize=7, ncols=3)
+    axes[0, 0].set_title(f"Mean over {len(result['seeds'])} seeds, 95% intervals")
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+
+
 def _read_csv(path: Path) -> list[dict[str, float]]:
     with open(path) as f:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]

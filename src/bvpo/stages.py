@@ -33,6 +33,9 @@ PATHS = {
     "train_plots": "metrics/train",
     "checkpoints": "data/checkpoints",
     "cache": "data/cache",
+    "experiment": "metrics/experiment.json",
+    "experiment_plot": "metrics/experiment.png",
+    "experiment_table": "metrics/experiment.md",
 }
 STAGES = ("prepare", "warmup", "sample", "pairs", "train", "evaluate", "analyze")
 
@@ -165,7 +168,7 @@ def sample(params: Params, project_dir: Path | str = ".") -> Path:
     with tracking.stage_run(root, params.tracking.experiment, "sample", params={"sample": params.to_dict()["sample"]}):
         start = time.perf_counter()
         for thinking in (True, False):
-            torch.manual_seed(params.seed + (0 if thinking else 1))
+            torch.manual_seed((params.seed if s.seed is None else s.seed) + (0 if thinking else 1))
             repeated = [p for p in prompts["prompt"] for _ in range(s.k)]
             generated = generate(model, tokenizer, repeated, thinking, s.max_new_tokens, s.batch_size,
                                  temperature=s.temperature, top_p=s.top_p,
@@ -256,7 +259,7 @@ def accelerate_command(params: Params, module_args: list[str],
                 "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000)]
     else:
         cmd += ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
-    cmd += ["--mixed_precision", t.mixed_precision]
+    cmd += ["--mixed_precision", "no" if t.mixed_precision == "fp32" else t.mixed_precision]
     if on_cpu:
         threads = threads_per_process or max(1, (os.cpu_count() or 1) // t.num_processes)
         cmd += ["--num_cpu_threads_per_process", str(threads)]
@@ -301,7 +304,10 @@ def train(params: Params, project_dir: Path | str = ".", params_file: str | Path
 
 # --------------------------------------------------------------------------------- evaluate
 def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
-    """Greedy accuracy on held-out prompts, thinking on and off, for base and every method."""
+    """Accuracy on held-out prompts, thinking on and off, for base and every method: greedy,
+    and (evaluate.n_samples > 0) the mean over sampled completions."""
+    import torch
+
     from .modeling import load_model, load_tokenizer, pick_device
     from .plots import eval_bar_chart
     from .rewards import verified_reward
@@ -322,6 +328,19 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
     results = {}
     device = pick_device()
     e = params.evaluate
+    prompts, answers = list(test["prompt"]), list(test["answer"])
+
+    def accuracy(generated: list, thinking: bool) -> tuple[float, int]:
+        """Share of verified answers (invalid ones count as wrong) and the number invalid."""
+        correct, invalid = 0.0, 0
+        for g, answer in zip(generated, answers * (len(generated) // len(answers))):
+            parsed = parse_completion(g.text, thinking)
+            if g.truncated or parsed.malformed:
+                invalid += 1
+                continue
+            correct += verified_reward(parsed.answer, answer)
+        return correct / len(generated), invalid
+
     with tracking.stage_run(root, params.tracking.experiment, "evaluate",
                             params={"evaluate": params.to_dict()["evaluate"]}):
         for name, path in candidates.items():
@@ -330,20 +349,22 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
             entry = {}
             for thinking in (True, False):
                 mode = _mode_name(thinking)
-                generated = generate(model, tokenizer, list(test["prompt"]), thinking, e.max_new_tokens,
+                generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens,
                                      e.batch_size, greedy=True, desc=f"evaluate {name} ({mode})")
-                correct, invalid = 0.0, 0
-                for g, answer in zip(generated, test["answer"]):
-                    parsed = parse_completion(g.text, thinking)
-                    if g.truncated or parsed.malformed:
-                        invalid += 1
-                        continue
-                    correct += verified_reward(parsed.answer, answer)
-                n = len(generated)
-                suffix = "think" if thinking else "nothink"
-                entry[f"accuracy_{suffix}"] = correct / n
-                entry[f"mean_length_{suffix}"] = sum(g.n_tokens for g in generated) / n
-                entry[f"invalid_rate_{suffix}"] = invalid / n
+                entry[f"accuracy_{mode}"], invalid = accuracy(generated, thinking)
+                entry[f"mean_length_{mode}"] = sum(g.n_tokens for g in generated) / len(generated)
+                entry[f"invalid_rate_{mode}"] = invalid / len(generated)
+                if e.n_samples:
+                    # The same RNG stream for every model, so models differ by their weights only.
+                    torch.manual_seed(params.seed + (0 if thinking else 1))
+                    sampled = generate(model, tokenizer, prompts * e.n_samples, thinking, e.max_new_tokens,
+                                       e.batch_size, temperature=e.temperature,
+                                       desc=f"evaluate {name} ({mode}, {e.n_samples} samples)")
+                    entry[f"accuracy_{mode}_sampled"], _ = accuracy(sampled, thinking)
+            entry["accuracy_mean"] = (entry["accuracy_think"] + entry["accuracy_nothink"]) / 2
+            if e.n_samples:
+                entry["accuracy_mean_sampled"] = (entry["accuracy_think_sampled"]
+                                                  + entry["accuracy_nothink_sampled"]) / 2
             entry["n_prompts"] = len(test)
             results[name] = entry
             tracking.log_metrics({f"{name}/{k}": v for k, v in entry.items()})

@@ -73,12 +73,14 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def pipeline_run(project_dir: str | Path, experiment: str, params: dict, run_name: str) -> Iterator[str]:
-    """The parent run of one pipeline run; yields its id and exports it to child processes."""
+def pipeline_run(project_dir: str | Path, experiment: str, params: dict, run_name: str,
+                 kind: str = "pipeline") -> Iterator[str]:
+    """The parent run of one pipeline (or experiment) run; yields its id and exports it to
+    child processes."""
     import mlflow
 
     configure(project_dir, experiment)
-    with mlflow.start_run(run_name=run_name, tags={**provenance_tags(project_dir), "kind": "pipeline"}) as run:
+    with mlflow.start_run(run_name=run_name, tags={**provenance_tags(project_dir), "kind": kind}) as run:
         flat: dict[str, Any] = {}
         _flatten("", params, flat)
         mlflow.log_params(flat)

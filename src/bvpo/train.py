@@ -179,7 +179,7 @@ class Recipe:
     def __init__(self, params: Params, data: dict[str, PairSet], pad_id: int, reference=None,
                  preference_weight: float = 1.0):
         self.t = params.train
-        self.seed = params.seed
+        self.seed = params.seed if params.train.seed is None else params.train.seed
         self.data = data
         self.pad_id = pad_id
         self.reference = reference  # only for train.reference = live
@@ -376,7 +376,8 @@ def setup(name: str, alpha_setting: float | str, params: Params, base_dir: str, 
 
     t = params.train
     accelerator = Accelerator()
-    torch.manual_seed(params.seed)
+    seed = params.seed if t.seed is None else t.seed
+    torch.manual_seed(seed)
     model = load_model(base_dir, params.model.dtype)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -386,7 +387,7 @@ def setup(name: str, alpha_setting: float | str, params: Params, base_dir: str, 
     accelerator.register_for_checkpointing(scheduler)
     sharded = accelerator.distributed_type.name == "FSDP"
     grad_vector = GradientVector(list(model.parameters() if sharded else accelerator.unwrap_model(model).parameters()),
-                                 t.grad_sketch_dim, params.seed, sharded=sharded)
+                                 t.grad_sketch_dim, seed, sharded=sharded)
     auto = alpha_setting == "auto"
     state = TrainState(name, fingerprint, accelerator, model, optimizer, scheduler, grad_vector,
                        AlphaState(t.alpha_init if auto else float(alpha_setting), auto))

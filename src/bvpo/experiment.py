@@ -1,0 +1,126 @@
+"""Experiments: every configured method × several seeds on one shared base model, aggregated
+into one comparison with 95% intervals.
+
+Each seed is a DVC experiment of the ordinary pipeline (`dvc exp run --temp -n NAME-seedN
+-S sample.seed=N -S train.seed=N -S train.methods=…`): prompts and the base model come from
+the run-cache, sampling and training data order change with the seed. So every number in
+metrics/experiment.json can be rebuilt with `dvc exp run` (the command is recorded per seed),
+and `dvc exp show` lists the runs. This module holds the pure parts (intervals, paired
+differences, the table) and the DVC calls; `flow.bvpo_experiment` runs it as a Prefect flow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import MethodConfig, Params
+
+METRICS = ("accuracy_think", "accuracy_nothink", "accuracy_mean",
+           "accuracy_think_sampled", "accuracy_nothink_sampled", "accuracy_mean_sampled")
+
+
+class ExperimentError(RuntimeError):
+    """An experiment cannot run (no DVC repository, no commit, a failed run)."""
+
+
+# ----------------------------------------------------------------------------------- statistics
+def interval(values: list[float]) -> dict[str, float]:
+    """Mean and two-sided 95% Student-t interval of the mean over independent runs."""
+    from scipy.stats import t
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "low": float("nan"), "high": float("nan"), "n": n}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def aggregate(per_seed: dict[int, dict[str, dict]], reference: str) -> dict:
+    """`per_seed`: seed → eval.json of that run. Per model and metric the mean and 95% interval
+    over seeds; per model the paired difference against `reference` (same seed, same pairs)."""
+    seeds = sorted(per_seed)
+    models = list(per_seed[seeds[0]])
+    metrics = [m for m in METRICS if all(m in per_seed[s][model] for s in seeds for model in models)]
+    summary = {model: {m: interval([per_seed[s][model][m] for s in seeds]) for m in metrics} for model in models}
+    paired = {model: {m: interval([per_seed[s][model][m] - per_seed[s][reference][m] for s in seeds])
+                      for m in metrics}
+              for model in models if model != reference}
+    runs = {str(s): {model: {m: per_seed[s][model][m] for m in metrics} for model in models} for s in seeds}
+    return {"seeds": seeds, "reference": reference, "metrics": metrics, "models": summary,
+            "paired_vs_reference": paired, "runs": runs}
+
+
+def markdown_table(result: dict, name: str) -> str:
+    def cell(stats: dict) -> str:
+        return f"{100 * stats['mean']:.1f} [{100 * stats['low']:.1f}, {100 * stats['high']:.1f}]"
+
+    metrics, reference = result["metrics"], result["reference"]
+    lines = [f"# Experiment {name}: {len(result['seeds'])} seeds ({', '.join(map(str, result['seeds']))})", "",
+             "Accuracy in %, mean over seeds [95% interval].", "",
+             "| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for model, stats in result["models"].items():
+        lines.append(f"| {model} | " + " | ".join(cell(stats[m]) for m in metrics) + " |")
+    lines += ["", f"Paired difference against `{reference}` (same seed), in points; ▲ / ▼: the 95% interval "
+              "is above / below zero.", "",
+              "| model − " + reference + " | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for model, stats in result["paired_vs_reference"].items():
+        marks = ["▲" if stats[m]["low"] > 0 else "▼" if stats[m]["high"] < 0 else "" for m in metrics]
+        lines.append(f"| {model} | " + " | ".join(f"{cell(stats[m])} {mark}".strip()
+                                                  for m, mark in zip(metrics, marks)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------- DVC runs
+def hydra_value(methods: dict[str, MethodConfig]) -> str:
+    """`train.methods` as a Hydra override value for `dvc exp run -S`."""
+    inner = ",".join(f"{name}:{{alpha:{m.alpha},preference_weight:{m.preference_weight}}}"
+                     for name, m in methods.items())
+    return "{" + inner + "}"
+
+
+def run_name(params: Params, seed: int) -> str:
+    return f"{params.experiment.name}-seed{seed}"
+
+
+def seed_command(params: Params, seed: int) -> list[str]:
+    """The `dvc exp run` that produces one seed's results (up to the evaluate stage)."""
+    x = params.experiment
+    return ["dvc", "exp", "run", "--temp", "-n", run_name(params, seed),
+            "-S", f"sample.seed={seed}", "-S", f"train.seed={seed}",
+            # Hydra merges into an existing mapping: delete it, then add the experiment's methods.
+            "-S", "~train.methods", "-S", f"+train.methods={hydra_value(x.methods)}",
+            "-S", f"tracking.register_method={x.reference_method}", "evaluate"]
+
+
+def check_repository(root: Path) -> None:
+    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
+        raise ExperimentError(f"{root}: not a DVC project (expected .dvc/ and dvc.yaml); `make run` sets one up")
+    head = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0:
+        raise ExperimentError(f"{root}: DVC experiments need a git commit to start from; commit the project "
+                              "first (git add -A && git commit -m baseline)")
+
+
+def remove_run(root: Path, name: str) -> None:
+    """Drop an earlier DVC experiment of the same name, so a rerun replaces it."""
+    subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", name], cwd=root, capture_output=True, text=True)
+
+
+def run_results(root: Path, name: str) -> dict:
+    """metrics/eval.json as committed in DVC experiment `name`."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=root,
+                          capture_output=True, text=True, check=True).stdout.split()
+    matching = [ref for ref in refs if ref.rsplit("/", 1)[-1] == name]
+    if not matching:
+        raise ExperimentError(f"DVC experiment {name!r} left no result (no refs/exps/…/{name})")
+    shown = subprocess.run(["git", "show", f"{matching[-1]}:metrics/eval.json"], cwd=root, capture_output=True,
+                           text=True)
+    if shown.returncode != 0:
+        raise ExperimentError(f"DVC experiment {name!r} has no metrics/eval.json: {shown.stderr.strip()}")
+    return json.loads(shown.stdout)

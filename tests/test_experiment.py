@@ -1,0 +1,116 @@
+"""Experiments: the statistics (by hand), and a real 2-seed experiment of the micro pipeline as
+DVC experiments (`dvc exp run --temp`) under a real Prefect flow and MLflow store."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bvpo.config import MethodConfig
+from bvpo.experiment import aggregate, hydra_value, interval, markdown_table
+from micro_params import ROOT, write_micro_params
+
+
+def test_interval_is_the_student_t_interval():
+    stats = interval([0.5, 0.6, 0.7])
+    # mean 0.6, sd 0.1, t(0.975, 2) = 4.302653, half-width 4.302653 * 0.1 / sqrt(3)
+    assert stats["mean"] == pytest.approx(0.6)
+    assert stats["high"] - stats["mean"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
+    assert stats["low"] == pytest.approx(2 * 0.6 - stats["high"])
+    assert interval([0.4, 0.4])["low"] == pytest.approx(0.4)
+
+
+def test_aggregate_pairs_each_seed_with_the_reference():
+    per_seed = {
+        0: {"base": {"accuracy_think": 0.5, "accuracy_nothink": 0.3, "accuracy_mean": 0.4},
+            "bvpo": {"accuracy_think": 0.6, "accuracy_nothink": 0.4, "accuracy_mean": 0.5},
+            "dpo_trace": {"accuracy_think": 0.62, "accuracy_nothink": 0.3, "accuracy_mean": 0.46}},
+        1: {"base": {"accuracy_think": 0.5, "accuracy_nothink": 0.3, "accuracy_mean": 0.4},
+            "bvpo": {"accuracy_think": 0.7, "accuracy_nothink": 0.5, "accuracy_mean": 0.6},
+            "dpo_trace": {"accuracy_think": 0.71, "accuracy_nothink": 0.41, "accuracy_mean": 0.56}},
+    }
+    result = aggregate(per_seed, "bvpo")
+    assert result["metrics"] == ["accuracy_think", "accuracy_nothink", "accuracy_mean"]
+    assert result["models"]["bvpo"]["accuracy_think"]["mean"] == pytest.approx(0.65)
+    # Paired: dpo_trace − bvpo per seed = −0.04 and −0.04 on the mean: a zero-width interval below 0,
+    # although the unpaired intervals of the two overlap widely.
+    paired = result["paired_vs_reference"]["dpo_trace"]["accuracy_mean"]
+    assert paired["mean"] == pytest.approx(-0.04) and paired["high"] == pytest.approx(-0.04)
+    assert "bvpo" not in result["paired_vs_reference"]
+    table = markdown_table(result, "demo")
+    assert "| dpo_trace | 1.5 [" in table and "▼" in table.split("Paired difference")[1]
+
+
+def test_methods_as_a_hydra_override():
+    value = hydra_value({"bvpo": MethodConfig(0.5), "auto": MethodConfig("auto"),
+                         "nll": MethodConfig(0.5, preference_weight=0.0)})
+    assert value == ("{bvpo:{alpha:0.5,preference_weight:1.0},auto:{alpha:auto,preference_weight:1.0},"
+                     "nll:{alpha:0.5,preference_weight:0.0}}")
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+@pytest.mark.timeout(900)
+def test_a_two_seed_experiment_end_to_end(tmp_path, prefect_harness, monkeypatch):
+    from bvpo.flow import bvpo_experiment
+    from bvpo.tracking import tracking_uri
+
+    repo = tmp_path / "project"
+    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    write_micro_params(repo / "params.yaml", {
+        "experiment": {"name": "micro", "seeds": [1, 2], "reference_method": "bvpo",
+                       "methods": {"bvpo": {"alpha": 0.5}, "dpo_trace": {"alpha": 1.0}}},
+        "evaluate": {"max_new_tokens": 40, "n_samples": 2}})
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "ci@example.invalid")
+    git(repo, "config", "user.name", "ci")
+    for args in (["init", "-q"], ["config", "core.analytics", "false"]):
+        assert subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo).returncode == 0
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "micro project")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(repo))
+
+    out = bvpo_experiment(project_dir=str(repo))
+
+    result = json.loads((repo / "metrics/experiment.json").read_text())
+    assert result["seeds"] == [1, 2] and set(result["models"]) == {"base", "bvpo", "dpo_trace"}
+    assert "accuracy_mean_sampled" in result["metrics"]
+    runs = result["runs"]
+    # The base model is shared: identical in every run. Training changes with the seed.
+    assert runs["1"]["base"] == runs["2"]["base"]
+    for model in ("bvpo", "dpo_trace"):
+        for metric in result["metrics"]:
+            assert 0 <= runs["1"][model][metric] <= 1
+    stats = result["models"]["bvpo"]["accuracy_think"]
+    assert stats["low"] <= stats["mean"] <= stats["high"]
+    assert "dvc exp run --temp -n micro-seed1 -S sample.seed=1 -S train.seed=1" in result["commands"]["1"]
+    assert (repo / "metrics/experiment.png").read_bytes()[:4] == b"\x89PNG"
+    assert (repo / "metrics/experiment.md").read_text() == out["markdown"]
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
+                           text=True)
+    assert shown.returncode == 0 and "micro-seed1" in shown.stdout and "micro-seed2" in shown.stdout
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(repo))
+    parent = client.get_run(out["mlflow_parent_run_id"])
+    assert parent.data.tags["kind"] == "experiment"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    names = [run.info.run_name for run in children]
+    assert {"bvpo/seed1", "bvpo/seed2", "dpo_trace/seed1", "base/seed2"} <= set(names)
+    # Prompts and the base model are shared: the warmup ran once (for the first seed) at most.
+    assert names.count("warmup") <= 1 and names.count("train/bvpo") == 2
+    seed_run = next(r for r in children if r.info.run_name == "bvpo/seed2")
+    assert seed_run.data.tags["seed"] == "2" and seed_run.data.tags["method"] == "bvpo"
+    assert seed_run.data.metrics["accuracy_think"] == pytest.approx(runs["2"]["bvpo"]["accuracy_think"])
