@@ -4,7 +4,7 @@ import random
 import pandas as pd
 import pytest
 
-from bvpo.data import DataError, make_trace, read_prompts_file, solve, synthetic_prompts
+from bvpo.data import DataError, longest_prompt, make_problem, make_trace, read_prompts_file, solve, synthetic_prompts
 
 
 def test_synthetic_prompts_are_disjoint_seeded_and_correct():
@@ -95,3 +95,12 @@ def test_a_file_without_read_permission_names_the_file(tmp_path):
         pytest.skip("running as root: file permissions do not stop reads here")
     with pytest.raises(DataError, match=f"{locked}: cannot be read"):
         read_prompts_file(locked)
+
+
+def test_single_digit_operands_keep_the_first_two_digit_and_values_in_range():
+    rng = random.Random(3)
+    for _ in range(200):
+        prompt, chain = make_problem(rng, 1, 3, (1, 9))
+        assert 10 <= chain[0] <= 99 and all(1 <= b <= 9 for _, b in chain[1:])
+        assert all(0 <= r <= 99 for *_, r in solve(chain)) and 1 <= len(chain) - 1 <= 3
+    assert len(longest_prompt(3)) >= max(len(make_problem(rng, 3, 3, (10, 99))[0]) for _ in range(50))

@@ -40,6 +40,11 @@ class DataConfig:
     """Synthetic task: fewest operations in a chain (2 operations = 3 operands)."""
     max_ops: int = 3
     """Synthetic task: most operations in a chain."""
+    min_operand: int = 10
+    """Synthetic task: smallest operand after the first (the first is always 10..99)."""
+    max_operand: int = 99
+    """Synthetic task: largest operand after the first. Single-digit operands (1..9) make the
+    answer reachable without a trace for short chains, so both modes have room to learn."""
 
 
 @dataclass
@@ -188,8 +193,9 @@ class TrainConfig:
     """Pairs whose prompt + completion exceed `model.max_length` are skipped (never truncated)
     and counted per mode; training stops with an error if a mode loses more than this share."""
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast of the policy's forward (passed to `accelerate launch`, over any config file); fp32 = none.
-    The reference is scored under the same autocast, so the log-ratio is 0 at step 0."""
+    """Autocast of the policy's forward (passed to `accelerate launch`, over any config file;
+    fp32 = none). The reference is scored under the same autocast, so the log-ratio is 0 at
+    step 0."""
     num_processes: int = 1
     """Processes `accelerate launch` starts (GPUs, or gloo processes on a CPU)."""
     accelerate_config: str | None = None
@@ -372,6 +378,9 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     for name in ("n_train", "n_test", "n_warmup"):
         _check(getattr(d, name) >= 1, f"data.{name}", "an integer >= 1", getattr(d, name))
     _check(d.max_ops >= 1, "data.max_ops", "an integer >= 1", d.max_ops)
+    _check(1 <= d.max_operand <= 99, "data.max_operand", "an integer in [1, 99]", d.max_operand)
+    _check(1 <= d.min_operand <= d.max_operand, "data.min_operand", f"an integer in [1, max_operand={d.max_operand}]",
+           d.min_operand)
     _check(1 <= d.min_ops <= d.max_ops, "data.min_ops", f"an integer in [1, max_ops={d.max_ops}]", d.min_ops)
     if m.path is not None:
         local = Path(m.path)

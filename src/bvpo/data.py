@@ -22,15 +22,17 @@ class DataError(ValueError):
     """A prompts file is missing or malformed. The message names the file, row and field."""
 
 
-def make_problem(rng: random.Random, min_ops: int, max_ops: int) -> tuple[str, list]:
-    """One chain of 2-digit operands whose running value stays within 0..99, so every step is
-    a 2-digit addition or subtraction: (prompt text, [operand, (op, operand), ...])."""
+def make_problem(rng: random.Random, min_ops: int, max_ops: int,
+                 operands: tuple[int, int] = (10, 99)) -> tuple[str, list]:
+    """One chain whose first operand has two digits and whose running value stays within
+    0..99; the later operands are drawn from `operands` (inclusive): (prompt text,
+    [operand, (op, operand), ...])."""
     n_ops = rng.randint(min_ops, max_ops)
     first = rng.randint(10, 99)
     chain: list = [first]
     value = first
     while len(chain) <= n_ops:
-        op, b = rng.choice("+-"), rng.randint(10, 99)
+        op, b = rng.choice("+-"), rng.randint(*operands)
         result = value + b if op == "+" else value - b
         if not 0 <= result <= 99:
             continue
@@ -79,7 +81,8 @@ def make_trace(rng: random.Random, chain: list) -> str:
     return "\n".join(lines)
 
 
-def synthetic_prompts(n_train: int, n_test: int, min_ops: int, max_ops: int, seed: int) -> DatasetDict:
+def synthetic_prompts(n_train: int, n_test: int, min_ops: int, max_ops: int, seed: int,
+                      operands: tuple[int, int] = (10, 99)) -> DatasetDict:
     """Disjoint train/test prompt sets with exact answers, from one seeded generator."""
     rng = random.Random(f"bvpo-task-{seed}")
     seen: set[str] = set()
@@ -89,7 +92,7 @@ def synthetic_prompts(n_train: int, n_test: int, min_ops: int, max_ops: int, see
         attempts += 1
         if attempts > 50 * (n_train + n_test):
             raise DataError("synthetic task: could not draw enough distinct prompts")
-        prompt, chain = make_problem(rng, min_ops, max_ops)
+        prompt, chain = make_problem(rng, min_ops, max_ops, operands)
         if prompt in seen:
             continue
         seen.add(prompt)
@@ -101,14 +104,14 @@ def synthetic_prompts(n_train: int, n_test: int, min_ops: int, max_ops: int, see
 
 
 def warmup_examples(
-    n: int, test_prompts: set[str], min_ops: int, max_ops: int, seed: int
+    n: int, test_prompts: set[str], min_ops: int, max_ops: int, seed: int, operands: tuple[int, int] = (10, 99)
 ) -> list[tuple[str, str, list]]:
     """`n` distinct SFT problems (prompt, answer, trace) that never repeat a test prompt."""
     rng = random.Random(f"bvpo-warmup-{seed}")
     seen = set(test_prompts)
     out = []
     while len(out) < n:
-        prompt, chain = make_problem(rng, min_ops, max_ops)
+        prompt, chain = make_problem(rng, min_ops, max_ops, operands)
         if prompt in seen:
             continue
         seen.add(prompt)

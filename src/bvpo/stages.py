@@ -86,7 +86,8 @@ def prepare(params: Params, project_dir: Path | str = ".") -> Path:
     root = _project(project_dir)
     d = params.data
     if d.source == "synthetic":
-        prompts = synthetic_prompts(d.n_train, d.n_test, d.min_ops, d.max_ops, params.seed)
+        prompts = synthetic_prompts(d.n_train, d.n_test, d.min_ops, d.max_ops, params.seed,
+                                    (d.min_operand, d.max_operand))
     else:
         train = read_prompts_file(root / d.source)
         if d.test_source:

@@ -38,8 +38,9 @@ def sft_tiny_model(params: Params, test_prompts: set[str], progress: bool = True
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, m.hidden_size, m.num_layers, m.num_heads,
                              m.intermediate_size, m.max_length, params.seed)
-    problems = warmup_examples(params.data.n_warmup, test_prompts, params.data.min_ops,
-                               params.data.max_ops, params.seed)
+    d = params.data
+    problems = warmup_examples(d.n_warmup, test_prompts, d.min_ops, d.max_ops, params.seed,
+                               (d.min_operand, d.max_operand))
     rng = random.Random(f"bvpo-warmup-batches-{params.seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = cosine_schedule(optimizer, max(1, w.steps // 20), w.steps)
