@@ -114,3 +114,15 @@ def test_a_two_seed_experiment_end_to_end(tmp_path, prefect_harness, monkeypatch
     seed_run = next(r for r in children if r.info.run_name == "bvpo/seed2")
     assert seed_run.data.tags["seed"] == "2" and seed_run.data.tags["method"] == "bvpo"
     assert seed_run.data.metrics["accuracy_think"] == pytest.approx(runs["2"]["bvpo"]["accuracy_think"])
+
+
+def test_an_experiment_needs_a_dvc_project_with_a_commit(tmp_path):
+    from bvpo.experiment import ExperimentError, check_repository
+
+    with pytest.raises(ExperimentError, match="not a DVC project"):
+        check_repository(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    git(tmp_path, "init", "-q")
+    with pytest.raises(ExperimentError, match="need a git commit"):
+        check_repository(tmp_path)
