@@ -69,9 +69,8 @@ def test_a_two_seed_experiment_end_to_end(tmp_path, prefect_harness, monkeypatch
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     write_micro_params(repo / "params.yaml", {
-        "experiment": {"name": "micro", "seeds": [1, 2], "reference_method": "bvpo",
-                       "methods": {"bvpo": {"alpha": 0.5}, "dpo_trace": {"alpha": 1.0}}},
-        "evaluate": {"max_new_tokens": 40, "n_samples": 2}})
+        "experiment": {"name": "micro", "seeds": [1, 2], "reference_method": "bvpo", "n_test": 10,
+                       "eval_samples": 2, "methods": {"bvpo": {"alpha": 0.5}, "dpo_trace": {"alpha": 1.0}}}})
     git(repo, "init", "-q")
     git(repo, "config", "user.email", "ci@example.invalid")
     git(repo, "config", "user.name", "ci")
@@ -94,7 +93,9 @@ def test_a_two_seed_experiment_end_to_end(tmp_path, prefect_harness, monkeypatch
             assert 0 <= runs["1"][model][metric] <= 1
     stats = result["models"]["bvpo"]["accuracy_think"]
     assert stats["low"] <= stats["mean"] <= stats["high"]
-    assert "dvc exp run --temp -n micro-seed1 -S sample.seed=1 -S train.seed=1" in result["commands"]["1"]
+    assert ("dvc exp run --temp -n micro-seed1 -S sample.seed=1 -S train.seed=1 -S data.n_test=10 "
+            "-S evaluate.n_samples=2") in result["commands"]["1"]
+    assert result["models"]["base"]["accuracy_think"]["n"] == 2
     assert (repo / "metrics/experiment.png").read_bytes()[:4] == b"\x89PNG"
     assert (repo / "metrics/experiment.md").read_text() == out["markdown"]
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,

@@ -93,6 +93,7 @@ def seed_command(params: Params, seed: int) -> list[str]:
     x = params.experiment
     return ["dvc", "exp", "run", "--temp", "-n", run_name(params, seed),
             "-S", f"sample.seed={seed}", "-S", f"train.seed={seed}",
+            "-S", f"data.n_test={x.n_test}", "-S", f"evaluate.n_samples={x.eval_samples}",
             # Hydra merges into an existing mapping: delete it, then add the experiment's methods.
             "-S", "~train.methods", "-S", f"+train.methods={hydra_value(x.methods)}",
             "-S", f"tracking.register_method={x.reference_method}", "evaluate"]
