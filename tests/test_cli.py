@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -77,8 +79,9 @@ def test_ui_serves_the_project_store(tmp_path):
 
     configure(tmp_path, "bvpo")  # a store with one experiment, as a pipeline run leaves it
     port = free_port()
+    # Its own process group: `bvpo ui` starts `mlflow ui`, which starts workers; all must stop.
     server = subprocess.Popen([*BVPO, "--project-dir", str(tmp_path), "ui", "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 90
         body = None
@@ -91,5 +94,5 @@ def test_ui_serves_the_project_store(tmp_path):
                 time.sleep(1)
         assert body is not None and '"name": "bvpo"' in body.replace('":"', '": "')
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
