@@ -135,3 +135,10 @@ def test_unreadable_params_file_is_a_clear_error(tmp_path):
     path.write_bytes(b"seed: 0\ntrain:\n  lr: \xff\xfe\n")
     with pytest.raises(ConfigError, match="not valid UTF-8"):
         load_params(path)
+
+
+def test_run_seeds_default_to_the_top_level_seed(tmp_path):
+    params = load_params(write(tmp_path, {"seed": 3}))
+    assert (params.sample_seed, params.train_seed) == (3, 3)
+    params = load_params(write(tmp_path, {"seed": 3, "sample.seed": 5, "train.seed": 7}))
+    assert (params.sample_seed, params.train_seed) == (5, 7)

@@ -283,6 +283,14 @@ class Params:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
+    @property
+    def sample_seed(self) -> int:
+        return self.seed if self.sample.seed is None else self.sample.seed
+
+    @property
+    def train_seed(self) -> int:
+        return self.seed if self.train.seed is None else self.train.seed
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -169,7 +169,7 @@ def sample(params: Params, project_dir: Path | str = ".") -> Path:
     with tracking.stage_run(root, params.tracking.experiment, "sample", params={"sample": params.to_dict()["sample"]}):
         start = time.perf_counter()
         for thinking in (True, False):
-            torch.manual_seed((params.seed if s.seed is None else s.seed) + (0 if thinking else 1))
+            torch.manual_seed(params.sample_seed + (0 if thinking else 1))
             repeated = [p for p in prompts["prompt"] for _ in range(s.k)]
             generated = generate(model, tokenizer, repeated, thinking, s.max_new_tokens, s.batch_size,
                                  temperature=s.temperature, top_p=s.top_p,

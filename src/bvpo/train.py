@@ -179,7 +179,7 @@ class Recipe:
     def __init__(self, params: Params, data: dict[str, PairSet], pad_id: int, reference=None,
                  preference_weight: float = 1.0):
         self.t = params.train
-        self.seed = params.seed if params.train.seed is None else params.train.seed
+        self.seed = params.train_seed
         self.data = data
         self.pad_id = pad_id
         self.reference = reference  # only for train.reference = live
@@ -376,7 +376,7 @@ def setup(name: str, alpha_setting: float | str, params: Params, base_dir: str, 
 
     t = params.train
     accelerator = Accelerator()
-    seed = params.seed if t.seed is None else t.seed
+    seed = params.train_seed
     torch.manual_seed(seed)
     model = load_model(base_dir, params.model.dtype)
     model.train()
