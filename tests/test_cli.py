@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -74,14 +75,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ui_serves_the_project_store(tmp_path):
+def test_ui_serves_the_project_store_and_stops_every_server_process(tmp_path):
+    import psutil
+
     from bvpo.tracking import configure
 
     configure(tmp_path, "bvpo")  # a store with one experiment, as a pipeline run leaves it
     port = free_port()
-    # Its own process group: `bvpo ui` starts `mlflow ui`, which starts workers; all must stop.
     server = subprocess.Popen([*BVPO, "--project-dir", str(tmp_path), "ui", "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    descendants: list = []
     try:
         deadline = time.time() + 90
         body = None
@@ -92,7 +95,22 @@ def test_ui_serves_the_project_store(tmp_path):
             except OSError:
                 assert server.poll() is None, server.stdout.read().decode()[-2000:]
                 time.sleep(1)
-        assert body is not None and '"name": "bvpo"' in body.replace('":"', '": "')
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        assert body is not None
+        experiment = json.loads(body)["experiment"]
+        assert experiment["name"] == "bvpo"
+        # Tagged so that MLflow 3's UI opens the experiment on its runs, not the GenAI overview.
+        tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        descendants = psutil.Process(server.pid).children(recursive=True)
+        assert descendants, "bvpo ui should have started the MLflow server"
+        # Stopped the way a service manager or `kill` stops it: SIGTERM to `bvpo ui` alone.
+        server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
+        _, alive = psutil.wait_procs(descendants, timeout=30)
+        assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+    finally:
+        for process in [psutil.Process(server.pid), *descendants] if server.poll() is None else descendants:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bvpo.losses import bvpo_loss, dpo_loss, estimator_loss, ipo_loss, sequence_logps
+from bvpo.losses import bvpo_loss, completion_token_logps, dpo_loss, estimator_loss, ipo_loss, sequence_logps
 
 
 def log_sigmoid(x: float) -> float:
@@ -44,6 +44,24 @@ def test_sequence_logps_scores_only_completion_tokens():
     expected1 = logp[1, 0, 6] + logp[1, 1, 1] + logp[1, 2, 2] + logp[1, 3, 3]
     assert total.tolist() == pytest.approx([expected0.item(), expected1.item()], abs=1e-5)
     assert count.tolist() == [2, 4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_token_logps_match_full_log_softmax_in_value_and_gradient(dtype):
+    torch.manual_seed(3)
+    logits = (3 * torch.randn(3, 11, 50)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (3, 11))
+    weights = torch.randn(3, 11)
+    full = torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    (full_grad,) = torch.autograd.grad((full * weights).sum(), logits)
+    # 3 rows x 50 vocab x 2 positions per chunk: six checkpointed chunks, the last one short.
+    chunked = completion_token_logps(logits, labels, chunk_elements=3 * 50 * 2)
+    (chunked_grad,) = torch.autograd.grad((chunked * weights).sum(), logits)
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked_grad.float(), full_grad.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-2)
+    with torch.no_grad():
+        torch.testing.assert_close(completion_token_logps(logits, labels, chunk_elements=1), full, rtol=0, atol=1e-5)
 
 
 def test_bvpo_gradient_is_the_alpha_mixture_of_estimator_gradients():

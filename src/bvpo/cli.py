@@ -10,8 +10,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .runtime import configure_environment
@@ -116,7 +119,43 @@ def _ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(root),
            "--default-artifact-root", artifact_root(root).as_uri(), "--host", args.host, "--port", str(args.port)]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {tracking_uri(root)}); Ctrl-C stops it.")
-    return subprocess.call(cmd)
+    # `mlflow ui` starts a web server and job workers as its own children: run it in a
+    # process group of its own and stop the whole group however `bvpo ui` is stopped
+    # (Ctrl-C, SIGTERM, SIGHUP), so that no server outlives this command.
+    server = subprocess.Popen(cmd, start_new_session=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _stop_process_group(server)
+
+
+def _stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the group, wait for every member to exit, SIGKILL what is left after grace_s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        process.poll()  # reap the leader, or the group never looks empty
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def _schedule(args) -> int:

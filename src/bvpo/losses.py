@@ -49,6 +49,55 @@ def ipo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
+# fp32 elements of one chunk of logits in `completion_token_logps` (16 MiB): bounds the
+# upcast copy whatever the vocabulary and sequence length.
+LOGPS_CHUNK_ELEMENTS = 1 << 22
+
+
+class _CompletionTokenLogps(torch.autograd.Function):
+    """log_softmax(logits)[label] with O(chunk) extra memory: the forward keeps only the
+    logits (already alive as the model's output), the backward recomputes each chunk's
+    softmax and writes its gradient straight into one logits-sized buffer."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, chunk):
+        out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[1], chunk):
+            part = logits[:, start:start + chunk].float()
+            picked = part.gather(-1, labels[:, start:start + chunk, None]).squeeze(-1)
+            out[:, start:start + chunk] = picked - part.logsumexp(-1)
+        ctx.save_for_backward(logits, labels)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[1], ctx.chunk):
+            window = slice(start, start + ctx.chunk)
+            scale = grad_out[:, window, None].float()
+            part = torch.softmax(logits[:, window].float(), -1).mul_(-scale)
+            part.scatter_add_(-1, labels[:, window, None], scale)
+            grad[:, window] = part
+        return grad, None, None
+
+
+def completion_token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = LOGPS_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """log p(labels[b, t] | logits[b, t]) per position ([B, T]), computed in fp32.
+
+    A full fp32 `log_softmax` over [B, T, V] costs 4·B·T·V bytes forward and again for its
+    saved output and gradient; with a 150k vocabulary and 2k-token traces that dominates
+    training memory. Here at most a [B, chunk, V] fp32 slice exists besides the logits and
+    their gradient, whatever the vocabulary and length.
+    """
+    batch, _, vocab = logits.shape
+    chunk = max(1, chunk_elements // max(1, batch * vocab))
+    return _CompletionTokenLogps.apply(logits, labels, chunk)
+
+
 def sequence_logps(
     logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,10 +106,8 @@ def sequence_logps(
     `completion_mask[i, j]` is 1 where token j of row i belongs to the scored completion;
     prompt and padding tokens contribute nothing. Token j is predicted by logits at j−1.
     """
-    labels = input_ids[:, 1:]
-    mask = completion_mask[:, 1:].to(logits.dtype)
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logps = torch.gather(logps, 2, labels.unsqueeze(-1)).squeeze(-1)
+    mask = completion_mask[:, 1:].float()
+    token_logps = completion_token_logps(logits[:, :-1], input_ids[:, 1:])
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 

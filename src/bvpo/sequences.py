@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .losses import sequence_logps
+from .losses import completion_token_logps, sequence_logps
 from .modeling import THINK_CLOSE, THINK_OPEN, render_prompt
 
 
@@ -63,8 +63,7 @@ def token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = torch.gather(logps, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    picked = completion_token_logps(logits[:, :-1], input_ids[:, 1:])
     return picked * batch["completion_mask"][:, 1:].to(device)
 
 

@@ -18,6 +18,8 @@ from typing import Any, Iterator
 
 PARENT_ENV = "BVPO_PARENT_RUN_ID"
 FLOW_RUN_ENV = "BVPO_PREFECT_FLOW_RUN_ID"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def tracking_uri(project_dir: str | Path) -> str:
@@ -43,6 +45,10 @@ def configure(project_dir: str | Path, experiment: str) -> str:
         experiment_id = mlflow.create_experiment(
             experiment, artifact_location=artifact_root(project_dir).as_uri()
         )
+    if (found is None or found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND):
+        # MLflow 3's UI picks an experiment's landing page from this tag; without it the
+        # experiment opens on the GenAI "Overview" (traces, latency) instead of the runs.
+        mlflow.MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
