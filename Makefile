@@ -13,7 +13,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export HF_HOME := $(CURDIR)/.hf
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test install repro experiment ui bench clean help
+.PHONY: run test install repro experiment ui bench bench-trl clean help
 
 help:
 	@echo "make run    - set up .venv, run the whole pipeline on the embedded default"
@@ -22,6 +22,7 @@ help:
 	@echo "make experiment - every method x 3 seeds as DVC experiments, with 95% intervals"
 	@echo "make ui     - MLflow UI on http://127.0.0.1:5000"
 	@echo "make bench  - training throughput benchmark"
+	@echo "make bench-trl - the trainer vs TRL DPOTrainer on the same work (installs trl)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,11 @@ ui: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
+
+# The trainer against TRL's DPOTrainer (installs the optional `bench` extra: trl==1.16.0).
+bench-trl: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python benchmarks/trl_compare.py
 
 clean:
 	rm -rf data/prompts data/base_model data/samples data/pairs data/models .prefect .hf

@@ -43,7 +43,7 @@ def main() -> None:
                                  m.max_length, params.seed)
         source = "fresh embedded-size model (no data/base_model)"
     d = params.data
-    prompts = list(synthetic_prompts(args.prompts, 0, d.min_ops, d.max_ops, 0, (d.min_operand, d.max_operand))["train"]["prompt"])
+    prompts = list(synthetic_prompts(args.prompts, 0, d.min_ops, d.max_ops, 0, (d.min_operand, d.max_operand), d.small_operand_fraction)["train"]["prompt"])
     s = params.sample
     print(f"model: {source}; max_new_tokens {s.max_new_tokens}; {torch.get_num_threads()} threads")
     print(f"{'mode':8s} {'batch':>6s} {'prompts':>8s} {'tokens':>8s} {'seconds':>8s} {'tokens/s':>9s}")

@@ -104,3 +104,13 @@ def test_single_digit_operands_keep_the_first_two_digit_and_values_in_range():
         assert 10 <= chain[0] <= 99 and all(1 <= b <= 9 for _, b in chain[1:])
         assert all(0 <= r <= 99 for *_, r in solve(chain)) and 1 <= len(chain) - 1 <= 3
     assert len(longest_prompt(3)) >= max(len(make_problem(rng, 3, 3, (10, 99))[0]) for _ in range(50))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_small_operand_fraction_mixes_single_digit_chains_in_that_share(fraction):
+    rng = random.Random(5)
+    chains = [make_problem(rng, 2, 3, (10, 99), fraction)[1] for _ in range(2000)]
+    small = [all(b <= 9 for _, b in c[1:]) for c in chains]
+    # Every chain is all-small or all-two-digit, never a mix.
+    assert all(s or all(b >= 10 for _, b in c[1:]) for s, c in zip(small, chains))
+    assert sum(small) / len(small) == pytest.approx(fraction, abs=0.03)

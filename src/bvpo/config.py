@@ -43,8 +43,11 @@ class DataConfig:
     min_operand: int = 10
     """Synthetic task: smallest operand after the first (the first is always 10..99)."""
     max_operand: int = 99
-    """Synthetic task: largest operand after the first. Single-digit operands (1..9) make the
-    answer reachable without a trace for short chains, so both modes have room to learn."""
+    """Synthetic task: largest operand after the first."""
+    small_operand_fraction: float = 0.0
+    """Synthetic task: share of chains whose later operands are single-digit (1..9) instead.
+    Those are within reach without a trace, the others mostly are not, so a mix gives both
+    modes room to learn (a difficulty mix like a real benchmark's)."""
 
 
 @dataclass
@@ -392,6 +395,8 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     for name in ("n_train", "n_test", "n_warmup"):
         _check(getattr(d, name) >= 1, f"data.{name}", "an integer >= 1", getattr(d, name))
     _check(d.max_ops >= 1, "data.max_ops", "an integer >= 1", d.max_ops)
+    _check(0 <= d.small_operand_fraction <= 1, "data.small_operand_fraction", "a number in [0, 1]",
+           d.small_operand_fraction)
     _check(1 <= d.max_operand <= 99, "data.max_operand", "an integer in [1, 99]", d.max_operand)
     _check(1 <= d.min_operand <= d.max_operand, "data.min_operand", f"an integer in [1, max_operand={d.max_operand}]",
            d.min_operand)

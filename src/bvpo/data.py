@@ -18,16 +18,21 @@ STEP_FORMS = ("{a}{op}{b}={r}",)
 CLOSERS = ("", "", "so {ans}", "answer {ans}")
 
 
+SMALL_OPERANDS = (1, 9)
+
+
 class DataError(ValueError):
     """A prompts file is missing or malformed. The message names the file, row and field."""
 
 
 def make_problem(rng: random.Random, min_ops: int, max_ops: int,
-                 operands: tuple[int, int] = (10, 99)) -> tuple[str, list]:
+                 operands: tuple[int, int] = (10, 99), small_fraction: float = 0.0) -> tuple[str, list]:
     """One chain whose first operand has two digits and whose running value stays within
-    0..99; the later operands are drawn from `operands` (inclusive): (prompt text,
-    [operand, (op, operand), ...])."""
+    0..99; the later operands are drawn from `operands` (inclusive), or, for a
+    `small_fraction` share of chains, from 1..9: (prompt text, [operand, (op, operand), ...])."""
     n_ops = rng.randint(min_ops, max_ops)
+    if small_fraction > 0 and rng.random() < small_fraction:
+        operands = SMALL_OPERANDS
     first = rng.randint(10, 99)
     chain: list = [first]
     value = first
@@ -82,7 +87,7 @@ def make_trace(rng: random.Random, chain: list) -> str:
 
 
 def synthetic_prompts(n_train: int, n_test: int, min_ops: int, max_ops: int, seed: int,
-                      operands: tuple[int, int] = (10, 99)) -> DatasetDict:
+                      operands: tuple[int, int] = (10, 99), small_fraction: float = 0.0) -> DatasetDict:
     """Disjoint train/test prompt sets with exact answers, from one seeded generator."""
     rng = random.Random(f"bvpo-task-{seed}")
     seen: set[str] = set()
@@ -92,7 +97,7 @@ def synthetic_prompts(n_train: int, n_test: int, min_ops: int, max_ops: int, see
         attempts += 1
         if attempts > 50 * (n_train + n_test):
             raise DataError("synthetic task: could not draw enough distinct prompts")
-        prompt, chain = make_problem(rng, min_ops, max_ops, operands)
+        prompt, chain = make_problem(rng, min_ops, max_ops, operands, small_fraction)
         if prompt in seen:
             continue
         seen.add(prompt)
@@ -104,14 +109,15 @@ def synthetic_prompts(n_train: int, n_test: int, min_ops: int, max_ops: int, see
 
 
 def warmup_examples(
-    n: int, test_prompts: set[str], min_ops: int, max_ops: int, seed: int, operands: tuple[int, int] = (10, 99)
+    n: int, test_prompts: set[str], min_ops: int, max_ops: int, seed: int,
+    operands: tuple[int, int] = (10, 99), small_fraction: float = 0.0,
 ) -> list[tuple[str, str, list]]:
     """`n` distinct SFT problems (prompt, answer, trace) that never repeat a test prompt."""
     rng = random.Random(f"bvpo-warmup-{seed}")
     seen = set(test_prompts)
     out = []
     while len(out) < n:
-        prompt, chain = make_problem(rng, min_ops, max_ops, operands)
+        prompt, chain = make_problem(rng, min_ops, max_ops, operands, small_fraction)
         if prompt in seen:
             continue
         seen.add(prompt)

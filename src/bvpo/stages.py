@@ -87,7 +87,7 @@ def prepare(params: Params, project_dir: Path | str = ".") -> Path:
     d = params.data
     if d.source == "synthetic":
         prompts = synthetic_prompts(d.n_train, d.n_test, d.min_ops, d.max_ops, params.seed,
-                                    (d.min_operand, d.max_operand))
+                                    (d.min_operand, d.max_operand), d.small_operand_fraction)
     else:
         train = read_prompts_file(root / d.source)
         if d.test_source:

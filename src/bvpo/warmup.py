@@ -40,7 +40,7 @@ def sft_tiny_model(params: Params, test_prompts: set[str], progress: bool = True
                              m.intermediate_size, m.max_length, params.seed)
     d = params.data
     problems = warmup_examples(d.n_warmup, test_prompts, d.min_ops, d.max_ops, params.seed,
-                               (d.min_operand, d.max_operand))
+                               (d.min_operand, d.max_operand), d.small_operand_fraction)
     rng = random.Random(f"bvpo-warmup-batches-{params.seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = cosine_schedule(optimizer, max(1, w.steps // 20), w.steps)
