@@ -85,8 +85,8 @@ def run_one(args) -> None:
         if config["reference"] == "live":
             data[mode] = PairSet(chosen, rejected, None, None)
         else:
-            data[mode] = PairSet(chosen, rejected, reference_logps(reference, chosen, tokenizer.pad_token_id),
-                                 reference_logps(reference, rejected, tokenizer.pad_token_id))
+            data[mode] = PairSet(chosen, rejected, *reference_logps(reference, chosen, rejected,
+                                                                    tokenizer.pad_token_id))
     if config["reference"] != "live":
         reference = None  # precomputed: no second model in memory while training, as in the trainer
     recipe = Recipe(params, data, tokenizer.pad_token_id, reference)

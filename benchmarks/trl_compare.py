@@ -92,8 +92,7 @@ def run_bvpo(args, params) -> StepClock:
     tokenizer, _, chosen, rejected = encoded_think_pairs(params, Path(args.base), Path(args.pairs))
     Accelerator(cpu=not torch.cuda.is_available())
     reference = load_model(args.base, params.model.dtype).eval().requires_grad_(False)
-    data = {"think": PairSet(chosen, rejected, reference_logps(reference, chosen, tokenizer.pad_token_id),
-                             reference_logps(reference, rejected, tokenizer.pad_token_id)),
+    data = {"think": PairSet(chosen, rejected, *reference_logps(reference, chosen, rejected, tokenizer.pad_token_id)),
             "nothink": PairSet([], [], torch.empty(0), torch.empty(0))}
     del reference
     clock = StepClock()

@@ -58,9 +58,8 @@ def main(out_path: str) -> None:
             wrong = completion_text(f"{a}+{b}={a + b + 2}" if thinking else None, str(a + b + 2), tokenizer.eos_token)
             chosen.append(encode(tokenizer, f"Compute {a}+{b}.", right, thinking))
             rejected.append(encode(tokenizer, f"Compute {a}+{b}.", wrong, thinking))
-        ref_c = reference_logps(model, chosen, tokenizer.pad_token_id) - 0.2
-        ref_r = reference_logps(model, rejected, tokenizer.pad_token_id) + 0.1
-        data[mode] = PairSet(chosen, rejected, ref_c, ref_r)
+        ref_c, ref_r = reference_logps(model, chosen, rejected, tokenizer.pad_token_id)
+        data[mode] = PairSet(chosen, rejected, ref_c - 0.2, ref_r + 0.1)
     sharded = world > 1
     if sharded:
         for layer in model.model.layers:

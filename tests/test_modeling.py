@@ -115,3 +115,33 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
 def test_parse_completion(text, thinking, trace, answer, malformed):
     parsed = parse_completion(text, thinking)
     assert (parsed.trace, parsed.answer, parsed.malformed) == (trace, answer, malformed)
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_prompt_sharing_pairs_score_like_separate_sequences_in_value_and_gradient(tokenizer, tiny_model, thinking):
+    """One [prompt, chosen, rejected] sequence per pair gives each completion's log-prob and
+    its gradient as scoring it in its own sequence does (uneven lengths, padding included)."""
+    from bvpo.sequences import collate, score, score_pairs, shares_prompt
+
+    assert shares_prompt(tiny_model)
+    trace = "12+3=15\n15-4=11" if thinking else None
+    prompts = ["Compute 12+3-4.", "Compute 50-7.", "Compute 9+9+9."]
+    chosen = [encode(tokenizer, p, completion_text(trace, "11", tokenizer.eos_token), thinking) for p in prompts]
+    rejected = [encode(tokenizer, p, completion_text(trace, a, tokenizer.eos_token), thinking)
+                for p, a in zip(prompts, ["7", "43", "1234"])]
+    weights = torch.tensor([0.3, -1.2, 0.7, 2.0, -0.4, 1.1])
+    params = [p for p in tiny_model.parameters()]
+
+    def run(scorer):
+        tiny_model.zero_grad(set_to_none=True)
+        logps, counts = scorer()
+        (logps * weights).sum().backward()
+        return logps.detach(), counts, [p.grad.clone() for p in params]
+
+    shared = run(lambda: score_pairs(tiny_model, chosen, rejected, tokenizer.pad_token_id))
+    separate = run(lambda: score(tiny_model, collate(chosen + rejected, tokenizer.pad_token_id)))
+    tiny_model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(shared[0], separate[0], rtol=0, atol=1e-4)
+    assert shared[1].tolist() == separate[1].tolist()
+    for a, b in zip(shared[2], separate[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

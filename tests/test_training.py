@@ -262,9 +262,8 @@ def test_accumulated_update_gradient_is_the_bvpo_objective_gradient(inputs, toke
         chosen = [encode(tokenizer, r["prompt"], r["chosen"], mode == "think") for r in rows[mode]]
         rejected = [encode(tokenizer, r["prompt"], r["rejected"], mode == "think") for r in rows[mode]]
         # A reference that differs from the policy, so the DPO term has a non-trivial gradient.
-        ref = reference_logps(tiny_model, chosen, tokenizer.pad_token_id) - 0.3, \
-            reference_logps(tiny_model, rejected, tokenizer.pad_token_id) + 0.2
-        data[mode] = PairSet(chosen, rejected, *ref)
+        ref_chosen, ref_rejected = reference_logps(tiny_model, chosen, rejected, tokenizer.pad_token_id)
+        data[mode] = PairSet(chosen, rejected, ref_chosen - 0.3, ref_rejected + 0.2)
     recipe = Recipe(params, data, tokenizer.pad_token_id)
     accelerator = Accelerator(cpu=True)
     model = tiny_model.train()

@@ -156,6 +156,11 @@ class TrainConfig:
     """Pairs of each mode per optimizer step, over all processes (the global batch)."""
     micro_batch_size: int = 32
     """Pairs of each mode per forward pass per process; gradient accumulation fills the rest."""
+    shared_prompt: bool = True
+    """Score each pair as one sequence [prompt, chosen, rejected] that runs the prompt once (a
+    custom attention mask keeps the rejected completion from seeing the chosen one). Same
+    log-probs, fewer tokens: on the embedded task 25-45% fewer. Needs SDPA attention; models
+    with another attention implementation score chosen and rejected separately."""
     max_grad_norm: float = 1.0
     """Gradient clipping threshold on the mixed gradient."""
     alpha_every: int = 10

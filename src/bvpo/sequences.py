@@ -57,6 +57,73 @@ def score(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     return sequence_logps(logits, input_ids, batch["completion_mask"].to(device))
 
 
+def shares_prompt(model) -> bool:
+    """Whether `model` can score a pair as one prompt-sharing sequence: that needs a custom 4D
+    boolean attention mask, which SDPA attention takes as given (flash attention does not)."""
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model.config, "_attn_implementation", None) == "sdpa"
+
+
+def collate_pairs(chosen: list[Encoded], rejected: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each pair as one right-padded sequence [prompt, chosen, rejected] that holds the prompt
+    once. The rejected completion attends to the prompt and itself only, with positions
+    continuing from the prompt, so it is scored exactly as in its own sequence; its first
+    token is predicted by the prompt's last position, like the chosen's."""
+    rows = []
+    for c, r in zip(chosen, rejected):
+        start = c.completion_start
+        if r.completion_start != start or r.input_ids[:start] != c.input_ids[:start]:
+            raise ValueError("collate_pairs: chosen and rejected must share their prompt tokens")
+        if start < 1 or len(c.input_ids) == start or len(r.input_ids) == start:
+            raise ValueError("collate_pairs: every pair needs a prompt and non-empty completions")
+        rows.append((c.input_ids, r.input_ids[start:], start))
+    width = max(len(ids) + len(tail) for ids, tail, _ in rows)
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    # Every query may see itself, so padding rows never softmax over nothing (NaN).
+    allowed = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1)
+    chosen_mask = torch.zeros((n, width), dtype=torch.long)
+    rejected_mask = torch.zeros((n, width), dtype=torch.long)
+    prompt_last = torch.empty(n, dtype=torch.long)
+    rejected_first = torch.empty(n, dtype=torch.long)
+    for row, (chosen_ids, rejected_tail, start) in enumerate(rows):
+        split, end = len(chosen_ids), len(chosen_ids) + len(rejected_tail)
+        ids[row, :end] = torch.tensor(chosen_ids + rejected_tail)
+        positions[row, :split] = torch.arange(split)
+        positions[row, split:end] = torch.arange(start, start + len(rejected_tail))
+        allowed[row, :end, :end] = torch.ones(end, end, dtype=torch.bool).tril()
+        allowed[row, split:end, start:split] = False
+        chosen_mask[row, start:split] = 1
+        rejected_mask[row, split + 1:end] = 1  # the first rejected token is scored from the prompt
+        prompt_last[row] = start - 1
+        rejected_first[row] = rejected_tail[0]
+    return {"input_ids": ids, "position_ids": positions, "attention_mask": allowed[:, None],
+            "chosen_mask": chosen_mask, "rejected_mask": rejected_mask, "prompt_last": prompt_last,
+            "rejected_first": rejected_first}
+
+
+def score_pairs(model, chosen: list[Encoded], rejected: list[Encoded], pad_id: int,
+                shared_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and completion token counts of the chosen then the rejected
+    sequences ([2n] each, the layout of `score` over chosen + rejected), in one forward pass.
+    With `shared_prompt` (and a model that supports it) each pair's prompt is run once."""
+    if not (shared_prompt and shares_prompt(model)):
+        return score(model, collate(chosen + rejected, pad_id))
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_pairs(chosen, rejected, pad_id).items()}
+    input_ids = batch["input_ids"]
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
+    token_logps = completion_token_logps(logits[:, :-1], input_ids[:, 1:])
+    chosen_mask, rejected_mask = batch["chosen_mask"][:, 1:].float(), batch["rejected_mask"][:, 1:].float()
+    rows = torch.arange(len(chosen), device=device)
+    first = completion_token_logps(logits[rows, batch["prompt_last"]][:, None], batch["rejected_first"][:, None])[:, 0]
+    logps = torch.cat([(token_logps * chosen_mask).sum(-1), (token_logps * rejected_mask).sum(-1) + first])
+    counts = torch.cat([chosen_mask.sum(-1), rejected_mask.sum(-1) + 1])
+    return logps, counts
+
+
 @torch.no_grad()
 def token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-token log-probs of each row's own next token ([B, L−1]; masked positions are 0)."""

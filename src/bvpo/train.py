@@ -40,7 +40,7 @@ from .config import ConfigError, Params, TrainConfig, load_params
 from .gradients import GradientVector, mixed_variance
 from .losses import bvpo_loss, estimator_loss
 from .modeling import load_model, load_tokenizer, resolve_model_dir
-from .sequences import Encoded, collate, fits, score
+from .sequences import Encoded, fits, score_pairs
 from .sequences import encode as encode_sequence
 from .warmup import cosine_schedule
 
@@ -122,28 +122,29 @@ def scoring_code_digest(package_dir: Path = Path(__file__).parent) -> str:
 
 
 @torch.no_grad()
-def reference_logps(model, encoded: list[Encoded], pad_id: int, batch_size: int = 64,
-                    autocast=contextlib.nullcontext) -> torch.Tensor:
-    """Summed completion log-probs under the frozen reference, under the same autocast as the
-    policy's forward, so that the policy/reference log-ratio is exactly 0 at step 0."""
+def reference_logps(model, chosen: list[Encoded], rejected: list[Encoded], pad_id: int, batch_size: int = 32,
+                    autocast=contextlib.nullcontext, shared_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of every pair under the frozen reference, scored the way the
+    policy's are (same pairing, same autocast), so that the log-ratio is 0 at step 0."""
     model.eval()
-    out = torch.empty(len(encoded))
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    out = torch.empty(2, len(chosen))
+    order = sorted(range(len(chosen)), key=lambda i: len(chosen[i].input_ids) + len(rejected[i].input_ids))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         with autocast():
-            logps, _ = score(model, collate([encoded[i] for i in idx], pad_id))
-        out[idx] = logps.float().cpu()
-    return out
+            logps, _ = score_pairs(model, [chosen[i] for i in idx], [rejected[i] for i in idx], pad_id, shared_prompt)
+        out[:, idx] = logps.float().cpu().view(2, len(idx))
+    return out[0], out[1]
 
 
-def precomputed_reference(cache_file: Path, load_reference, data: dict[str, tuple], pad_id: int, accelerator):
+def precomputed_reference(cache_file: Path, load_reference, data: dict[str, tuple], pad_id: int, accelerator,
+                          shared_prompt: bool = True):
     """Reference log-probs for every pair, computed once (main process) and cached on disk."""
     if accelerator.is_main_process and not cache_file.is_file():
         reference = load_reference()
-        computed = {mode: tuple(reference_logps(reference, encoded, pad_id, autocast=accelerator.autocast)
-                                for encoded in sequences)
-                    for mode, sequences in data.items()}
+        computed = {mode: reference_logps(reference, chosen, rejected, pad_id, autocast=accelerator.autocast,
+                                          shared_prompt=shared_prompt)
+                    for mode, (chosen, rejected) in data.items()}
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
         torch.save(computed, tmp)
@@ -190,13 +191,13 @@ class Recipe:
         """Estimator loss (DPO/IPO + NLL) on the pairs `chunk` of `mode`, and token counts."""
         pairs = self.data[mode]
         n = len(chunk)
-        batch = collate([pairs.chosen[i] for i in chunk] + [pairs.rejected[i] for i in chunk], self.pad_id)
-        logps, n_tokens = score(model, batch)
+        chosen, rejected = [pairs.chosen[i] for i in chunk], [pairs.rejected[i] for i in chunk]
+        logps, n_tokens = score_pairs(model, chosen, rejected, self.pad_id, self.t.shared_prompt)
         if pairs.ref_chosen is not None:
             ref = torch.cat([pairs.ref_chosen[chunk], pairs.ref_rejected[chunk]]).to(logps.device)
         else:
             with torch.no_grad(), autocast():
-                ref, _ = score(self.reference, batch)
+                ref, _ = score_pairs(self.reference, chosen, rejected, self.pad_id, self.t.shared_prompt)
         result = estimator_loss(logps[:n], logps[n:], n_tokens[:n], n_tokens[n:], ref[:n], ref[n:],
                                 self.t.loss_type, self.betas[mode], self.t.label_smoothing, self.t.nll_weight,
                                 self.preference_weight)
@@ -619,10 +620,10 @@ def main(argv: list[str] | None = None) -> int:
         data = {mode: PairSet(c, r, None, None) for mode, (c, r) in encoded.items()}
     else:
         key = "-".join([pairs_digest, base_digest, scoring_code_digest(), str(params.model.max_length),
-                        params.model.dtype, str(accelerator.mixed_precision)])
+                        params.model.dtype, str(accelerator.mixed_precision), str(t.shared_prompt)])
         cache_file = Path(args.cache) / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
         logps = precomputed_reference(cache_file, lambda: load_model(args.base, params.model.dtype, accelerator.device),
-                                      encoded, tokenizer.pad_token_id, accelerator)
+                                      encoded, tokenizer.pad_token_id, accelerator, t.shared_prompt)
         data = {mode: PairSet(c, r, *logps[mode]) for mode, (c, r) in encoded.items()}
     recipes = {name: Recipe(params, data, tokenizer.pad_token_id, reference, method.preference_weight)
                for name, method in t.methods.items()}
