@@ -46,6 +46,19 @@ def test_missing_input_names_the_stage_to_run(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_second_run_on_a_busy_project_is_refused_naming_the_first(tmp_path):
+    from bvpo.runtime import project_lock
+
+    write_micro_params(tmp_path / "params.yaml")
+    with project_lock(tmp_path, "pipeline flow run first-run"):
+        result = bvpo("run", "--no-dvc", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"{tmp_path} is busy" in result.stderr and "first-run" in result.stderr
+    assert not (tmp_path / "data").exists()
+    with project_lock(tmp_path, "after the first one ended"):  # released: free again
+        pass
+
+
 def test_malformed_prompts_file_fails_prepare_without_output(tmp_path):
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "ok", "answer": "1"}\n{"prompt": ""}\n')
     write_micro_params(tmp_path / "params.yaml", {"data": {"source": "prompts.jsonl"}})

@@ -175,11 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     from .stages import StageError
 
     from .experiment import ExperimentError
+    from .runtime import ProjectBusy
 
     handlers = {"run": _run, "stage": _stage, "experiment": _experiment, "ui": _ui, "schedule": _schedule}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, StageError, ExperimentError) as err:
+    except (ConfigError, DataError, ModelError, StageError, ExperimentError, ProjectBusy) as err:
         print(f"bvpo: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

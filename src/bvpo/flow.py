@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from . import tracking
 from .config import load_params
+from .runtime import project_lock
 from .stages import PATHS, STAGES, StageError
 
 RETRIED_STAGES = {"sample": 1, "train": 1}
@@ -115,8 +116,9 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
     if use_dvc and params_path != (root / "params.yaml").resolve():
         raise StageError(f"DVC stages read {root / 'params.yaml'}; run without DVC to use {params_path}")
     os.environ[tracking.FLOW_RUN_ENV] = str(flow_run.get_id() or "")
-    with tracking.pipeline_run(root, params.tracking.experiment, params.to_dict(),
-                               run_name=f"pipeline-{flow_run.get_name() or 'local'}") as parent_id:
+    with project_lock(root, f"pipeline flow run {flow_run.get_name() or 'local'}"), \
+            tracking.pipeline_run(root, params.tracking.experiment, params.to_dict(),
+                                  run_name=f"pipeline-{flow_run.get_name() or 'local'}") as parent_id:
         logger.info("MLflow parent run %s (store %s)", parent_id, tracking.tracking_uri(root))
         for stage in STAGES:
             STAGE_TASKS[stage](str(root), use_dvc, str(params_path))
@@ -171,8 +173,9 @@ def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml") ->
     x = params.experiment
     experiment.check_repository(root)
     os.environ[tracking.FLOW_RUN_ENV] = str(flow_run.get_id() or "")
-    with tracking.pipeline_run(root, params.tracking.experiment, {"experiment": params.to_dict()["experiment"]},
-                               run_name=f"experiment-{x.name}", kind="experiment") as parent_id:
+    with project_lock(root, f"experiment {x.name}"), \
+            tracking.pipeline_run(root, params.tracking.experiment, {"experiment": params.to_dict()["experiment"]},
+                                  run_name=f"experiment-{x.name}", kind="experiment") as parent_id:
         per_seed = {seed: run_experiment_seed(str(root), str(params_path), seed) for seed in x.seeds}
         result = experiment.aggregate(per_seed, x.reference_method)
         result["commands"] = {str(seed): " ".join(experiment.seed_command(params, seed)) for seed in x.seeds}

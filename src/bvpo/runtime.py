@@ -6,6 +6,7 @@ Values a user already exported win (e.g. HF_HUB_OFFLINE=0 to fetch a hub model o
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -31,3 +32,41 @@ def configure_environment(project_dir: str | Path = ".") -> None:
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("HF_HOME", str(root / ".hf"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+class ProjectBusy(RuntimeError):
+    """Another pipeline or experiment run holds the project."""
+
+
+LOCK_FILE = ".bvpo.lock"
+
+
+@contextlib.contextmanager
+def project_lock(project_dir: str | Path, what: str):
+    """Hold the project for one pipeline or experiment run. Two runs at once would write the
+    same data/ outputs, checkpoints and dvc.lock; the second is refused, naming the first. The
+    lock is an advisory `flock`, so the kernel drops it when its holder dies (a killed run
+    never leaves the project locked)."""
+    import fcntl
+    import json
+    import time
+
+    path = Path(project_dir).resolve() / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ProjectBusy(f"{path.parent} is busy: another run holds {path} ({holder}). Wait for it to "
+                          "finish, or stop it; a second run at once would overwrite its outputs") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "run": what,
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
