@@ -120,9 +120,9 @@ def test_deepspeed_is_refused_with_the_reason(tmp_path):
 
 
 def test_the_embedded_task_must_fit_the_context(tmp_path):
-    with pytest.raises(ConfigError, match=r"model.max_length: expected at least \d+ .*max_new_tokens 150"):
-        load_params(write(tmp_path, {"sample.max_new_tokens": 150}))
-    load_params(write(tmp_path, {"sample.max_new_tokens": 150, "model.max_length": 256}))
+    with pytest.raises(ConfigError, match=r"model.max_length: expected at least \d+ .*max_new_tokens 170"):
+        load_params(write(tmp_path, {"sample.max_new_tokens": 170}))
+    load_params(write(tmp_path, {"sample.max_new_tokens": 170, "model.max_length": 256}))
 
 
 def test_draw_size_must_split_over_processes(tmp_path):

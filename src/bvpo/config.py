@@ -36,13 +36,13 @@ class DataConfig:
     """Synthetic task: number of held-out evaluation prompts, disjoint from every training prompt."""
     n_warmup: int = 20000
     """Synthetic task: number of distinct prompts the warmup SFT draws from (disjoint from test)."""
-    min_ops: int = 2
+    min_ops: int = 1
     """Synthetic task: fewest operations in a chain (2 operations = 3 operands)."""
-    max_ops: int = 3
+    max_ops: int = 2
     """Synthetic task: most operations in a chain."""
-    min_operand: int = 10
+    min_operand: int = 1
     """Synthetic task: smallest operand after the first (the first is always 10..99)."""
-    max_operand: int = 99
+    max_operand: int = 19
     """Synthetic task: largest operand after the first."""
     small_operand_fraction: float = 0.0
     """Synthetic task: share of chains whose later operands are single-digit (1..9) instead.
