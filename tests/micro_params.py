@@ -7,7 +7,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 MICRO = {
-    "data": {"n_train": 24, "n_test": 12, "n_warmup": 300, "min_ops": 1, "max_ops": 2},
+    "data": {"n_train": 24, "n_test": 12, "n_warmup": 300, "min_ops": 1, "max_ops": 2, "min_operand": 10,
+             "max_operand": 99},
     "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "max_length": 96},
     "warmup": {"steps": 30, "batch_size": 32, "lr": 1.0e-2},
     "sample": {"k": 3, "max_new_tokens": 40, "batch_size": 128},

@@ -138,3 +138,86 @@ def test_changing_a_train_param_reruns_only_downstream_stages(project, pipeline_
     assert dry.returncode == 0, dry.stderr
     ran = {line.split("'")[1] for line in dry.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"evaluate"}
+
+
+# ----------------------------------------------------------------------------- the MLflow UI, in a browser
+SCREENSHOTS = ROOT / "test-artifacts" / "mlflow-ui"
+
+
+def chromium() -> str | None:
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def browse(url: str, screenshot: Path) -> str:
+    """The page's visible text after its scripts ran, as headless Chromium renders it; and a
+    screenshot of it."""
+    import re
+
+    base = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000",
+            "--virtual-time-budget=20000", "--no-first-run", "--disable-extensions"]
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text)).replace("&nbsp;", " ")
+
+
+@pytest.fixture(scope="module")
+def ui(project, pipeline_result):
+    """`bvpo ui` over the micro pipeline's store, on a free loopback port."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "bvpo.cli", "--project-dir", str(project), "ui", "--port",
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None, server.stdout.read()[-2000:]
+            time.sleep(1)
+    yield base
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_mlflow_ui_shows_runs_metrics_and_the_champion_in_a_browser(project, pipeline_result, ui):
+    if chromium() is None:
+        pytest.skip("no Chromium on this machine (`.ci/run` installs Debian's `chromium`): the browser check "
+                    "of the MLflow UI did not run")
+    from bvpo.tracking import find_experiment_id, ui_url
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    experiment_id = find_experiment_id(project, "bvpo")
+    parent = pipeline_result["mlflow_parent_run_id"]
+    import mlflow
+
+    from bvpo.tracking import tracking_uri
+
+    parent_name = mlflow.MlflowClient(tracking_uri(project)).get_run(parent).info.run_name
+
+    runs = browse(ui_url(ui, experiment_id), SCREENSHOTS / "experiment.png")
+    # The runs table, not the GenAI overview ("Traces 0", latency, token usage).
+    assert "Run Name" in runs and parent_name in runs, runs[:2000]
+    assert "Token Usage" not in runs
+
+    run = browse(ui_url(ui, experiment_id, parent), SCREENSHOTS / "pipeline-run.png")
+    assert "Child runs" in run, run[:2000]
+    children = run[run.find("Child runs"):][:1000]
+    # The page lists the latest ten children ("Load more" for the rest): every method's training run.
+    for name in ("train/bvpo", "train/bvpo_auto", "train/dpo_trace", "train/dpo_empty", "train/nll_control",
+                 "evaluate", "register"):
+        assert name in children, children
+    for metric in ("bvpo/accuracy_think", "dpo_trace/accuracy_nothink", "base/accuracy_mean"):
+        assert metric in run
+
+    model = browse(f"{ui}/#/models/bvpo?workflowType=machine_learning", SCREENSHOTS / "registered-model.png")
+    assert "Registered Models" in model and "method : bvpo" in model and "@ champion" in model, model[:2000]
+    for shot in ("experiment", "pipeline-run", "registered-model"):
+        assert (SCREENSHOTS / f"{shot}.png").stat().st_size > 10_000

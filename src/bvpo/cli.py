@@ -66,15 +66,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tracking_experiment(root: Path) -> str:
+    """The project's MLflow experiment name (params.yaml's tracking.experiment, else the default)."""
+    from .config import ConfigError, load_params
+
+    try:
+        return load_params(root / "params.yaml").tracking.experiment
+    except (ConfigError, OSError):  # no or broken params: the UI still serves the store
+        return "bvpo"
+
+
 def _run(args) -> int:
     from .flow import bvpo_pipeline
+    from .tracking import ui_url
 
     root = Path(args.project_dir).resolve()
     use_dvc = False if args.no_dvc else None
     result = bvpo_pipeline(project_dir=str(root), params_file=args.params, use_dvc=use_dvc)
     print("\nDone. Results: metrics/eval.json, metrics/eval.png, metrics/diagnostics.json, metrics/train/")
-    print(f"MLflow parent run {result['mlflow_parent_run_id']}: browse with `bvpo ui` "
-          "(http://127.0.0.1:5000).")
+    print(f"MLflow parent run {result['mlflow_parent_run_id']}: browse with `bvpo ui`, then open "
+          f"{ui_url('http://127.0.0.1:5000', result['mlflow_experiment_id'], result['mlflow_parent_run_id'])}")
     for name, entry in result["eval"].items():
         print(f"  {name:>12}: thinking {entry['accuracy_think']:.3f}  no-thinking {entry['accuracy_nothink']:.3f}")
     return 0
@@ -112,13 +123,18 @@ def _experiment(args) -> int:
 
 
 def _ui(args) -> int:
-    from .tracking import artifact_root, tracking_uri
+    from .tracking import artifact_root, find_experiment_id, tracking_uri, ui_url
 
     root = Path(args.project_dir).resolve()
     (root / "mlruns").mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(root),
            "--default-artifact-root", artifact_root(root).as_uri(), "--host", args.host, "--port", str(args.port)]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {tracking_uri(root)}); Ctrl-C stops it.")
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {base} (store {tracking_uri(root)}); Ctrl-C stops it.")
+    experiment = _tracking_experiment(root)
+    experiment_id = find_experiment_id(root, experiment)
+    if experiment_id is not None:
+        print(f"The '{experiment}' runs: {ui_url(base, experiment_id)}")
     # `mlflow ui` starts a web server and job workers as its own children: run it in a
     # process group of its own and stop the whole group however `bvpo ui` is stopped
     # (Ctrl-C, SIGTERM, SIGHUP), so that no server outlives this command.

@@ -137,7 +137,8 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
         create_markdown_artifact(markdown=markdown, key="bvpo-results", description="BVPO pipeline results")
         logger.info("\n%s", markdown)
     return {"eval": results, "diagnostics_ratios": diagnostics.get("ratios", {}), "versions": versions,
-            "mlflow_parent_run_id": parent_id}
+            "mlflow_parent_run_id": parent_id,
+            "mlflow_experiment_id": tracking.find_experiment_id(root, params.tracking.experiment)}
 
 
 @task(name="experiment-seed")

@@ -30,6 +30,24 @@ def artifact_root(project_dir: str | Path) -> Path:
     return Path(project_dir).resolve() / "mlruns" / "artifacts"
 
 
+def ui_url(base_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A link that opens the experiment (or one run) on its training runs. MLflow 3.17's UI
+    ignores `mlflow.experimentKind` and picks its GenAI or "Model training" view from the
+    `workflowType` URL parameter (else from the browser's last choice, GenAI by default)."""
+    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base_url.rstrip('/')}/{path}?workflowType=machine_learning"
+
+
+def find_experiment_id(project_dir: str | Path, experiment: str) -> str | None:
+    """The id of `experiment` in the project's store, or None (no store, no such experiment)."""
+    if not (Path(project_dir) / "mlruns" / "mlflow.db").is_file():
+        return None
+    import mlflow
+
+    found = mlflow.MlflowClient(tracking_uri(project_dir)).get_experiment_by_name(experiment)
+    return found.experiment_id if found is not None else None
+
+
 def configure(project_dir: str | Path, experiment: str) -> str:
     """Point MLflow at the project's store and make sure the experiment exists; returns its id."""
     import mlflow
