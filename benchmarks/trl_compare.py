@@ -13,8 +13,10 @@ pairs and an untrained embedded-size model.
 Reported per trainer: pairs/s and tokens/s over the steps after the first (the first pays for
 allocation), peak RSS, and achieved FLOP/s as a share of the machine's dense fp32 matmul rate,
 measured here in the same invocation. FLOPs are counted as 6 × (matmul parameters) × (tokens
-forwarded), the usual forward + backward estimate; attention scores are left out (short
-sequences), so the share is a slight under-count.
+actually forwarded: the BVPO trainer runs each prompt once per pair, TRL twice), the usual
+forward + backward estimate; attention scores are left out (short sequences), so the share
+is a slight under-count. tokens/s counts chosen + rejected sequences whole for both, so it
+compares work done, not tokens run.
 """
 
 from __future__ import annotations
@@ -147,10 +149,15 @@ def run_one(args) -> None:
     pairs_per_s, seconds = clock.rate(params.train.batch_size)
     _, _, chosen, rejected = encoded_think_pairs(params, Path(args.base), Path(args.pairs))
     tokens_per_pair = sum(len(e.input_ids) for e in chosen + rejected) / len(chosen)
+    # What the trainer actually runs: with prefix sharing the prompt once per pair.
+    forwarded = tokens_per_pair
+    if args.trainer == "bvpo" and params.train.shared_prompt:
+        forwarded = sum(len(c.input_ids) + len(r.input_ids) - r.completion_start
+                        for c, r in zip(chosen, rejected)) / len(chosen)
     n_matmul = matmul_parameters(load_model(args.base, params.model.dtype))
     print(json.dumps({"trainer": args.trainer, "pairs_per_s": pairs_per_s, "seconds": seconds,
                       "tokens_per_s": pairs_per_s * tokens_per_pair,
-                      "flops_per_s": 6 * n_matmul * tokens_per_pair * pairs_per_s,
+                      "flops_per_s": 6 * n_matmul * forwarded * pairs_per_s,
                       "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
