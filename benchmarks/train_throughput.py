@@ -60,6 +60,16 @@ def synthetic_inputs(root: Path, params) -> tuple[Path, Path]:
     return root / "pairs", root / "base"
 
 
+def benchmark_inputs(root: Path, params, tmp: Path) -> tuple[Path, Path, str]:
+    """(pairs dir, base model dir, description): the project's own after a pipeline run,
+    else synthetic pairs and an untrained embedded-size model written under `tmp`."""
+    pairs, base = root / "data" / "pairs", root / "data" / "base_model"
+    if (pairs / "think").is_dir() and base.is_dir():
+        return pairs, base, "project data/pairs + data/base_model"
+    pairs, base = synthetic_inputs(tmp, params)
+    return pairs, base, "synthetic pairs + untrained embedded-size model"
+
+
 def run_one(args) -> None:
     """One configuration, in this process: setup, then `steps` timed optimizer steps."""
     import torch
@@ -127,11 +137,7 @@ def main() -> int:
     params_file = root / "params.yaml"
     params = load_params(params_file)
     with tempfile.TemporaryDirectory() as tmp:
-        pairs, base = root / "data" / "pairs", root / "data" / "base_model"
-        source = "project data/pairs + data/base_model"
-        if not (pairs / "think").is_dir() or not base.is_dir():
-            pairs, base = synthetic_inputs(Path(tmp), params)
-            source = "synthetic pairs + untrained embedded-size model"
+        pairs, base, source = benchmark_inputs(root, params, Path(tmp))
         print(f"BVPO training throughput: {args.steps} steps, batch {params.train.batch_size} pairs per mode, "
               f"{source}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
         results = []

@@ -189,15 +189,11 @@ def main() -> int:
     root = Path(args.project_dir).resolve()
     params_file = root / "params.yaml"
     params = load_params(params_file)
-    with tempfile.TemporaryDirectory() as tmp:
-        pairs, base = root / "data" / "pairs", root / "data" / "base_model"
-        source = "project data/pairs/think + data/base_model"
-        if not (pairs / "think").is_dir() or not base.is_dir():
-            sys.path.insert(0, str(Path(__file__).parent))
-            from train_throughput import synthetic_inputs
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_throughput import benchmark_inputs
 
-            pairs, base = synthetic_inputs(Path(tmp), params)
-            source = "synthetic pairs + untrained embedded-size model"
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs, base, source = benchmark_inputs(root, params, Path(tmp))
         peak = matmul_rate()
         print(f"{source}; {args.steps} steps x batch {params.train.batch_size}, alpha = 1, precomputed reference; "
               f"torch {torch.__version__}, trl {trl.__version__}, {torch.get_num_threads()} threads; "

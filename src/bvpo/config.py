@@ -159,7 +159,8 @@ class TrainConfig:
     shared_prompt: bool = True
     """Score each pair as one sequence [prompt, chosen, rejected] that runs the prompt once (a
     custom attention mask keeps the rejected completion from seeing the chosen one). Same
-    log-probs, fewer tokens: on the embedded task 25-45% fewer. Needs SDPA attention; models
+    log-probs, fewer tokens: on the embedded default 24% fewer for trace pairs, 47% for
+    empty-trace pairs. Needs SDPA attention; models
     with another attention implementation score chosen and rejected separately."""
     max_grad_norm: float = 1.0
     """Gradient clipping threshold on the mixed gradient."""

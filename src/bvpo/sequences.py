@@ -7,6 +7,7 @@ left-padded for generation (so every row's next token sits in the last column).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +110,9 @@ def score_pairs(model, chosen: list[Encoded], rejected: list[Encoded], pad_id: i
     sequences ([2n] each, the layout of `score` over chosen + rejected), in one forward pass.
     With `shared_prompt` (and a model that supports it) each pair's prompt is run once."""
     if not (shared_prompt and shares_prompt(model)):
+        if shared_prompt:  # shown once per process by Python's default warning filter
+            warnings.warn("train.shared_prompt: the model does not run SDPA attention, so chosen and "
+                          "rejected are scored as separate sequences (each runs the prompt)", stacklevel=2)
         return score(model, collate(chosen + rejected, pad_id))
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_pairs(chosen, rejected, pad_id).items()}
