@@ -13,7 +13,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export HF_HOME := $(CURDIR)/.hf
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test install repro experiment ui bench bench-trl clean help
+.PHONY: run test install repro experiment ui serve bench bench-trl clean help
 
 help:
 	@echo "make run    - set up .venv, run the whole pipeline on the embedded default"
@@ -21,6 +21,7 @@ help:
 	@echo "make repro  - dvc repro (rebuild what params.yaml or the code changed)"
 	@echo "make experiment - every method x 3 seeds as DVC experiments, with 95% intervals"
 	@echo "make ui     - MLflow UI on http://127.0.0.1:5000"
+	@echo "make serve  - Prefect server on 127.0.0.1:4200 + a nightly round (CRON=... to change)"
 	@echo "make bench  - training throughput benchmark"
 	@echo "make bench-trl - the trainer vs TRL DPOTrainer on the same work (installs trl)"
 
@@ -60,6 +61,11 @@ experiment: $(STAMP) .dvc/config
 ui: $(STAMP)
 	$(BIN)/bvpo ui
 
+# One machine: a loopback Prefect server and the round flow served on a schedule; Ctrl-C stops both.
+CRON ?= 0 3 * * *
+serve: $(STAMP) .dvc/config
+	$(BIN)/bvpo serve --cron "$(CRON)"
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 
@@ -69,4 +75,5 @@ bench-trl: $(STAMP)
 	$(BIN)/python benchmarks/trl_compare.py
 
 clean:
-	rm -rf data/prompts data/base_model data/samples data/pairs data/models .prefect .hf
+	rm -rf data/prompts data/base_model data/policy data/samples data/pairs data/models data/eval_prompts.json \
+		.prefect .hf

@@ -1,26 +1,19 @@
-"""Scheduled runs: serve the pipeline flow as a Prefect deployment on a cron schedule.
+"""Scheduled rounds: serve the pipeline flow (one round per run) as a Prefect deployment.
 
     prefect server start &                                   # schedules need a real server
     export PREFECT_API_URL=http://127.0.0.1:4200/api
-    python flows/deployments.py --cron "0 3 * * *"            # or: bvpo schedule --cron ...
+    python flows/deployments.py --cron "0 3 * * *"            # same as: bvpo schedule --cron ...
 
-The served process polls the server and starts a flow run at each scheduled time; runs also
-start on demand from the Prefect UI ("Run" on the deployment) or `prefect deployment run`.
+or `bvpo serve` / `make serve` to start the server and the schedule together. The served
+process polls the server and starts a flow run at each scheduled time; runs also start on
+demand from the Prefect UI ("Run" on the deployment) or `prefect deployment run`.
 """
 
-import argparse
+import sys
 from pathlib import Path
 
-from bvpo.runtime import configure_environment
-
-configure_environment()
-
-from bvpo.flow import bvpo_pipeline  # noqa: E402
+from bvpo.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cron", default="0 3 * * *")
-    parser.add_argument("--name", default="bvpo-scheduled")
-    args = parser.parse_args()
     project = Path(__file__).resolve().parent.parent
-    bvpo_pipeline.serve(name=args.name, cron=args.cron, parameters={"project_dir": str(project)})
+    sys.exit(main(["--project-dir", str(project), "schedule", *sys.argv[1:]]))

@@ -19,6 +19,8 @@ MICRO = {
                           "dpo_trace": {"alpha": 1.0}, "dpo_empty": {"alpha": 0.0},
                           "nll_control": {"alpha": 0.5, "preference_weight": 0.0}}},
     "evaluate": {"max_new_tokens": 40},
+    # Round 1 always promotes its candidate (a micro model rarely beats its base by chance).
+    "promotion": {"margin": -1.0},
 }
 
 
@@ -35,3 +37,27 @@ def micro_params(overrides: dict | None = None) -> dict:
 def write_micro_params(path: Path, overrides: dict | None = None) -> Path:
     path.write_text(yaml.safe_dump(micro_params(overrides), sort_keys=False))
     return path
+
+
+# What a fresh clone holds besides the code: the pipeline, its committed inputs, ignore rules.
+PROJECT_FILES = ("dvc.yaml", ".gitignore", "data/champion.json", "data/incoming/README.md")
+
+
+def make_project(repo: Path, overrides: dict | None = None) -> Path:
+    """A fresh clone-like project: code, dvc.yaml, committed inputs and micro params in a new
+    git + DVC repository with one commit."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in PROJECT_FILES:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, repo / name)
+    write_micro_params(repo / "params.yaml", overrides)
+    for args in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.invalid"],
+                 ["git", "config", "user.name", "ci"], [sys.executable, "-m", "dvc", "init", "-q"],
+                 [sys.executable, "-m", "dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
+                 ["git", "commit", "-q", "-m", "micro project"]):
+        subprocess.run(args, cwd=repo, check=True, capture_output=True)
+    return repo

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from bvpo.config import MethodConfig
 from bvpo.experiment import aggregate, hydra_value, interval, markdown_table
-from micro_params import ROOT, write_micro_params
+from micro_params import make_project
 
 
 def test_interval_is_the_student_t_interval():
@@ -64,20 +62,9 @@ def test_a_two_seed_experiment_end_to_end(tmp_path, prefect_harness, monkeypatch
     from bvpo.flow import bvpo_experiment
     from bvpo.tracking import tracking_uri
 
-    repo = tmp_path / "project"
-    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    write_micro_params(repo / "params.yaml", {
+    repo = make_project(tmp_path / "project", {
         "experiment": {"name": "micro", "seeds": [1, 2], "reference_method": "bvpo", "n_test": 10,
                        "eval_samples": 2, "methods": {"bvpo": {"alpha": 0.5}, "dpo_trace": {"alpha": 1.0}}}})
-    git(repo, "init", "-q")
-    git(repo, "config", "user.email", "ci@example.invalid")
-    git(repo, "config", "user.name", "ci")
-    for args in (["init", "-q"], ["config", "core.analytics", "false"]):
-        assert subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo).returncode == 0
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "micro project")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(repo))
 
     out = bvpo_experiment(project_dir=str(repo))

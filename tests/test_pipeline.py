@@ -11,13 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from micro_params import ROOT, write_micro_params
+from micro_params import ROOT, make_project
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
 
 
 def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -26,20 +22,7 @@ def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A fresh clone-like project: code, dvc.yaml and micro params in a new git + DVC repo."""
-    repo = tmp_path_factory.mktemp("project")
-    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    write_micro_params(repo / "params.yaml")
-    git(repo, "init", "-q")
-    git(repo, "config", "user.email", "ci@example.invalid")
-    git(repo, "config", "user.name", "ci")
-    assert dvc(repo, "init", "-q").returncode == 0
-    assert dvc(repo, "config", "core.analytics", "false").returncode == 0
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "micro project")
-    return repo
+    return make_project(tmp_path_factory.mktemp("project"))
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +42,11 @@ def test_eval_json_has_every_model_in_both_modes(project, pipeline_result):
             assert 0.0 <= entry[key] <= 1.0
         assert entry["n_prompts"] == 12
     assert pipeline_result["eval"] == results
+    per_prompt = json.loads((project / "data/eval_prompts.json").read_text())
+    assert len(per_prompt["prompts"]) == 12
+    for name, entry in results.items():  # the per-prompt scores the promotion gate pairs up
+        for key in ("accuracy_think", "accuracy_nothink"):
+            assert sum(per_prompt["scores"][name][key]) / 12 == pytest.approx(entry[key])
     assert (project / "metrics/eval.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -113,10 +101,18 @@ def test_mlflow_holds_parent_children_and_registered_models(project, pipeline_re
         assert key in auto_run.data.metrics
     versions = client.search_model_versions("name = 'bvpo'")
     assert {v.tags["method"] for v in versions} == {"bvpo", "bvpo_auto", "dpo_trace", "dpo_empty", "nll_control"}
+    for version in versions:  # lineage: round, what it started from, the run, the commit, the lock
+        assert version.tags["round"] == "1" and version.tags["started_from_version"] == "base"
+        assert version.tags["pipeline_run_id"] == parent.info.run_id
+        assert version.tags["git_sha"] == parent.data.tags["git_sha"]
+        assert len(version.tags["dvc_lock_md5"]) == 32 and len(version.tags["fingerprint"]) == 64
     champion = client.get_model_version_by_alias("bvpo", "champion")
-    assert champion.tags["method"] == "bvpo"
+    assert champion.tags["method"] == "bvpo" and champion.tags["promotion_decision"] == "promoted"
+    assert pipeline_result["round"] == 1 and pipeline_result["champion"] == str(champion.version)
+    assert parent.data.tags["round"] == "1" and parent.data.tags["round_outcome"] == "promoted"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"eval.json", "eval.png", "diagnostics.json", "curves.png", "gradients.png", "results.md"} <= artifacts
+    assert {"eval.json", "eval.png", "diagnostics.json", "curves.png", "gradients.png", "results.md",
+            "round_inputs.json", "dvc.lock", "champion.json", "champion_history.png"} <= artifacts
 
 
 def test_dvc_repro_after_the_flow_is_a_no_op(project, pipeline_result):
@@ -138,6 +134,116 @@ def test_changing_a_train_param_reruns_only_downstream_stages(project, pipeline_
     assert dry.returncode == 0, dry.stderr
     ran = {line.split("'")[1] for line in dry.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"evaluate"}
+
+
+# ----------------------------------------------------------------------------- rounds
+@pytest.fixture(scope="module")
+def round_2(project, pipeline_result):
+    """A second run: new prompts in the inbox, and a margin no candidate can clear."""
+    import yaml
+
+    from bvpo.flow import bvpo_pipeline
+    from micro_params import micro_params
+
+    (project / "params.yaml").write_text(yaml.safe_dump(micro_params({"promotion": {"margin": 0.99}}),
+                                                        sort_keys=False))
+    test_prompt = json.loads((project / "data/eval_prompts.json").read_text())["prompts"][0]
+    inbox = [{"prompt": "Compute 11+22.", "answer": "33"}, {"prompt": "Compute 50-8.", "answer": 42},
+             {"prompt": "Compute 70+9-5.", "answer": "74"}, {"prompt": test_prompt, "answer": "0"}]
+    (project / "data/incoming/batch1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in inbox))
+    round_1 = json.loads((project / "metrics/eval.json").read_text())
+    return round_1, bvpo_pipeline(project_dir=str(project))
+
+
+def test_round_2_starts_from_the_champion_and_keeps_it_when_the_candidate_loses(project, pipeline_result, round_2):
+    import mlflow
+
+    from bvpo.tracking import tracking_uri
+
+    round_1_eval, result = round_2
+    champion = pipeline_result["champion"]
+    assert result["round"] == 2 and result["started_from_version"] == champion
+    assert json.loads((project / "data/champion.json").read_text())["version"] == champion
+    # The round's starting model is the champion: greedy decoding gives its round-1 scores again.
+    for mode in ("think", "nothink"):
+        assert result["eval"]["base"][f"accuracy_{mode}"] == round_1_eval["bvpo"][f"accuracy_{mode}"]
+    decision = result["decision"]
+    assert decision["candidate_score"] == pytest.approx(result["eval"]["bvpo"]["accuracy_mean"])
+    assert decision["champion_score"] == pytest.approx(result["eval"]["base"]["accuracy_mean"])
+    assert decision["difference"] == pytest.approx(decision["candidate_score"] - decision["champion_score"])
+    assert decision["promoted"] is False and result["champion"] == champion  # cannot beat it by 99 points
+    client = mlflow.MlflowClient(tracking_uri(project))
+    new = [client.get_model_version("bvpo", v) for v in result["new_versions"]]
+    assert len(new) == 5 and all(v.tags["round"] == "2" and v.tags["started_from_version"] == champion for v in new)
+    candidate = client.get_model_version("bvpo", result["versions"]["bvpo"])
+    assert candidate.tags["promotion_decision"] == "not promoted"
+    parent = client.get_run(result["mlflow_parent_run_id"])
+    assert parent.data.tags["round_outcome"] == "not promoted" and parent.data.tags["champion_after"] == champion
+    assert parent.data.metrics["promotion/difference"] == pytest.approx(decision["difference"])
+
+
+def test_inbox_prompts_join_training_and_test_prompts_are_dropped(project, round_2):
+    import mlflow
+
+    from bvpo.tracking import tracking_uri
+
+    _, result = round_2
+    client = mlflow.MlflowClient(tracking_uri(project))
+    sample = client.search_runs([result["mlflow_experiment_id"]],
+                                f"tags.mlflow.parentRunId = '{result['mlflow_parent_run_id']}' "
+                                "and tags.stage = 'sample'")[0]
+    assert sample.data.metrics["inbox_prompts"] == 3 and sample.data.metrics["inbox_dropped_test_prompts"] == 1
+    assert sample.data.metrics["n_prompts"] == 24 + 3
+    diagnostics = json.loads((project / "metrics/diagnostics.json").read_text())
+    assert diagnostics["think"]["n_samples"] == (24 + 3) * 3
+
+
+def test_a_run_with_unchanged_inputs_registers_nothing(project, round_2):
+    import mlflow
+
+    from bvpo.flow import bvpo_pipeline
+    from bvpo.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(project))
+    before = {v.version for v in client.search_model_versions("name = 'bvpo'")}
+    champion = client.get_model_version_by_alias("bvpo", "champion").version
+    assert str(champion) == round_2[1]["champion"]
+    result = bvpo_pipeline(project_dir=str(project))
+    assert result["decision"] is None and result["new_versions"] == [] and result["round"] is None
+    assert {v.version for v in client.search_model_versions("name = 'bvpo'")} == before
+    assert client.get_model_version_by_alias("bvpo", "champion").version == champion
+    assert client.get_run(result["mlflow_parent_run_id"]).data.tags["round_outcome"] == "no new inputs"
+
+
+def test_a_round_killed_mid_way_leaves_the_champion_and_the_next_run_finishes_it(project, round_2):
+    import os
+    import signal
+
+    import mlflow
+
+    from bvpo.flow import bvpo_pipeline
+    from bvpo.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(project))
+    before = {v.version for v in client.search_model_versions("name = 'bvpo'")}
+    champion = client.get_model_version_by_alias("bvpo", "champion").version
+    (project / "data/incoming/batch2.jsonl").write_text('{"prompt": "Compute 12+13.", "answer": "25"}\n')
+    run = subprocess.Popen([sys.executable, "-m", "bvpo.cli", "--project-dir", str(project), "run"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in run.stdout:
+        seen.append(line)
+        if "--single-item train" in line:  # the train task has started
+            os.killpg(run.pid, signal.SIGKILL)
+            break
+    run.wait(timeout=60)
+    assert run.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    assert {v.version for v in client.search_model_versions("name = 'bvpo'")} == before
+    assert client.get_model_version_by_alias("bvpo", "champion").version == champion
+
+    result = bvpo_pipeline(project_dir=str(project))  # the lock died with the process
+    assert result["round"] == 3 and len(result["new_versions"]) == 5
+    assert result["started_from_version"] == str(champion)
 
 
 # ----------------------------------------------------------------------------- the MLflow UI, in a browser

@@ -4,7 +4,8 @@
     bvpo stage NAME          one stage (what dvc.yaml calls)
     bvpo experiment          every method x several seeds (DVC experiments), with 95% intervals
     bvpo ui                  the MLflow UI over the project's store, on 127.0.0.1
-    bvpo schedule --cron C   serve the pipeline on a cron schedule (needs a Prefect server)
+    bvpo schedule --cron C   serve the round flow on a schedule (needs a Prefect server)
+    bvpo serve               start a loopback Prefect server and serve the schedule, one command
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow",
-                         description="Run prepare → warmup → sample → pairs → train → evaluate → analyze → "
-                         "register as a Prefect flow. Inside a DVC repository each stage runs through "
-                         "`dvc repro`, so up-to-date stages are skipped and dvc.lock is kept current.")
+                         description="Run one round as a Prefect flow: read @champion from the registry, then "
+                         "prepare → warmup → policy → sample → pairs → train → evaluate → analyze, then "
+                         "register every method and promote the candidate if it beats the champion. Inside "
+                         "a DVC repository each stage runs through `dvc repro`, so up-to-date stages are "
+                         "skipped and dvc.lock is kept current.")
     run.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     run.add_argument("--no-dvc", action="store_true", help="run every stage directly, without DVC")
 
@@ -58,11 +61,22 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
 
-    schedule = sub.add_parser("schedule", help="serve the pipeline on a cron schedule",
-                              description="Serve the pipeline flow as a Prefect deployment with a cron "
-                              "schedule. Needs a Prefect server (`prefect server start`, PREFECT_API_URL).")
-    schedule.add_argument("--cron", default="0 3 * * *", help="cron expression (default: daily at 03:00)")
-    schedule.add_argument("--name", default="bvpo-scheduled", help="deployment name")
+    for name, help_text, description in (
+        ("schedule", "serve the round flow on a schedule (needs a Prefect server)",
+         "Serve the pipeline flow (one round per run) as a Prefect deployment on a cron or interval "
+         "schedule; runs also start on demand (Prefect UI, `prefect deployment run`). Needs a running "
+         "Prefect server: `prefect server start` in another terminal and PREFECT_API_URL exported."),
+        ("serve", "start a loopback Prefect server and serve the schedule",
+         "One command for a one-machine install: start `prefect server start` on 127.0.0.1, then serve "
+         "the round flow on its schedule against it; Ctrl-C stops both."),
+    ):
+        command = sub.add_parser(name, help=help_text, description=description)
+        when = command.add_mutually_exclusive_group()
+        when.add_argument("--cron", help="cron expression (default: daily at 03:00)")
+        when.add_argument("--interval", type=float, help="seconds between runs, instead of --cron")
+        command.add_argument("--name", default="bvpo-scheduled", help="deployment name")
+        if name == "serve":
+            command.add_argument("--port", type=int, default=4200, help="Prefect server port (default: 4200)")
     return parser
 
 
@@ -78,12 +92,18 @@ def _tracking_experiment(root: Path) -> str:
 
 def _run(args) -> int:
     from .flow import bvpo_pipeline
+    from .rounds import decision_summary
     from .tracking import ui_url
 
     root = Path(args.project_dir).resolve()
     use_dvc = False if args.no_dvc else None
     result = bvpo_pipeline(project_dir=str(root), params_file=args.params, use_dvc=use_dvc)
     print("\nDone. Results: metrics/eval.json, metrics/eval.png, metrics/diagnostics.json, metrics/train/")
+    if result["decision"] is not None:
+        print(f"Round {result['round']}: {decision_summary(result['decision'])}")
+    else:
+        print("The candidate's inputs did not change since it was registered: no promotion decision.")
+    print(f"@champion: {'version ' + result['champion'] if result['champion'] else 'none yet (the base model)'}")
     print(f"MLflow parent run {result['mlflow_parent_run_id']}: browse with `bvpo ui`, then open "
           f"{ui_url('http://127.0.0.1:5000', result['mlflow_experiment_id'], result['mlflow_parent_run_id'])}")
     for name, entry in result["eval"].items():
@@ -175,11 +195,59 @@ def _stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> Non
 
 
 def _schedule(args) -> int:
+    if not os.environ.get("PREFECT_API_URL"):
+        print("bvpo: error: a schedule needs a running Prefect server. Start one in another terminal "
+              "(`prefect server start`) and `export PREFECT_API_URL=http://127.0.0.1:4200/api`, or run "
+              "`bvpo serve` (`make serve`) to start both.", file=sys.stderr)
+        return EXIT_USAGE
+    from prefect.deployments.runner import EntrypointType
+
     from .flow import bvpo_pipeline
 
     root = Path(args.project_dir).resolve()
-    bvpo_pipeline.serve(name=args.name, cron=args.cron, parameters={"project_dir": str(root)})
+    when = {"interval": args.interval} if args.interval else {"cron": args.cron or "0 3 * * *"}
+    # limit=1: one round at a time (the project lock refuses a second one anyway).
+    bvpo_pipeline.serve(name=args.name, parameters={"project_dir": str(root)}, limit=1,
+                        entrypoint_type=EntrypointType.MODULE_PATH, **when)
     return 0
+
+
+def _serve(args) -> int:
+    """A Prefect server on loopback, then the schedule against it; both stop together."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{args.port}/api"
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port),
+           "--analytics-off"]
+    print(f"Prefect server on http://127.0.0.1:{args.port} (home {os.environ['PREFECT_HOME']})")
+    server = subprocess.Popen(cmd, start_new_session=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                print(f"bvpo: error: the Prefect server exited ({server.returncode}); is port {args.port} free?",
+                      file=sys.stderr)
+                return EXIT_USAGE
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    print(f"bvpo: error: no Prefect server answered on {url} within 120 s", file=sys.stderr)
+                    return EXIT_USAGE
+                time.sleep(0.5)
+        os.environ["PREFECT_API_URL"] = url
+        return _schedule(args)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _stop_process_group(server)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,12 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     from .stages import StageError
 
     from .experiment import ExperimentError
+    from .rounds import PromotionError
     from .runtime import ProjectBusy
+    from .tracking import RegistryError
 
-    handlers = {"run": _run, "stage": _stage, "experiment": _experiment, "ui": _ui, "schedule": _schedule}
+    handlers = {"run": _run, "stage": _stage, "experiment": _experiment, "ui": _ui, "schedule": _schedule,
+                "serve": _serve}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, StageError, ExperimentError, ProjectBusy) as err:
+    except (ConfigError, DataError, ModelError, StageError, ExperimentError, ProjectBusy, PromotionError,
+            RegistryError) as err:
         print(f"bvpo: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

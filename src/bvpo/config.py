@@ -242,7 +242,25 @@ class TrackingConfig:
     registered_model: str = "bvpo"
     """MLflow registered model that receives a version per pipeline run."""
     register_method: str = "bvpo"
-    """Which trained method is registered (must be one of `train.methods`)."""
+    """The round's candidate for `@champion` (must be one of `train.methods`). Every trained
+    method is registered as a version; only this one can be promoted."""
+
+
+@dataclass
+class PromotionConfig:
+    """When a round's candidate (`tracking.register_method`) replaces `@champion`. Read by the
+    flow after evaluation only, so changing it reruns no stage."""
+
+    metric: Literal["accuracy_mean", "accuracy_think", "accuracy_nothink", "accuracy_mean_sampled",
+                    "accuracy_think_sampled", "accuracy_nothink_sampled"] = "accuracy_mean"
+    """eval.json metric compared on the held-out prompts; `accuracy_mean` is the two-mode average
+    of greedy accuracy. `*_sampled` metrics need `evaluate.n_samples` > 0."""
+    margin: float = 0.0
+    """The candidate is promoted when its score minus the champion's exceeds this (accuracy
+    units: 0.01 is one point). Negative values promote a candidate that is not much worse."""
+    require_interval: bool = False
+    """Also require the lower end of the paired 95% interval (per held-out prompt, candidate
+    minus champion) to exceed `margin`: promote only on evidence, not on a lucky draw."""
 
 
 def _experiment_methods() -> dict[str, MethodConfig]:
@@ -290,6 +308,7 @@ class Params:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
     @property
@@ -506,6 +525,11 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     _check(x.eval_samples >= 0, "experiment.eval_samples", "an integer >= 0", x.eval_samples)
     _check(x.reference_method in x.methods, "experiment.reference_method", f"one of experiment.methods "
            f"{sorted(x.methods)}", x.reference_method)
+    if params.promotion.metric.endswith("_sampled"):
+        _check(params.evaluate.n_samples > 0, "evaluate.n_samples",
+               f"> 0 for promotion.metric {params.promotion.metric}", params.evaluate.n_samples)
+    _check(-1.0 <= params.promotion.margin < 1.0, "promotion.margin", "a number in [-1, 1) (accuracy units)",
+           params.promotion.margin)
     _check(params.tracking.register_method in t.methods, "tracking.register_method",
            f"one of train.methods {sorted(t.methods)}", params.tracking.register_method)
     return params

@@ -191,3 +191,28 @@ def read_prompts_file(path: str | Path) -> Dataset:
         return Dataset.from_list(rows)
     except Exception as err:  # e.g. a column holding text in one row and a number in another
         raise DataError(f"{path}: columns must have one type each ({err})") from None
+
+
+INBOX_SUFFIXES = (".jsonl", ".parquet")
+
+
+def read_inbox(inbox: str | Path, test_prompts: set[str], needs_answer: bool) -> tuple[Dataset | None, dict]:
+    """Every prompts file dropped into the inbox folder (sorted by name, so the order is
+    reproducible), as one dataset of `prompt` (+ `answer`) rows. Prompts that are also held-out
+    test prompts are dropped (evaluation stays clean across rounds) and counted; other files
+    (README, .gitkeep) are ignored. Returns (None, stats) when no prompts arrived."""
+    inbox = Path(inbox)
+    files = sorted(p for p in inbox.iterdir() if p.suffix in INBOX_SUFFIXES) if inbox.is_dir() else []
+    rows, dropped = [], 0
+    for path in files:
+        dataset = read_prompts_file(path)
+        if needs_answer and "answer" not in dataset.column_names:
+            raise DataError(f"{path}: no 'answer' column; the other training prompts have answers and "
+                            f"the verified reward needs one per prompt")
+        for row in dataset:
+            if row["prompt"] in test_prompts:
+                dropped += 1
+                continue
+            rows.append({"prompt": row["prompt"], **({"answer": row["answer"]} if needs_answer else {})})
+    stats = {"inbox_files": len(files), "inbox_prompts": len(rows), "inbox_dropped_test_prompts": dropped}
+    return (Dataset.from_list(rows) if rows else None), stats

@@ -12,12 +12,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from . import tracking
+from . import rounds, tracking
 from .config import load_params
 from .runtime import project_lock
 from .stages import PATHS, STAGES, StageError
@@ -71,29 +72,107 @@ def _stage_task(stage: str):
 STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
 
 
-@task(name="register")
-def register_models(project_dir: str, params_file: str, pipeline_run_id: str) -> dict[str, str]:
-    """Log every trained model (transformers flavour) and register it as a version of one
-    registered model; the configured method's version gets the `champion` alias."""
+@task(name="champion")
+def resolve_champion(project_dir: str, params_file: str) -> dict:
+    """Read `@champion` from the registry into data/champion.json, the round's input. The file
+    is rewritten only when the champion changed, so DVC sees an unchanged round as unchanged."""
+    from .stages import atomic_path
+
     params = load_params(params_file)
     root = Path(project_dir)
-    versions = {}
-    with tracking.stage_run(root, params.tracking.experiment, "register"):
-        for name in params.train.methods:
-            alias = "champion" if name == params.tracking.register_method else None
-            versions[name] = tracking.log_and_register_model(
-                root / PATHS["models"] / name, params.tracking.registered_model, alias,
-                {"method": name, "pipeline_run_id": pipeline_run_id},
-            )
-    return versions
+    name = params.tracking.registered_model
+    pointer = {"registered_model": name, "version": tracking.champion_version(root, name)}
+    path = root / PATHS["champion"]
+    text = json.dumps(pointer, indent=2, sort_keys=True) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return {**pointer, "round": rounds.next_round(tracking.model_versions(root, name))}
 
 
-def results_markdown(results: dict, diagnostics: dict | None, versions: dict[str, str], registered: str) -> str:
-    lines = ["# BVPO pipeline results", "",
-             "| model | accuracy (thinking) | accuracy (no thinking) | mean length (thinking) | registered |",
-             "|---|---|---|---|---|"]
+def round_inputs(root: Path, champion: dict) -> dict:
+    """What it takes to rebuild a round with `dvc repro`: the champion it started from, the inbox
+    files (with their hashes), the commit and the dvc.lock it produced."""
+    import hashlib
+
+    from .data import INBOX_SUFFIXES
+
+    inbox = root / PATHS["inbox"]
+    files = sorted(p for p in inbox.iterdir() if p.suffix in INBOX_SUFFIXES) if inbox.is_dir() else []
+    return {"round": champion["round"], "champion": {k: champion[k] for k in ("registered_model", "version")},
+            "inbox": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
+            **tracking.provenance_tags(root)}
+
+
+@task(name="register")
+def register_and_promote(project_dir: str, params_file: str, pipeline_run_id: str, champion: dict) -> dict:
+    """Register every trained method as a version carrying its lineage, then promote the
+    candidate (`tracking.register_method`) to `@champion` only if it beats the round's starting
+    model by `promotion.margin` on the held-out prompts. Models already registered (the same
+    weights: the round's inputs did not change) are not registered again, and nothing moves."""
+    params = load_params(params_file)
+    root = Path(project_dir)
+    name, candidate = params.tracking.registered_model, params.tracking.register_method
+    fingerprints = {m: rounds.model_fingerprint(root / PATHS["models"] / m) for m in params.train.methods}
+    known = {tags.get("fingerprint"): tags["version"] for tags in tracking.model_versions(root, name)}
+    if all(f in known for f in fingerprints.values()):
+        return {"round": None, "versions": {m: known[f] for m, f in fingerprints.items()}, "decision": None,
+                "new_versions": []}
+    decision = None
+    if fingerprints[candidate] not in known:  # else only other methods changed: nothing to decide
+        scores = json.loads((root / PATHS["eval_prompts"]).read_text())["scores"]
+        p = params.promotion
+        decision = rounds.decide(scores, candidate, p.metric, p.margin, p.require_interval)
+    lineage = {"round": str(champion["round"]), "started_from_version": champion["version"] or "base",
+               "pipeline_run_id": pipeline_run_id, **tracking.provenance_tags(root)}
+    versions, new_versions = {}, []
+    with tracking.stage_run(root, params.tracking.experiment, "register", tags={"round": lineage["round"]}):
+        for method, fingerprint in fingerprints.items():
+            if fingerprint in known:
+                versions[method] = known[fingerprint]
+                continue
+            versions[method] = tracking.log_and_register_model(
+                root / PATHS["models"] / method, name, None,
+                {"method": method, "fingerprint": fingerprint, **lineage})
+            new_versions.append(versions[method])
+        if decision is not None:
+            tracking.set_version_tags(root, name, versions[candidate], {
+                "promotion_decision": "promoted" if decision["promoted"] else "not promoted",
+                **{f"promotion_{k}": v for k, v in decision.items() if k not in ("candidate", "promoted")}})
+            if decision["promoted"]:
+                tracking.set_champion(root, name, versions[candidate])
+    return {"round": champion["round"], "versions": versions, "decision": decision, "new_versions": new_versions}
+
+
+def champion_history_rows(project_dir: Path, registered_model: str) -> list[dict]:
+    """One row per round that decided a promotion, from the candidates' version tags."""
+    rows = []
+    for tags in tracking.model_versions(project_dir, registered_model):
+        if "promotion_decision" not in tags:
+            continue
+        rows.append({"round": int(tags["round"]), "version": tags["version"],
+                     "promoted": tags["promotion_decision"] == "promoted",
+                     **{k: float(tags[f"promotion_{k}"]) for k in
+                        ("candidate_score", "champion_score", "interval_low", "interval_high")}})
+    return rows
+
+
+def results_markdown(results: dict, diagnostics: dict | None, versions: dict[str, str], registered: str,
+                     round_result: dict | None = None) -> str:
+    lines = ["# BVPO pipeline results", ""]
+    if round_result is not None:
+        started = round_result["started_from_version"]
+        if round_result["decision"] is None:
+            lines += ["No promotion decision this run: the candidate's inputs (champion, prompts, params, code) did "
+                      "not change, so it was not registered again and `@champion` did not move.", ""]
+        else:
+            lines += [f"Round {round_result['round']}, started from "
+                      + (f"{registered} v{started} (`@champion`)" if started else "the base model")
+                      + ". " + rounds.decision_summary(round_result["decision"]) + ".", ""]
+    lines += ["| model | accuracy (thinking) | accuracy (no thinking) | mean length (thinking) | registered |",
+              "|---|---|---|---|---|"]
     for name, entry in results.items():
-        version = f"{registered} v{versions[name]}" if name in versions else ""
+        version = f"{registered} v{versions[name]}" if versions.get(name) else ""
         lines.append(f"| {name} | {entry['accuracy_think']:.3f} | {entry['accuracy_nothink']:.3f} | "
                      f"{entry.get('mean_length_think', float('nan')):.1f} | {version} |")
     if diagnostics and diagnostics.get("ratios"):
@@ -104,8 +183,12 @@ def results_markdown(results: dict, diagnostics: dict | None, versions: dict[str
 
 @flow(name="bvpo-pipeline", log_prints=True)
 def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_dvc: bool | None = None) -> dict:
-    """prepare → warmup → sample → pairs → train → evaluate → analyze → register."""
+    """One round: champion → prepare → warmup → policy → sample → pairs → train → evaluate →
+    analyze → register and promote. Round 1 starts from the base model; each later round from
+    the registered `@champion`."""
     from prefect.runtime import flow_run
+
+    from .plots import champion_history
 
     logger = get_run_logger()
     root = Path(project_dir).resolve()
@@ -116,27 +199,58 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
     if use_dvc and params_path != (root / "params.yaml").resolve():
         raise StageError(f"DVC stages read {root / 'params.yaml'}; run without DVC to use {params_path}")
     os.environ[tracking.FLOW_RUN_ENV] = str(flow_run.get_id() or "")
-    with project_lock(root, f"pipeline flow run {flow_run.get_name() or 'local'}"), \
-            tracking.pipeline_run(root, params.tracking.experiment, params.to_dict(),
-                                  run_name=f"pipeline-{flow_run.get_name() or 'local'}") as parent_id:
-        logger.info("MLflow parent run %s (store %s)", parent_id, tracking.tracking_uri(root))
-        for stage in STAGES:
-            STAGE_TASKS[stage](str(root), use_dvc, str(params_path))
-        versions = register_models(str(root), str(params_path), parent_id)
-        results = json.loads((root / PATHS["eval"]).read_text())
-        diagnostics = json.loads((root / PATHS["diagnostics"]).read_text())
-        tracking.log_metrics({f"{name}/{k}": v for name, entry in results.items() for k, v in entry.items()})
-        tracking.log_metrics({f"diagnostics/{group}/{k}": v for group, stats in diagnostics.items()
-                              for k, v in stats.items()})
-        plots = root / PATHS["train_plots"]
-        for artifact in (root / PATHS["eval"], root / PATHS["eval_plot"], root / PATHS["diagnostics"],
-                         plots / "curves.png", plots / "gradients.png"):
-            tracking.log_artifact(artifact)
-        markdown = results_markdown(results, diagnostics, versions, params.tracking.registered_model)
-        tracking.log_text(markdown, "results.md")
-        create_markdown_artifact(markdown=markdown, key="bvpo-results", description="BVPO pipeline results")
-        logger.info("\n%s", markdown)
-    return {"eval": results, "diagnostics_ratios": diagnostics.get("ratios", {}), "versions": versions,
+    registered = params.tracking.registered_model
+    with project_lock(root, f"pipeline flow run {flow_run.get_name() or 'local'}"):
+        champion = resolve_champion(str(root), str(params_path))
+        started = champion["version"]
+        logger.info("Round %d starts from %s", champion["round"],
+                    f"{registered} v{started} (@champion)" if started else "the base model")
+        with tracking.pipeline_run(root, params.tracking.experiment, params.to_dict(),
+                                   run_name=f"round-{champion['round']}-{flow_run.get_name() or 'local'}",
+                                   tags={"round": str(champion["round"]),
+                                         "started_from_version": started or "base"}) as parent_id:
+            logger.info("MLflow parent run %s (store %s)", parent_id, tracking.tracking_uri(root))
+            for stage in STAGES:
+                STAGE_TASKS[stage](str(root), use_dvc, str(params_path))
+            registration = register_and_promote(str(root), str(params_path), parent_id, champion)
+            decision = registration["decision"]
+            results = json.loads((root / PATHS["eval"]).read_text())
+            diagnostics = json.loads((root / PATHS["diagnostics"]).read_text())
+            tracking.log_metrics({f"{name}/{k}": v for name, entry in results.items() for k, v in entry.items()})
+            tracking.log_metrics({f"diagnostics/{group}/{k}": v for group, stats in diagnostics.items()
+                                  for k, v in stats.items()})
+            tracking.log_dict(round_inputs(root, champion), "round_inputs.json")
+            if decision is None:
+                tracking.set_tags({"round_outcome": "no new inputs"})
+                logger.info("The candidate's inputs did not change: no promotion decision, @champion unchanged "
+                            "(%d new versions)", len(registration["new_versions"]))
+            else:
+                tracking.set_tags({"round_outcome": "promoted" if decision["promoted"] else "not promoted",
+                                   "champion_after": tracking.champion_version(root, registered) or "base"})
+                tracking.log_metrics({f"promotion/{k}": v for k, v in decision.items()
+                                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                tracking.log_metrics({"promotion/promoted": float(decision["promoted"])})
+                logger.info(rounds.decision_summary(decision))
+            history = champion_history_rows(root, registered)
+            if history:
+                with tempfile.TemporaryDirectory() as tmp:
+                    champion_history(history, params.promotion.metric, Path(tmp) / "champion_history.png")
+                    tracking.log_artifact(Path(tmp) / "champion_history.png")
+            plots = root / PATHS["train_plots"]
+            for artifact in (root / PATHS["eval"], root / PATHS["eval_plot"], root / PATHS["diagnostics"],
+                             plots / "curves.png", plots / "gradients.png", root / "dvc.lock",
+                             root / PATHS["champion"]):
+                if artifact.is_file():
+                    tracking.log_artifact(artifact)
+            round_result = {"round": champion["round"], "started_from_version": started, "decision": decision}
+            markdown = results_markdown(results, diagnostics, registration["versions"], registered, round_result)
+            tracking.log_text(markdown, "results.md")
+            create_markdown_artifact(markdown=markdown, key="bvpo-results", description="BVPO round results")
+            logger.info("\n%s", markdown)
+    return {"eval": results, "diagnostics_ratios": diagnostics.get("ratios", {}),
+            "versions": registration["versions"], "new_versions": registration["new_versions"],
+            "round": registration["round"], "started_from_version": started,
+            "decision": decision, "champion": tracking.champion_version(root, registered),
             "mlflow_parent_run_id": parent_id,
             "mlflow_experiment_id": tracking.find_experiment_id(root, params.tracking.experiment)}
 

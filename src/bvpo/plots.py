@@ -128,3 +128,28 @@ def gradient_telemetry(csv_dir: str | Path, out: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(out, format="png")
     plt.close(fig)
+
+
+def champion_history(rounds: list[dict], metric: str, out: str | Path) -> None:
+    """Per round: the champion it started from, its candidate (with the paired 95% interval of
+    their difference drawn around the candidate), and whether the candidate was promoted."""
+    rounds = sorted(rounds, key=lambda r: r["round"])
+    xs = [r["round"] for r in rounds]
+    fig, ax = plt.subplots(figsize=(2.5 + 0.6 * len(xs), 3.4), dpi=120)
+    ax.plot(xs, [100 * r["champion_score"] for r in rounds], "s-", color="tab:gray", label="champion (start of round)")
+    for r in rounds:
+        low = 100 * (r["champion_score"] + r["interval_low"])
+        high = 100 * (r["champion_score"] + r["interval_high"])
+        color = "tab:green" if r["promoted"] else "tab:red"
+        ax.vlines(r["round"], low, high, color=color, alpha=0.5)
+        ax.plot(r["round"], 100 * r["candidate_score"], "o", color=color)
+    ax.plot([], [], "o", color="tab:green", label="candidate, promoted")
+    ax.plot([], [], "o", color="tab:red", label="candidate, not promoted")
+    ax.set_xticks(xs)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title("Champion history")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)

@@ -24,11 +24,15 @@ from .config import Params
 PATHS = {
     "prompts": "data/prompts",
     "base_model": "data/base_model",
+    "champion": "data/champion.json",
+    "policy": "data/policy",
+    "inbox": "data/incoming",
     "samples": "data/samples",
     "pairs": "data/pairs",
     "models": "data/models",
     "eval": "metrics/eval.json",
     "eval_plot": "metrics/eval.png",
+    "eval_prompts": "data/eval_prompts.json",
     "diagnostics": "metrics/diagnostics.json",
     "train_plots": "metrics/train",
     "checkpoints": "data/checkpoints",
@@ -37,7 +41,7 @@ PATHS = {
     "experiment_plot": "metrics/experiment.png",
     "experiment_table": "metrics/experiment.md",
 }
-STAGES = ("prepare", "warmup", "sample", "pairs", "train", "evaluate", "analyze")
+STAGES = ("prepare", "warmup", "policy", "sample", "pairs", "train", "evaluate", "analyze")
 
 
 class StageError(RuntimeError):
@@ -149,9 +153,69 @@ def warmup(params: Params, project_dir: Path | str = ".") -> Path:
     return out
 
 
+# --------------------------------------------------------------------------------- policy
+def read_champion_pointer(root: Path) -> dict:
+    """data/champion.json: which registered version this round starts from (version null = the
+    base model). The flow writes it from the registry's `@champion` before the stages run; it is
+    an input of the pipeline, never an output, so rounds make no dependency cycle."""
+    path = root / PATHS["champion"]
+    if not path.is_file():
+        return {"registered_model": None, "version": None}
+    try:
+        pointer = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise StageError(f"{path}: not valid JSON ({err.msg}); expected "
+                         '{"registered_model": "<name>", "version": "<n>" or null}') from None
+    if not isinstance(pointer, dict) or "version" not in pointer or (
+            pointer["version"] is not None and not pointer.get("registered_model")):
+        raise StageError(f"{path}: expected {{\"registered_model\": \"<name>\", \"version\": \"<n>\" or null}}, "
+                         f"got {pointer!r}")
+    return pointer
+
+
+def policy(params: Params, project_dir: Path | str = ".") -> Path:
+    """The round's starting policy (and reference): the base model, or the registered version
+    that data/champion.json names, fetched from the MLflow registry."""
+    from .modeling import load_tokenizer
+
+    root = _project(project_dir)
+    pointer = read_champion_pointer(root)
+    out = root / PATHS["policy"]
+    with atomic_path(out) as tmp:
+        if pointer["version"] is None:
+            # A copy, not a pointer to data/base_model: DVC may restore this output into another
+            # workspace (`dvc exp run --temp`), where an absolute path would be stale. A base
+            # model given by `model.path` is itself a small pointer file, copied as is.
+            base = root / PATHS["base_model"]
+            if not base.is_dir():
+                raise StageError(f"{base}: no base model (run the warmup stage first)")
+            shutil.copytree(base, tmp)
+        else:
+            tracking.download_model_version(root, pointer["registered_model"], str(pointer["version"]), tmp)
+        load_tokenizer(tmp)  # a champion without a thinking template is refused here
+    return out
+
+
+def _training_prompts(root: Path):
+    """The prepared training prompts plus every prompts file in the inbox (data/incoming)."""
+    from datasets import concatenate_datasets
+
+    from .data import read_inbox
+
+    prompts = _load_prompts(root)
+    train = prompts["train"]
+    needs_answer = "answer" in train.column_names
+    arrived, stats = read_inbox(root / PATHS["inbox"], set(prompts["test"]["prompt"]), needs_answer)
+    if arrived is not None:
+        keep = ["prompt", "answer"] if needs_answer else ["prompt"]
+        train = concatenate_datasets([train.select_columns(keep), arrived.select_columns(keep)])
+    return train, stats
+
+
 # --------------------------------------------------------------------------------- sample
 def sample(params: Params, project_dir: Path | str = ".") -> Path:
-    """K completions per training prompt with thinking on and K with it off, on the policy."""
+    """K completions per training prompt (inbox prompts included) with thinking on and K with it
+    off, from the round's policy."""
     import torch
     from datasets import Dataset
 
@@ -160,9 +224,9 @@ def sample(params: Params, project_dir: Path | str = ".") -> Path:
 
     root = _project(project_dir)
     s = params.sample
-    prompts = _load_prompts(root)["train"]
-    tokenizer = load_tokenizer(root / PATHS["base_model"])
-    model = load_model(root / PATHS["base_model"], params.model.dtype, pick_device())
+    prompts, inbox_stats = _training_prompts(root)
+    tokenizer = load_tokenizer(root / PATHS["policy"])
+    model = load_model(root / PATHS["policy"], params.model.dtype, pick_device())
     answers = list(prompts["answer"]) if "answer" in prompts.column_names else [""] * len(prompts)
     rows = []
     out = root / PATHS["samples"]
@@ -193,7 +257,8 @@ def sample(params: Params, project_dir: Path | str = ".") -> Path:
         seconds = time.perf_counter() - start
         with atomic_path(out) as tmp:
             Dataset.from_list(rows).save_to_disk(str(tmp))
-        metrics = {"seconds": seconds, "samples_per_s": len(rows) / seconds}
+        metrics = {"seconds": seconds, "samples_per_s": len(rows) / seconds, "n_prompts": len(prompts),
+                   **inbox_stats}
         for mode in ("think", "nothink"):
             mine = [r for r in rows if r["mode"] == mode]
             metrics[f"{mode}/valid_rate"] = sum(r["valid"] for r in mine) / len(mine)
@@ -283,7 +348,7 @@ def train(params: Params, project_dir: Path | str = ".", params_file: str | Path
     work = root / PATHS["checkpoints"]
     cmd, env = accelerate_command(params, [
         "--params", str(Path(params_file).resolve()), "--pairs", str(pairs_dir),
-        "--base", str(root / PATHS["base_model"]), "--work", str(work),
+        "--base", str(root / PATHS["policy"]), "--work", str(work),
         "--cache", str(root / PATHS["cache"]), "--project-dir", str(root),
     ])
     result = subprocess.run(cmd, cwd=root, env=env)
@@ -305,8 +370,10 @@ def train(params: Params, project_dir: Path | str = ".", params_file: str | Path
 
 # --------------------------------------------------------------------------------- evaluate
 def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
-    """Accuracy on held-out prompts, thinking on and off, for base and every method: greedy,
-    and (evaluate.n_samples > 0) the mean over sampled completions."""
+    """Accuracy on held-out prompts, thinking on and off, for the round's starting policy (`base`:
+    the base model, or the champion it started from) and every method: greedy, and
+    (evaluate.n_samples > 0) the mean over sampled completions. Per-prompt scores go to
+    data/eval_prompts.json for paired comparisons (the promotion gate)."""
     import torch
 
     from .modeling import load_model, load_tokenizer, pick_device
@@ -320,7 +387,7 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
         raise StageError("evaluate needs an 'answer' column in the held-out prompts")
     if params.evaluate.n_prompts is not None:
         test = test.select(range(min(params.evaluate.n_prompts, len(test))))
-    candidates = {"base": root / PATHS["base_model"]}
+    candidates = {"base": root / PATHS["policy"]}
     for name in params.train.methods:
         path = root / PATHS["models"] / name
         if not path.is_dir():
@@ -331,28 +398,36 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
     e = params.evaluate
     prompts, answers = list(test["prompt"]), list(test["answer"])
 
-    def accuracy(generated: list, thinking: bool) -> tuple[float, int]:
-        """Share of verified answers (invalid ones count as wrong) and the number invalid."""
-        correct, invalid = 0.0, 0
-        for g, answer in zip(generated, answers * (len(generated) // len(answers))):
+    def accuracy(generated: list, thinking: bool) -> tuple[list[float], int]:
+        """Per held-out prompt, the share of its completions (generated prompt-major: all
+        prompts, then all again) with a verified answer (invalid ones count as wrong); and the
+        number invalid."""
+        correct, invalid = [0.0] * len(answers), 0
+        repeats = len(generated) // len(answers)
+        for i, g in enumerate(generated):
             parsed = parse_completion(g.text, thinking)
             if g.truncated or parsed.malformed:
                 invalid += 1
                 continue
-            correct += verified_reward(parsed.answer, answer)
-        return correct / len(generated), invalid
+            correct[i % len(answers)] += verified_reward(parsed.answer, answers[i % len(answers)]) / repeats
+        return correct, invalid
 
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    per_prompt = {}
     with tracking.stage_run(root, params.tracking.experiment, "evaluate",
                             params={"evaluate": params.to_dict()["evaluate"]}):
         for name, path in candidates.items():
             tokenizer = load_tokenizer(path)
             model = load_model(path, params.model.dtype, device)
-            entry = {}
+            entry, scores = {}, {}
             for thinking in (True, False):
                 mode = _mode_name(thinking)
                 generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens,
                                      e.batch_size, greedy=True, desc=f"evaluate {name} ({mode})")
-                entry[f"accuracy_{mode}"], invalid = accuracy(generated, thinking)
+                scores[f"accuracy_{mode}"], invalid = accuracy(generated, thinking)
+                entry[f"accuracy_{mode}"] = mean(scores[f"accuracy_{mode}"])
                 entry[f"mean_length_{mode}"] = sum(g.n_tokens for g in generated) / len(generated)
                 entry[f"invalid_rate_{mode}"] = invalid / len(generated)
                 if e.n_samples:
@@ -361,18 +436,22 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
                     sampled = generate(model, tokenizer, prompts * e.n_samples, thinking, e.max_new_tokens,
                                        e.batch_size, temperature=e.temperature,
                                        desc=f"evaluate {name} ({mode}, {e.n_samples} samples)")
-                    entry[f"accuracy_{mode}_sampled"], _ = accuracy(sampled, thinking)
+                    scores[f"accuracy_{mode}_sampled"], _ = accuracy(sampled, thinking)
+                    entry[f"accuracy_{mode}_sampled"] = mean(scores[f"accuracy_{mode}_sampled"])
             entry["accuracy_mean"] = (entry["accuracy_think"] + entry["accuracy_nothink"]) / 2
             if e.n_samples:
                 entry["accuracy_mean_sampled"] = (entry["accuracy_think_sampled"]
                                                   + entry["accuracy_nothink_sampled"]) / 2
             entry["n_prompts"] = len(test)
             results[name] = entry
+            per_prompt[name] = scores
             tracking.log_metrics({f"{name}/{k}": v for k, v in entry.items()})
             del model
         out = root / PATHS["eval"]
         with atomic_path(out) as tmp:
             _write_json(tmp, results)
+        with atomic_path(root / PATHS["eval_prompts"]) as tmp:
+            tmp.write_text(json.dumps({"prompts": prompts, "scores": per_prompt}) + "\n")
         with atomic_path(root / PATHS["eval_plot"]) as tmp:
             eval_bar_chart(results, tmp)
         tracking.log_artifact(out)
@@ -389,8 +468,8 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
 
     root = _project(project_dir)
     samples = _load_samples(root)
-    tokenizer = load_tokenizer(root / PATHS["base_model"])
-    model = load_model(root / PATHS["base_model"], params.model.dtype, pick_device())
+    tokenizer = load_tokenizer(root / PATHS["policy"])
+    model = load_model(root / PATHS["policy"], params.model.dtype, pick_device())
     model.eval()
     encoded = [encode(tokenizer, r["prompt"], r["completion"], r["mode"] == "think") for r in samples]
     # A completion is only scored with its whole prompt; samples past model.max_length are left out.
@@ -429,7 +508,7 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
 def run_stage(name: str, params: Params, project_dir: Path | str = ".", params_file: str | Path = "params.yaml") -> Path:
     if name == "train":
         return train(params, project_dir, params_file)
-    functions = {"prepare": prepare, "warmup": warmup, "sample": sample, "pairs": pairs,
+    functions = {"prepare": prepare, "warmup": warmup, "policy": policy, "sample": sample, "pairs": pairs,
                  "evaluate": evaluate, "analyze": analyze}
     if name not in functions:
         raise StageError(f"unknown stage {name!r}: expected one of {', '.join(STAGES)}")

@@ -98,13 +98,14 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def pipeline_run(project_dir: str | Path, experiment: str, params: dict, run_name: str,
-                 kind: str = "pipeline") -> Iterator[str]:
-    """The parent run of one pipeline (or experiment) run; yields its id and exports it to
+                 kind: str = "pipeline", tags: dict[str, str] | None = None) -> Iterator[str]:
+    """The parent run of one pipeline round (or experiment); yields its id and exports it to
     child processes."""
     import mlflow
 
     configure(project_dir, experiment)
-    with mlflow.start_run(run_name=run_name, tags={**provenance_tags(project_dir), "kind": kind}) as run:
+    all_tags = {**provenance_tags(project_dir), "kind": kind, **(tags or {})}
+    with mlflow.start_run(run_name=run_name, tags=all_tags) as run:
         flat: dict[str, Any] = {}
         _flatten("", params, flat)
         mlflow.log_params(flat)
@@ -178,6 +179,12 @@ def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
 
+def log_dict(obj: dict, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(obj, artifact_file)
+
+
 def log_and_register_model(model_dir: str | Path, registered_model: str, alias: str | None,
                            tags: dict[str, str]) -> str:
     """Log a saved HF model with the transformers flavour and register a new version."""
@@ -212,3 +219,78 @@ def log_and_register_model(model_dir: str | Path, registered_model: str, alias: 
     if alias:
         client.set_registered_model_alias(registered_model, alias, version)
     return version
+
+
+# ----------------------------------------------------------------------------- the registry, for rounds
+CHAMPION_ALIAS = "champion"
+
+
+class RegistryError(LookupError):
+    """A registered model or version the project asks for is not in its MLflow store."""
+
+
+def _client(project_dir: str | Path):
+    import mlflow
+
+    return mlflow.MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(project_dir))
+
+
+def champion_version(project_dir: str | Path, registered_model: str) -> str | None:
+    """The version `@champion` points at, or None (no store, no model, no alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    if "MLFLOW_TRACKING_URI" not in os.environ and not (Path(project_dir) / "mlruns" / "mlflow.db").is_file():
+        return None
+    try:
+        return str(_client(project_dir).get_model_version_by_alias(registered_model, CHAMPION_ALIAS).version)
+    except MlflowException:
+        return None
+
+
+def set_champion(project_dir: str | Path, registered_model: str, version: str) -> None:
+    _client(project_dir).set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
+
+
+def model_versions(project_dir: str | Path, registered_model: str) -> list[dict[str, str]]:
+    """Every version of `registered_model` as its tags plus `version` (empty when there is none)."""
+    if "MLFLOW_TRACKING_URI" not in os.environ and not (Path(project_dir) / "mlruns" / "mlflow.db").is_file():
+        return []
+    found = _client(project_dir).search_model_versions(f"name = '{registered_model}'")
+    return [{**v.tags, "version": str(v.version)} for v in found]
+
+
+def set_version_tags(project_dir: str | Path, registered_model: str, version: str, tags: dict[str, str]) -> None:
+    client = _client(project_dir)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version, key, str(value))
+
+
+def download_model_version(project_dir: str | Path, registered_model: str, version: str,
+                           out_dir: str | Path) -> None:
+    """A registered version as a plain Hugging Face model directory (weights, config, tokenizer
+    and chat template), which is how every stage loads a model."""
+    import shutil
+    import tempfile
+
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(project_dir)
+    try:
+        _client(project_dir).get_model_version(registered_model, version)
+    except MlflowException:
+        raise RegistryError(f"registered model {registered_model!r} has no version {version} in {uri} "
+                            f"(data/champion.json names it; set its version to null to start from the base "
+                            f"model)") from None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered_model}/{version}",
+                                                         dst_path=tmp, tracking_uri=uri))
+        # The transformers flavour keeps weights under model/ and the tokenizer under components/.
+        for part in (local / "model", local / "components" / "tokenizer"):
+            if not part.is_dir():
+                raise RegistryError(f"{registered_model} v{version}: no {part.relative_to(local)}/ in its "
+                                    "artifacts (not logged by bvpo's transformers flavour)")
+            for item in part.iterdir():
+                shutil.move(str(item), out_dir / item.name)
