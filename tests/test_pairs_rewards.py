@@ -44,3 +44,101 @@ def test_graded_reward_prefers_close_numbers():
     assert graded_reward("65", "66") == pytest.approx(0.25)
     assert graded_reward("56", "66") == pytest.approx(0.5 / 11)
     assert graded_reward("no idea", "66") == 0.0
+
+
+# ----------------------------------------------------------------------------- a reward model
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random sequence-classification reward model (one output), saved like a user's."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("reward_model")
+    Qwen3ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def scored(reward: str, reward_model_dir, rows: list[dict]) -> list[dict]:
+    from bvpo.config import Params
+    from bvpo.stages import score_samples
+
+    params = Params()
+    params.pairs.reward, params.pairs.reward_model, params.pairs.reward_batch_size = reward, str(reward_model_dir), 2
+    score_samples(rows, params)
+    return rows
+
+
+def row(prompt, mode, completion, response, answer="66", valid=True):
+    return {"prompt_id": 0, "prompt": prompt, "mode": mode, "completion": completion, "response": response,
+            "answer": answer, "valid": valid}
+
+
+def test_reward_model_scores_the_prompt_and_final_answer_only(reward_model_dir, tokenizer):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    rows = scored("model", reward_model_dir, [
+        row("Compute 60+6.", "think", "<think>\n60+6=66\n</think>\n\n66<|im_end|>", "66"),
+        row("Compute 60+6.", "nothink", "66<|im_end|>", "66"),
+        row("Compute 60+6.", "think", "<think>\n60+6=67\nso 67\n</think>\n\n67<|im_end|>", "67"),
+        row("Compute 9+9.", "nothink", "18 and some more words<|im_end|>", "18 and some more words"),
+        row("Compute 60+6.", "think", "<think>\n60+", "", valid=False),
+    ])
+    # Same prompt and answer, different trace and mode: the same score.
+    assert rows[0]["reward"] == pytest.approx(rows[1]["reward"], abs=1e-5)
+    assert rows[4]["reward"] == 0.0
+    # Each batched score equals the model run on that one text alone (no padding involved).
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
+    for r in rows[:4]:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]},
+                                              {"role": "assistant", "content": r["response"]}], tokenize=False)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            assert r["reward"] == pytest.approx(model(**ids).logits[0, 0].item(), abs=1e-4)
+    assert len({round(r["reward"], 6) for r in rows[1:4]}) == 3
+
+
+def test_verified_first_then_the_reward_model_breaks_ties(reward_model_dir):
+    rows = scored("verified_model", reward_model_dir, [
+        row("Compute 60+6.", "nothink", "66<|im_end|>", "66"),
+        row("Compute 60+6.", "nothink", "The answer is 66<|im_end|>", "The answer is 66"),
+        row("Compute 60+6.", "nothink", "67<|im_end|>", "67"),
+        row("Compute 60+6.", "nothink", "65<|im_end|>", "65"),
+    ])
+    rewards = [r["reward"] for r in rows]
+    assert min(rewards[:2]) > 1.0 > 0.5 > max(rewards[2:]) > 0.0  # every correct above every wrong
+    assert rewards[0] != rewards[1] and rewards[2] != rewards[3]  # ties broken by the model
+    pairs = build_pairs(rows, max_pairs_per_prompt=2)["nothink"]
+    assert len(pairs) == 2 and all(p["chosen_reward"] > 1.0 > p["rejected_reward"] for p in pairs)
+
+
+def test_reward_model_settings_are_checked(tmp_path, reward_model_dir):
+    import yaml
+
+    from bvpo.config import ConfigError, load_params
+    from bvpo.modeling import ModelError
+    from bvpo.rewards import RewardModel
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"pairs": {"reward": "model"}}))
+    with pytest.raises(ConfigError, match="pairs.reward_model: expected a reward model directory"):
+        load_params(path)
+    path.write_text(yaml.safe_dump({"pairs": {"reward": "verified_model", "reward_model": "missing/rm"}}))
+    with pytest.raises(ConfigError, match="pairs.reward_model: expected an existing local model directory"):
+        load_params(path)
+    import json
+
+    config = json.loads((reward_model_dir / "config.json").read_text())
+    two = tmp_path / "two_labels"
+    two.mkdir()
+    for f in reward_model_dir.iterdir():
+        (two / f.name).write_bytes(f.read_bytes())
+    (two / "config.json").write_text(json.dumps({**config, "id2label": {"0": "a", "1": "b"},
+                                                 "label2id": {"a": 0, "b": 1}}))
+    with pytest.raises(ModelError, match="one output"):
+        RewardModel(str(two))

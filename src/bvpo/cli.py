@@ -155,9 +155,20 @@ def _ui(args) -> int:
     experiment_id = find_experiment_id(root, experiment)
     if experiment_id is not None:
         print(f"The '{experiment}' runs: {ui_url(base, experiment_id)}")
-    # `mlflow ui` starts a web server and job workers as its own children: run it in a
-    # process group of its own and stop the whole group however `bvpo ui` is stopped
-    # (Ctrl-C, SIGTERM, SIGHUP), so that no server outlives this command.
+    server = _start_server_group(cmd)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _stop_process_group(server)
+
+
+def _start_server_group(cmd: list[str]) -> subprocess.Popen:
+    """Start a server (`mlflow ui`, `prefect server start`: each forks workers of its own) in a
+    process group of its own, and turn SIGTERM and SIGHUP into KeyboardInterrupt so that the
+    caller's `finally: _stop_process_group(...)` runs however this command is stopped: no
+    server outlives it."""
     server = subprocess.Popen(cmd, start_new_session=True)
 
     def stop(signum, frame):
@@ -165,12 +176,7 @@ def _ui(args) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
-    try:
-        return server.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        _stop_process_group(server)
+    return server
 
 
 def _stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -220,13 +226,7 @@ def _serve(args) -> int:
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port),
            "--analytics-off"]
     print(f"Prefect server on http://127.0.0.1:{args.port} (home {os.environ['PREFECT_HOME']})")
-    server = subprocess.Popen(cmd, start_new_session=True)
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, stop)
+    server = _start_server_group(cmd)
     try:
         deadline = time.monotonic() + 120
         while True:

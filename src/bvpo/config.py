@@ -103,9 +103,20 @@ class SampleConfig:
 class PairsConfig:
     max_pairs_per_prompt: int = 2
     """Preference pairs per prompt and mode: i-th best against i-th worst, strictly better only."""
-    reward: Literal["verified", "graded"] = "verified"
+    reward: Literal["verified", "graded", "model", "verified_model"] = "verified"
     """`verified`: 1 when the final answer matches the `answer` column (math-verify), else 0.
-    `graded`: as verified, plus partial credit (< 0.5) for numeric answers close to the reference."""
+    `graded`: as verified, plus partial credit (< 0.5) for numeric answers close to the reference.
+    `model`: the score of `reward_model` on the prompt and the final answer (the trace removed,
+    so both modes are judged on what the user sees). `verified_model`: verified first, the
+    reward model breaks ties: verified + 0.5·sigmoid(score), so a correct answer always ranks
+    above a wrong one and two correct (or two wrong) answers are ranked by the reward model."""
+    reward_model: str | None = None
+    """Local directory of a sequence-classification reward model with one output
+    (`AutoModelForSequenceClassification`, e.g. a copy of ArmoRM or Skywork-Reward); needed by
+    `model` and `verified_model`. It is a param, not a DVC dep: replacing the files under the
+    same path does not rerun the pairs stage (`dvc repro -f -s pairs` does)."""
+    reward_batch_size: int = 32
+    """Sequences scored at once by the reward model."""
 
 
 @dataclass
@@ -447,6 +458,16 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     _check(s.max_new_tokens >= 1, "sample.max_new_tokens", "an integer >= 1", s.max_new_tokens)
     _check(params.pairs.max_pairs_per_prompt >= 1, "pairs.max_pairs_per_prompt", "an integer >= 1",
            params.pairs.max_pairs_per_prompt)
+    _check(params.pairs.reward_batch_size >= 1, "pairs.reward_batch_size", "an integer >= 1",
+           params.pairs.reward_batch_size)
+    if params.pairs.reward in ("model", "verified_model"):
+        reward_model = params.pairs.reward_model
+        _check(reward_model is not None, "pairs.reward_model",
+               f"a reward model directory (pairs.reward is {params.pairs.reward!r})", reward_model)
+        local = Path(reward_model)
+        if base_dir is not None and not local.is_absolute():
+            local = base_dir / local
+        _check(local.is_dir(), "pairs.reward_model", "an existing local model directory", str(local))
     _check(len(t.methods) >= 1, "train.methods", "at least one method", t.methods)
     for name, method in t.methods.items():
         _check(name.replace("_", "").replace("-", "").isalnum(), f"train.methods.{name}",

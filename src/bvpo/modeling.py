@@ -99,23 +99,43 @@ def render_prompt(tokenizer, prompt: str, thinking: bool) -> str:
 
 
 def check_thinking_template(tokenizer, where: str) -> None:
-    """Refuse a tokenizer whose chat template ignores `enable_thinking` (no empty think block)."""
+    """Refuse a tokenizer whose chat template ignores `enable_thinking`, or whose thinking-on
+    prompt already closes the think block, or that cannot write the think tags back as text."""
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(f"{where}: the tokenizer has no chat template (expected a Qwen3-style "
                          "template that honours enable_thinking)")
-    on = render_prompt(tokenizer, "x", thinking=True)
-    off = render_prompt(tokenizer, "x", thinking=False)
+    marker = "Compute 1+2."  # the generation prompt is what follows the user's message
+    on = render_prompt(tokenizer, marker, thinking=True).split(marker, 1)[-1]
+    off = render_prompt(tokenizer, marker, thinking=False).split(marker, 1)[-1]
     if THINK_OPEN not in off or THINK_CLOSE not in off or on == off:
         raise ModelError(
             f"{where}: the chat template does not honour enable_thinking (expected thinking off "
-            f"to end the prompt with an empty '{THINK_OPEN}...{THINK_CLOSE}' block, as Qwen3's does)"
+            f"to end the prompt with an empty '{THINK_OPEN}...{THINK_CLOSE}' block, as Qwen3's does). "
+            "Give the tokenizer a template that does (set `chat_template` in its tokenizer_config.json "
+            "or a chat_template.jinja next to it)"
         )
+    if THINK_CLOSE in on:
+        raise ModelError(f"{where}: with enable_thinking=True the chat template already closes the think "
+                         f"block ('{THINK_CLOSE}' in the generation prompt), so no trace could be sampled")
+    probe = f"{THINK_OPEN}\n1+1=2\n{THINK_CLOSE}\n\n2"
+    if tokenizer.decode(tokenizer(probe, add_special_tokens=False).input_ids) != probe:
+        raise ModelError(f"{where}: the tokenizer does not decode '{THINK_OPEN}'/'{THINK_CLOSE}' back to "
+                         "the same text, so sampled traces could not be told from answers")
 
 
-def completion_text(trace: str | None, answer: str, eos: str) -> str:
-    """What the model writes after the generation prompt: trace block (thinking on) + answer."""
+def opens_think_block(tokenizer) -> bool:
+    """True when the thinking-on generation prompt already opens the think block (DeepSeek-R1
+    style, '...<think>\\n'): the model's completion then starts inside the trace."""
+    return render_prompt(tokenizer, "x", thinking=True).rstrip().endswith(THINK_OPEN)
+
+
+def completion_text(trace: str | None, answer: str, eos: str, opened: bool = False) -> str:
+    """What the model writes after the generation prompt: trace block (thinking on) + answer.
+    `opened`: the prompt already wrote the opening tag (`opens_think_block`)."""
     if trace is None:
         return f"{answer}{eos}"
+    if opened:
+        return f"{trace}\n{THINK_CLOSE}\n\n{answer}{eos}"
     return f"{THINK_OPEN}\n{trace}\n{THINK_CLOSE}\n\n{answer}{eos}"
 
 

@@ -192,7 +192,8 @@ def generate(
                 else:
                     tokens = [t for t in tokens if t != tokenizer.pad_token_id]
                     truncated = True
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                # Special tokens stay in the text: it is re-tokenised and scored as written.
+                text = tokenizer.decode(tokens, skip_special_tokens=False)
                 results[i] = Generated(text, len(tokens) + (0 if truncated else 1), truncated)
     finally:
         tokenizer.padding_side = saved_side

@@ -268,27 +268,47 @@ def sample(params: Params, project_dir: Path | str = ".") -> Path:
 
 
 # --------------------------------------------------------------------------------- pairs
+def score_samples(samples: list[dict], params: Params) -> None:
+    """Set each sample's `reward` (invalid samples: 0, and they never enter a pair)."""
+    from .modeling import pick_device
+    from .rewards import REWARDS, RewardModel, combine_verified_and_model, verified_reward
+
+    kind = params.pairs.reward
+    for r in samples:  # accuracy is reported whatever ranks the samples, when answers exist
+        r["correct"] = verified_reward(r["response"], r["answer"]) if r["valid"] and r["answer"] else 0.0
+    if kind in REWARDS:
+        for r in samples:
+            r["reward"] = REWARDS[kind](r["response"], r["answer"]) if r["valid"] else 0.0
+        return
+    valid = [r for r in samples if r["valid"]]
+    model = RewardModel(params.pairs.reward_model, str(pick_device()), params.model.dtype)
+    # The prompt and the final answer only: the reward model judges what the user sees.
+    scores = model.score([r["prompt"] for r in valid], [r["response"] for r in valid],
+                         params.pairs.reward_batch_size)
+    for r in samples:
+        r["reward"] = 0.0
+    for r, score in zip(valid, scores):
+        r["reward"] = score if kind == "model" else combine_verified_and_model(r["correct"], score)
+
+
 def pairs(params: Params, project_dir: Path | str = ".") -> Path:
     """Reward every sample and build D_t (think/) and D_e (nothink/)."""
     from datasets import Dataset
 
     from .pairs import build_pairs
-    from .rewards import REWARDS
 
     root = _project(project_dir)
     samples = _load_samples(root)
-    if not any(r["answer"] for r in samples):
+    if params.pairs.reward != "model" and not any(r["answer"] for r in samples):
         raise StageError(f"pairs.reward={params.pairs.reward} needs an 'answer' column in the prompts; "
                          f"{params.data.source} has none")
-    reward = REWARDS[params.pairs.reward]
-    for r in samples:
-        r["reward"] = reward(r["response"], r["answer"]) if r["valid"] else 0.0
+    score_samples(samples, params)
     built = build_pairs(samples, params.pairs.max_pairs_per_prompt)
     stats = {}
     for mode in ("think", "nothink"):
         mine = [r for r in samples if r["mode"] == mode]
         stats[f"{mode}/n_pairs"] = len(built[mode])
-        stats[f"{mode}/sample_accuracy"] = sum(r["reward"] == 1.0 for r in mine) / max(len(mine), 1)
+        stats[f"{mode}/sample_accuracy"] = sum(r["correct"] for r in mine) / max(len(mine), 1)
         stats[f"{mode}/mean_reward"] = sum(r["reward"] for r in mine) / max(len(mine), 1)
         stats[f"{mode}/invalid_rate"] = sum(not r["valid"] for r in mine) / max(len(mine), 1)
     out = root / PATHS["pairs"]

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import Params
 from .data import make_trace, warmup_examples
-from .modeling import build_tiny_model, build_tokenizer, completion_text
+from .modeling import build_tiny_model, build_tokenizer, completion_text, opens_think_block
 from .sequences import collate, encode, score
 
 
@@ -33,12 +33,19 @@ def cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
 
 
 def sft_tiny_model(params: Params, test_prompts: set[str], progress: bool = True):
-    """Build and SFT the embedded model. Returns (model, tokenizer, per-step loss history)."""
-    m, w = params.model, params.warmup
+    """Build and SFT the embedded model. Returns (model, tokenizer, per-step loss history, seconds)."""
+    m = params.model
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, m.hidden_size, m.num_layers, m.num_heads,
                              m.intermediate_size, m.max_length, params.seed)
-    d = params.data
+    return (model, tokenizer, *sft(model, tokenizer, params, test_prompts, progress))
+
+
+def sft(model, tokenizer, params: Params, test_prompts: set[str], progress: bool = True):
+    """SFT any causal LM and thinking-template tokenizer on the embedded task in both modes
+    (`warmup` params). Returns (per-step loss history, seconds)."""
+    w, d = params.warmup, params.data
+    opened = opens_think_block(tokenizer)
     problems = warmup_examples(d.n_warmup, test_prompts, d.min_ops, d.max_ops, params.seed,
                                (d.min_operand, d.max_operand), d.small_operand_fraction)
     rng = random.Random(f"bvpo-warmup-batches-{params.seed}")
@@ -53,7 +60,7 @@ def sft_tiny_model(params: Params, test_prompts: set[str], progress: bool = True
         for prompt, answer, chain in rng.sample(problems, w.batch_size):
             thinking = rng.random() < w.think_fraction
             trace = make_trace(rng, chain) if thinking else None
-            completion = completion_text(trace, answer, tokenizer.eos_token)
+            completion = completion_text(trace, answer, tokenizer.eos_token, opened)
             by_mode[thinking].append(encode(tokenizer, prompt, completion, thinking))
         # One forward per mode: empty-think rows are a third as long, so mixing them pads a lot.
         total_tokens = sum(len(e.input_ids) - e.completion_start for b in by_mode.values() for e in b)
@@ -72,5 +79,4 @@ def sft_tiny_model(params: Params, test_prompts: set[str], progress: bool = True
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss_value:.3f}")
     model.eval()
-    elapsed = time.perf_counter() - start
-    return model, tokenizer, history, elapsed
+    return history, time.perf_counter() - start
