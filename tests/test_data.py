@@ -38,6 +38,19 @@ def test_jsonl_prompts_keep_extra_columns(tmp_path):
     assert ds["answer"] == ["4", "7"] and ds["source"] == ["x", "y"]
 
 
+def test_benchmark_files_may_call_the_prompt_problem(tmp_path):
+    path = tmp_path / "math500.jsonl"
+    path.write_text(json.dumps({"problem": "Compute $\\frac{1}{2}+\\frac{1}{2}$.", "answer": "1", "level": 2}) + "\n")
+    with pytest.raises(DataError, match="no 'prompt' column"):
+        read_prompts_file(path)
+    ds = read_prompts_file(path, prompt_columns=("prompt", "problem"))
+    assert ds["prompt"] == ["Compute $\\frac{1}{2}+\\frac{1}{2}$."] and ds["level"] == [2]
+    assert "problem" not in ds.column_names
+    with pytest.raises(DataError, match="no 'prompt' or 'problem' column"):
+        path.write_text('{"question": "x", "answer": "1"}\n')
+        read_prompts_file(path, prompt_columns=("prompt", "problem"))
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [

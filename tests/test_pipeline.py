@@ -145,9 +145,17 @@ def round_2(project, pipeline_result):
     from bvpo.flow import bvpo_pipeline
     from micro_params import micro_params
 
-    (project / "params.yaml").write_text(yaml.safe_dump(micro_params({"promotion": {"margin": 0.99}}),
-                                                        sort_keys=False))
-    test_prompt = json.loads((project / "data/eval_prompts.json").read_text())["prompts"][0]
+    held_out = json.loads((project / "data/eval_prompts.json").read_text())["prompts"]
+    # A benchmark file in MATH-500's shape (`problem`, `answer`) holding the held-out prompts.
+    from datasets import load_from_disk
+
+    test = load_from_disk(str(project / "data/prompts"))["test"]
+    (project / "data/bench.jsonl").write_text("".join(json.dumps({"problem": p, "answer": a, "level": 1}) + "\n"
+                                                      for p, a in zip(test["prompt"], test["answer"])))
+    (project / "params.yaml").write_text(yaml.safe_dump(micro_params({
+        "promotion": {"margin": 0.99},
+        "evaluate": {"max_new_tokens": 40, "benchmarks": {"heldout_copy": "data/bench.jsonl"}}}), sort_keys=False))
+    test_prompt = held_out[0]
     inbox = [{"prompt": "Compute 11+22.", "answer": "33"}, {"prompt": "Compute 50-8.", "answer": 42},
              {"prompt": "Compute 70+9-5.", "answer": "74"}, {"prompt": test_prompt, "answer": "0"}]
     (project / "data/incoming/batch1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in inbox))
@@ -172,6 +180,10 @@ def test_round_2_starts_from_the_champion_and_keeps_it_when_the_candidate_loses(
     assert decision["champion_score"] == pytest.approx(result["eval"]["base"]["accuracy_mean"])
     assert decision["difference"] == pytest.approx(decision["candidate_score"] - decision["champion_score"])
     assert decision["promoted"] is False and result["champion"] == champion  # cannot beat it by 99 points
+    for model in ("base", "bvpo"):  # the benchmark holds the same prompts: the same greedy scores
+        entry = result["eval"][model]
+        for key in ("accuracy_think", "accuracy_nothink", "accuracy_mean"):
+            assert entry[f"heldout_copy/{key}"] == entry[key] == entry[f"benchmarks/{key}"]
     client = mlflow.MlflowClient(tracking_uri(project))
     new = [client.get_model_version("bvpo", v) for v in result["new_versions"]]
     assert len(new) == 5 and all(v.tags["round"] == "2" and v.tags["started_from_version"] == champion for v in new)

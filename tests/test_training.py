@@ -86,6 +86,26 @@ def test_two_processes_match_one_process(inputs):
         assert [r["loss"] for r in h2] == pytest.approx([r["loss"] for r in h1], rel=1e-5)
 
 
+def test_reference_precompute_is_sharded_over_processes(inputs):
+    """With 2 processes each scores half the pairs; the merged cache equals 1 process's."""
+    cache = inputs / "cache"
+    caches = {}
+    for processes in (1, 2):
+        for old in cache.glob("reference-*.pt"):
+            old.unlink()
+        result = run_training(inputs, f"reference{processes}", {"num_processes": processes, "steps": 1})
+        assert result.returncode == 0, result.stderr[-3000:]
+        [written] = cache.glob("reference-*.pt")
+        caches[processes] = torch.load(written)
+        output = result.stdout + result.stderr
+        for rank in range(processes):
+            assert f"reference log-probs (think): process {rank} of {processes} scored" in output, output[-3000:]
+    for mode in ("think", "nothink"):
+        for one, two in zip(caches[1][mode], caches[2][mode]):
+            assert one.shape == two.shape and len(one) > 0
+            torch.testing.assert_close(two, one, atol=1e-4, rtol=1e-5)
+
+
 RESUME = {"steps": 6, "checkpoint_every": 2, "methods": {"bvpo": {"alpha": 0.5}, "bvpo_auto": {"alpha": "auto"},
                                                         "dpo_trace": {"alpha": 1.0}, "dpo_empty": {"alpha": 0.0}}}
 

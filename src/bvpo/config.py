@@ -238,6 +238,12 @@ class EvalConfig:
     mean over them, `accuracy_*_sampled`); 0 = greedy accuracy only."""
     temperature: float = 1.0
     """Sampling temperature of the sampled accuracy."""
+    benchmarks: dict[str, str] = field(default_factory=dict)
+    """Named benchmark files scored like the held-out prompts, in both modes, for every model:
+    `{math500: data/math500.jsonl}`. JSONL or Parquet with `prompt` (or `problem`) and `answer`
+    (checked by math-verify). Results land in eval.json as `<name>/accuracy_*` and their mean
+    over benchmarks as `benchmarks/accuracy_*`. Add the files to the evaluate stage's deps in
+    dvc.yaml so that editing one reruns it."""
 
 
 @dataclass
@@ -458,6 +464,13 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     _check(s.max_new_tokens >= 1, "sample.max_new_tokens", "an integer >= 1", s.max_new_tokens)
     _check(params.pairs.max_pairs_per_prompt >= 1, "pairs.max_pairs_per_prompt", "an integer >= 1",
            params.pairs.max_pairs_per_prompt)
+    for bench, bench_path in params.evaluate.benchmarks.items():
+        _check(bench.replace("_", "").replace("-", "").isalnum(), f"evaluate.benchmarks.{bench}",
+               "a name of letters, digits, '-' and '_'", bench)
+        local = Path(bench_path)
+        if base_dir is not None and not local.is_absolute():
+            local = base_dir / local
+        _check(local.is_file(), f"evaluate.benchmarks.{bench}", "an existing .jsonl or .parquet file", str(local))
     _check(params.pairs.reward_batch_size >= 1, "pairs.reward_batch_size", "an integer >= 1",
            params.pairs.reward_batch_size)
     if params.pairs.reward in ("model", "verified_model"):

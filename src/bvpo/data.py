@@ -138,11 +138,12 @@ def _check_row(path: Path, i: int, row: dict) -> dict:
     return row
 
 
-def read_prompts_file(path: str | Path) -> Dataset:
+def read_prompts_file(path: str | Path, prompt_columns: tuple[str, ...] = ("prompt",)) -> Dataset:
     """Load a user's prompts (.jsonl or .parquet), refusing malformed rows with a clear error.
 
-    Required: `prompt`, non-empty text. Optional: `answer` (text or number, used by the
-    verified reward). Other columns are kept as they are.
+    Required: `prompt`, non-empty text (or the first of `prompt_columns` present, renamed to
+    `prompt`: benchmark files such as MATH-500 call it `problem`). Optional: `answer` (text or
+    number, used by the verified reward). Other columns are kept as they are.
     """
     path = Path(path)
     if path.is_dir():
@@ -181,8 +182,12 @@ def read_prompts_file(path: str | Path) -> Dataset:
             raise DataError(f"{path}: cannot be read as Parquet ({type(err).__name__}: {err})") from None
     else:
         raise DataError(f"{path}: expected a .jsonl or .parquet file")
-    if not any("prompt" in row for row in rows):
-        raise DataError(f"{path}: no 'prompt' column (columns: {sorted(rows[0]) if rows else []})")
+    column = next((c for c in prompt_columns if any(c in row for row in rows)), None)
+    if column is None:
+        raise DataError(f"{path}: no {' or '.join(repr(c) for c in prompt_columns)} column "
+                        f"(columns: {sorted(rows[0]) if rows else []})")
+    if column != "prompt":
+        rows = [{"prompt": row.pop(column, None), **row} for row in rows]
     rows = [_check_row(path, i, row) for i, row in enumerate(rows, start=1)]
     if any("answer" in row for row in rows) and not all("answer" in row for row in rows):
         missing = next(i for i, row in enumerate(rows, start=1) if "answer" not in row)

@@ -389,17 +389,65 @@ def train(params: Params, project_dir: Path | str = ".", params_file: str | Path
 
 
 # --------------------------------------------------------------------------------- evaluate
+def _accuracy(generated: list, answers: list[str], thinking: bool) -> tuple[list[float], int]:
+    """Per prompt, the share of its completions (generated prompt-major: all prompts, then all
+    again) with a verified answer (invalid ones count as wrong); and the number invalid."""
+    from .rewards import verified_reward
+    from .sequences import parse_completion
+
+    correct, invalid = [0.0] * len(answers), 0
+    repeats = len(generated) // len(answers)
+    for i, g in enumerate(generated):
+        parsed = parse_completion(g.text, thinking)
+        if g.truncated or parsed.malformed:
+            invalid += 1
+            continue
+        correct[i % len(answers)] += verified_reward(parsed.answer, answers[i % len(answers)]) / repeats
+    return correct, invalid
+
+
+def _score_prompts(model, tokenizer, prompts: list[str], answers: list[str], params: Params,
+                   label: str) -> tuple[dict, dict]:
+    """Greedy (and, with evaluate.n_samples, sampled) accuracy in both modes: the summary entry
+    and the per-prompt scores."""
+    import torch
+
+    from .sequences import generate
+
+    e = params.evaluate
+    entry, scores = {}, {}
+    for thinking in (True, False):
+        mode = _mode_name(thinking)
+        generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens, e.batch_size, greedy=True,
+                             desc=f"evaluate {label} ({mode})")
+        scores[f"accuracy_{mode}"], invalid = _accuracy(generated, answers, thinking)
+        entry[f"mean_length_{mode}"] = sum(g.n_tokens for g in generated) / len(generated)
+        entry[f"invalid_rate_{mode}"] = invalid / len(generated)
+        if e.n_samples:
+            # The same RNG stream for every model, so models differ by their weights only.
+            torch.manual_seed(params.seed + (0 if thinking else 1))
+            sampled = generate(model, tokenizer, prompts * e.n_samples, thinking, e.max_new_tokens, e.batch_size,
+                               temperature=e.temperature, desc=f"evaluate {label} ({mode}, {e.n_samples} samples)")
+            scores[f"accuracy_{mode}_sampled"], _ = _accuracy(sampled, answers, thinking)
+    for key, values in scores.items():
+        entry[key] = sum(values) / len(values)
+    entry["accuracy_mean"] = (entry["accuracy_think"] + entry["accuracy_nothink"]) / 2
+    if e.n_samples:
+        entry["accuracy_mean_sampled"] = (entry["accuracy_think_sampled"] + entry["accuracy_nothink_sampled"]) / 2
+    entry["n_prompts"] = len(prompts)
+    return entry, scores
+
+
 def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
     """Accuracy on held-out prompts, thinking on and off, for the round's starting policy (`base`:
     the base model, or the champion it started from) and every method: greedy, and
-    (evaluate.n_samples > 0) the mean over sampled completions. Per-prompt scores go to
-    data/eval_prompts.json for paired comparisons (the promotion gate)."""
-    import torch
-
+    (evaluate.n_samples > 0) the mean over sampled completions (pass@1). Per-prompt scores go to
+    data/eval_prompts.json for paired comparisons (the promotion gate). Each file in
+    `evaluate.benchmarks` is scored the same way, as `<name>/accuracy_*` keys, averaged over the
+    benchmarks as `benchmarks/accuracy_*`."""
+    from .data import read_prompts_file
     from .modeling import load_model, load_tokenizer, pick_device
     from .plots import eval_bar_chart
-    from .rewards import verified_reward
-    from .sequences import generate, parse_completion
 
     root = _project(project_dir)
     test = _load_prompts(root)["test"]
@@ -407,64 +455,36 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
         raise StageError("evaluate needs an 'answer' column in the held-out prompts")
     if params.evaluate.n_prompts is not None:
         test = test.select(range(min(params.evaluate.n_prompts, len(test))))
+    benchmarks = {}
+    for bench, path in params.evaluate.benchmarks.items():
+        rows = read_prompts_file(root / path, prompt_columns=("prompt", "problem"))
+        if "answer" not in rows.column_names:
+            raise StageError(f"evaluate.benchmarks.{bench}: {root / path} has no 'answer' column to check against")
+        benchmarks[bench] = (list(rows["prompt"]), list(rows["answer"]))
     candidates = {"base": root / PATHS["policy"]}
     for name in params.train.methods:
         path = root / PATHS["models"] / name
         if not path.is_dir():
             raise StageError(f"{path}: no trained model for method {name!r} (run the train stage first)")
         candidates[name] = path
-    results = {}
+    results, per_prompt = {}, {}
     device = pick_device()
-    e = params.evaluate
     prompts, answers = list(test["prompt"]), list(test["answer"])
-
-    def accuracy(generated: list, thinking: bool) -> tuple[list[float], int]:
-        """Per held-out prompt, the share of its completions (generated prompt-major: all
-        prompts, then all again) with a verified answer (invalid ones count as wrong); and the
-        number invalid."""
-        correct, invalid = [0.0] * len(answers), 0
-        repeats = len(generated) // len(answers)
-        for i, g in enumerate(generated):
-            parsed = parse_completion(g.text, thinking)
-            if g.truncated or parsed.malformed:
-                invalid += 1
-                continue
-            correct[i % len(answers)] += verified_reward(parsed.answer, answers[i % len(answers)]) / repeats
-        return correct, invalid
-
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
-
-    per_prompt = {}
     with tracking.stage_run(root, params.tracking.experiment, "evaluate",
                             params={"evaluate": params.to_dict()["evaluate"]}):
         for name, path in candidates.items():
             tokenizer = load_tokenizer(path)
             model = load_model(path, params.model.dtype, device)
-            entry, scores = {}, {}
-            for thinking in (True, False):
-                mode = _mode_name(thinking)
-                generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens,
-                                     e.batch_size, greedy=True, desc=f"evaluate {name} ({mode})")
-                scores[f"accuracy_{mode}"], invalid = accuracy(generated, thinking)
-                entry[f"accuracy_{mode}"] = mean(scores[f"accuracy_{mode}"])
-                entry[f"mean_length_{mode}"] = sum(g.n_tokens for g in generated) / len(generated)
-                entry[f"invalid_rate_{mode}"] = invalid / len(generated)
-                if e.n_samples:
-                    # The same RNG stream for every model, so models differ by their weights only.
-                    torch.manual_seed(params.seed + (0 if thinking else 1))
-                    sampled = generate(model, tokenizer, prompts * e.n_samples, thinking, e.max_new_tokens,
-                                       e.batch_size, temperature=e.temperature,
-                                       desc=f"evaluate {name} ({mode}, {e.n_samples} samples)")
-                    scores[f"accuracy_{mode}_sampled"], _ = accuracy(sampled, thinking)
-                    entry[f"accuracy_{mode}_sampled"] = mean(scores[f"accuracy_{mode}_sampled"])
-            entry["accuracy_mean"] = (entry["accuracy_think"] + entry["accuracy_nothink"]) / 2
-            if e.n_samples:
-                entry["accuracy_mean_sampled"] = (entry["accuracy_think_sampled"]
-                                                  + entry["accuracy_nothink_sampled"]) / 2
-            entry["n_prompts"] = len(test)
+            entry, per_prompt[name] = _score_prompts(model, tokenizer, prompts, answers, params, name)
+            per_bench = {}
+            for bench, (bench_prompts, bench_answers) in benchmarks.items():
+                per_bench[bench], _ = _score_prompts(model, tokenizer, bench_prompts, bench_answers, params,
+                                                     f"{name} on {bench}")
+                entry.update({f"{bench}/{k}": v for k, v in per_bench[bench].items() if k.startswith("accuracy")})
+            for key in (per_bench[next(iter(per_bench))] if per_bench else {}):
+                if key.startswith("accuracy"):
+                    entry[f"benchmarks/{key}"] = sum(b[key] for b in per_bench.values()) / len(per_bench)
             results[name] = entry
-            per_prompt[name] = scores
             tracking.log_metrics({f"{name}/{k}": v for k, v in entry.items()})
             del model
         out = root / PATHS["eval"]

@@ -139,16 +139,33 @@ def reference_logps(model, chosen: list[Encoded], rejected: list[Encoded], pad_i
 
 def precomputed_reference(cache_file: Path, load_reference, data: dict[str, tuple], pad_id: int, accelerator,
                           shared_prompt: bool = True):
-    """Reference log-probs for every pair, computed once (main process) and cached on disk."""
-    if accelerator.is_main_process and not cache_file.is_file():
+    """Reference log-probs for every pair, computed once and cached on disk. Every process
+    scores its share of the pairs (every N-th of each mode) and the main process writes the
+    merged cache, so N GPUs precompute N times faster than one."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    # One decision for all processes: the main process's view of the cache.
+    missing = broadcast_object_list([accelerator.is_main_process and not cache_file.is_file()])[0]
+    if missing:
         reference = load_reference()
-        computed = {mode: reference_logps(reference, chosen, rejected, pad_id, autocast=accelerator.autocast,
-                                          shared_prompt=shared_prompt)
-                    for mode, (chosen, rejected) in data.items()}
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        torch.save(computed, tmp)
-        os.replace(tmp, cache_file)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        computed = {}
+        for mode, (chosen, rejected) in data.items():
+            mine = list(range(rank, len(chosen), world))
+            c, r = reference_logps(reference, [chosen[i] for i in mine], [rejected[i] for i in mine], pad_id,
+                                   autocast=accelerator.autocast, shared_prompt=shared_prompt)
+            merged = torch.empty(2, len(chosen))
+            for indices, chosen_logps, rejected_logps in gather_object([(mine, c, r)]):
+                merged[0, indices], merged[1, indices] = chosen_logps, rejected_logps
+            computed[mode] = (merged[0], merged[1])
+            print(f"reference log-probs ({mode}): process {rank} of {world} scored {len(mine)} of "
+                  f"{len(chosen)} pairs", flush=True)
+        del reference
+        if accelerator.is_main_process:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            torch.save(computed, tmp)
+            os.replace(tmp, cache_file)
     accelerator.wait_for_everyone()
     return torch.load(cache_file)
 
