@@ -32,6 +32,22 @@ def tiny_model(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def reward_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random sequence-classification reward model (one output), saved like a user's."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("reward_model")
+    Qwen3ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect API for the whole session (starting one costs seconds)."""
     from prefect.testing.utilities import prefect_test_harness

@@ -47,22 +47,6 @@ def test_graded_reward_prefers_close_numbers():
 
 
 # ----------------------------------------------------------------------------- a reward model
-@pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory, tokenizer):
-    """A tiny random sequence-classification reward model (one output), saved like a user's."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForSequenceClassification
-
-    torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
-    path = tmp_path_factory.mktemp("reward_model")
-    Qwen3ForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def scored(reward: str, reward_model_dir, rows: list[dict]) -> list[dict]:
     from bvpo.config import Params
     from bvpo.stages import score_samples
@@ -131,6 +115,10 @@ def test_reward_model_settings_are_checked(tmp_path, reward_model_dir):
     path.write_text(yaml.safe_dump({"pairs": {"reward": "verified_model", "reward_model": "missing/rm"}}))
     with pytest.raises(ConfigError, match="pairs.reward_model: expected an existing local model directory"):
         load_params(path)
+    (tmp_path / "chat.jsonl").write_text('{"prompt": "Write a haiku."}\n')
+    path.write_text(yaml.safe_dump({"evaluate": {"win_rate_prompts": "chat.jsonl"}}))
+    with pytest.raises(ConfigError, match="evaluate.win_rate_reward_model: expected a reward model directory"):
+        load_params(path)
     import json
 
     config = json.loads((reward_model_dir / "config.json").read_text())
@@ -142,3 +130,27 @@ def test_reward_model_settings_are_checked(tmp_path, reward_model_dir):
                                                  "label2id": {"a": 0, "b": 1}}))
     with pytest.raises(ModelError, match="one output"):
         RewardModel(str(two))
+
+
+def test_win_rate_against_the_starting_model(reward_model_dir):
+    from bvpo.config import Params
+    from bvpo.rewards import RewardModel
+    from bvpo.stages import win_rates
+
+    prompts = ["Compute 60+6.", "Compute 9+9.", "Compute 20-5.", "Compute 1+1."]
+    answers = {"base": {"think": ["66", "18", None, "2"], "nothink": ["65", None, None, "3"]},
+               "bvpo": {"think": ["66", "17", "15", None], "nothink": ["66", "18", None, "2"]}}
+    params = Params()
+    rates = win_rates(answers, prompts, str(reward_model_dir), params)
+    judge = RewardModel(str(reward_model_dir))
+
+    def score(i, text):
+        return judge.score([prompts[i]], [text])[0]
+
+    # think: prompt 0 same answer (tie, 1/2); 1 judged; 2 valid vs invalid (win); 3 invalid vs valid (loss)
+    expected_think = (0.5 + (score(1, "17") > score(1, "18")) + 1 + 0) / 4
+    # no thinking: 0 judged; 1 valid vs invalid (win); 2 both invalid (tie); 3 judged
+    expected_nothink = ((score(0, "66") > score(0, "65")) + 1 + 0.5 + (score(3, "2") > score(3, "3"))) / 4
+    assert set(rates) == {"bvpo"}
+    assert rates["bvpo"]["win_rate_think"] == pytest.approx(expected_think)
+    assert rates["bvpo"]["win_rate_nothink"] == pytest.approx(expected_nothink)

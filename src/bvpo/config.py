@@ -244,6 +244,15 @@ class EvalConfig:
     (checked by math-verify). Results land in eval.json as `<name>/accuracy_*` and their mean
     over benchmarks as `benchmarks/accuracy_*`. Add the files to the evaluate stage's deps in
     dvc.yaml so that editing one reruns it."""
+    win_rate_prompts: str | None = None
+    """A prompts file (JSONL/Parquet, `prompt` column) for the reward-model win rate, the offline
+    analogue of AlpacaEval: every trained model and the starting model answer each prompt
+    greedily in both modes, `win_rate_reward_model` scores (prompt, final answer), and a model's
+    win rate is the share of prompts where it scores above the starting model (ties count
+    half). eval.json: `win_rate_think`, `win_rate_nothink`. None = off."""
+    win_rate_reward_model: str | None = None
+    """Reward model directory for the win rate (one-output sequence classifier); None uses
+    `pairs.reward_model`."""
 
 
 @dataclass
@@ -471,6 +480,14 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
         if base_dir is not None and not local.is_absolute():
             local = base_dir / local
         _check(local.is_file(), f"evaluate.benchmarks.{bench}", "an existing .jsonl or .parquet file", str(local))
+    if params.evaluate.win_rate_prompts is not None:
+        local = Path(params.evaluate.win_rate_prompts)
+        if base_dir is not None and not local.is_absolute():
+            local = base_dir / local
+        _check(local.is_file(), "evaluate.win_rate_prompts", "an existing .jsonl or .parquet file", str(local))
+        judge = params.evaluate.win_rate_reward_model or params.pairs.reward_model
+        _check(judge is not None, "evaluate.win_rate_reward_model", "a reward model directory (or "
+               "pairs.reward_model) for evaluate.win_rate_prompts", judge)
     _check(params.pairs.reward_batch_size >= 1, "pairs.reward_batch_size", "an integer >= 1",
            params.pairs.reward_batch_size)
     if params.pairs.reward in ("model", "verified_model"):

@@ -438,6 +438,48 @@ def _score_prompts(model, tokenizer, prompts: list[str], answers: list[str], par
     return entry, scores
 
 
+def _final_answers(model, tokenizer, prompts: list[str], params: Params, label: str) -> dict[str, list]:
+    """Greedy final answers (trace removed) in both modes; None where the completion is invalid."""
+    from .sequences import generate, parse_completion
+
+    e, out = params.evaluate, {}
+    for thinking in (True, False):
+        generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens, e.batch_size, greedy=True,
+                             desc=f"win rate {label} ({_mode_name(thinking)})")
+        parsed = [parse_completion(g.text, thinking) for g in generated]
+        out[_mode_name(thinking)] = [None if g.truncated or p.malformed else p.answer
+                                     for g, p in zip(generated, parsed)]
+    return out
+
+
+def win_rates(answers: dict[str, dict[str, list]], prompts: list[str], judge: str,
+              params: Params) -> dict[str, dict[str, float]]:
+    """Each model's reward-model win rate against `base` per mode: the share of prompts where the
+    judge scores its answer above base's (ties half; an invalid answer loses to a valid one)."""
+    from .modeling import pick_device
+    from .rewards import RewardModel
+
+    model = RewardModel(judge, str(pick_device()), params.model.dtype)
+    scores = {}
+    for name, by_mode in answers.items():
+        for mode, texts in by_mode.items():
+            valid = [i for i, t in enumerate(texts) if t is not None]
+            judged = model.score([prompts[i] for i in valid], [texts[i] for i in valid], params.pairs.reward_batch_size)
+            column = [None] * len(texts)
+            for i, value in zip(valid, judged):
+                column[i] = value
+            scores[(name, mode)] = column
+
+    def beats(a: float | None, b: float | None) -> float:
+        if a is None or b is None:
+            return 0.5 if a is None and b is None else float(b is None)
+        return 1.0 if a > b else 0.5 if a == b else 0.0
+
+    return {name: {f"win_rate_{mode}": sum(beats(a, b) for a, b in zip(scores[(name, mode)], scores[("base", mode)]))
+                   / len(prompts) for mode in ("think", "nothink")}
+            for name in answers if name != "base"}
+
+
 def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
     """Accuracy on held-out prompts, thinking on and off, for the round's starting policy (`base`:
     the base model, or the champion it started from) and every method: greedy, and
@@ -470,6 +512,9 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
     results, per_prompt = {}, {}
     device = pick_device()
     prompts, answers = list(test["prompt"]), list(test["answer"])
+    e = params.evaluate
+    win_prompts = list(read_prompts_file(root / e.win_rate_prompts)["prompt"]) if e.win_rate_prompts else None
+    answers_for_judge = {}
     with tracking.stage_run(root, params.tracking.experiment, "evaluate",
                             params={"evaluate": params.to_dict()["evaluate"]}):
         for name, path in candidates.items():
@@ -484,9 +529,16 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
             for key in (per_bench[next(iter(per_bench))] if per_bench else {}):
                 if key.startswith("accuracy"):
                     entry[f"benchmarks/{key}"] = sum(b[key] for b in per_bench.values()) / len(per_bench)
+            if win_prompts:
+                answers_for_judge[name] = _final_answers(model, tokenizer, win_prompts, params, name)
             results[name] = entry
             tracking.log_metrics({f"{name}/{k}": v for k, v in entry.items()})
             del model
+        if win_prompts:
+            judge_path = e.win_rate_reward_model or params.pairs.reward_model
+            for name, rates in win_rates(answers_for_judge, win_prompts, judge_path, params).items():
+                results[name].update(rates)
+                tracking.log_metrics({f"{name}/{k}": v for k, v in rates.items()})
         out = root / PATHS["eval"]
         with atomic_path(out) as tmp:
             _write_json(tmp, results)
