@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.mark.parametrize("style", ["qwen3", "r1"])
-def test_micro_pipeline_runs_on_a_users_model(style, tmp_path, monkeypatch):
+def test_micro_pipeline_runs_on_a_users_model(style, tmp_path, monkeypatch, reward_model_dir):
     from datasets import load_from_disk
 
     from bvpo.config import load_params
@@ -30,7 +30,11 @@ def test_micro_pipeline_runs_on_a_users_model(style, tmp_path, monkeypatch):
         "warmup": {"steps": 60, "batch_size": 32, "lr": 1.0e-2}})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(project))
     model_dir = build_user_model(tmp_path / f"user-{style}", style, load_params(project / "params.yaml"))
+    (project / "data/chat.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                                                     ["Compute 12+30.", "Compute 45-7.", "Say hello."]))
     text = (project / "params.yaml").read_text().replace("path: null", f"path: {model_dir}")
+    text = text.replace("win_rate_prompts: null", "win_rate_prompts: data/chat.jsonl").replace(
+        "win_rate_reward_model: null", f"win_rate_reward_model: {reward_model_dir}")
     (project / "params.yaml").write_text(text)
     params = load_params(project / "params.yaml")
 
@@ -55,6 +59,9 @@ def test_micro_pipeline_runs_on_a_users_model(style, tmp_path, monkeypatch):
     assert stats["think/n_pairs"] > 0 and stats["nothink/n_pairs"] > 0
     results = json.loads((project / "metrics/eval.json").read_text())
     assert set(results) == {"base", "bvpo"} and results["bvpo"]["n_prompts"] == 12
+    # The reward-model win rate against the starting model, over the three chat prompts.
+    assert {results["bvpo"]["win_rate_think"] * 6, results["bvpo"]["win_rate_nothink"] * 6} <= set(range(7))
+    assert "win_rate_think" not in results["base"]
 
 
 @pytest.mark.parametrize("broken, message", [
