@@ -114,12 +114,15 @@ def register_and_promote(project_dir: str, params_file: str, pipeline_run_id: st
     root = Path(project_dir)
     name, candidate = params.tracking.registered_model, params.tracking.register_method
     fingerprints = {m: rounds.model_fingerprint(root / PATHS["models"] / m) for m in params.train.methods}
-    known = {tags.get("fingerprint"): tags["version"] for tags in tracking.model_versions(root, name)}
-    if all(f in known for f in fingerprints.values()):
+    registered = {tags.get("fingerprint"): tags for tags in tracking.model_versions(root, name)}
+    known = {fingerprint: tags["version"] for fingerprint, tags in registered.items()}
+    # A candidate registered by a run killed before its decision is decided now.
+    undecided = "promotion_decision" not in registered.get(fingerprints[candidate], {})
+    if all(f in known for f in fingerprints.values()) and not undecided:
         return {"round": None, "versions": {m: known[f] for m, f in fingerprints.items()}, "decision": None,
                 "new_versions": []}
     decision = None
-    if fingerprints[candidate] not in known:  # else only other methods changed: nothing to decide
+    if undecided:  # else only other methods changed: nothing to decide
         scores = json.loads((root / PATHS["eval_prompts"]).read_text())["scores"]
         p = params.promotion
         decision = rounds.decide(scores, candidate, p.metric, p.margin, p.require_interval)
