@@ -61,7 +61,7 @@ def main() -> int:
                  "mixed_precision": "bf16",
                  "methods": {"bvpo": {"alpha": 0.5}, "bvpo_auto": {"alpha": "auto"}}}
         params = write_micro_params(project / "params.yaml", {"train": train, "warmup": {"steps": 200}})
-        for stage in ("prepare", "warmup", "sample", "pairs"):
+        for stage in ("prepare", "warmup", "policy", "sample", "pairs"):
             result = bvpo(project, "stage", stage, "--params", str(params))
             check(f"stage {stage}", result.returncode == 0, result.stderr.strip().splitlines()[-1]
                   if result.returncode else "")

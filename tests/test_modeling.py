@@ -145,3 +145,33 @@ def test_prompt_sharing_pairs_score_like_separate_sequences_in_value_and_gradien
     assert shared[1].tolist() == separate[1].tolist()
     for a, b in zip(shared[2], separate[2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_scoring_under_activation_checkpointing_matches_plain_scoring(tokenizer):
+    """FSDP's activation checkpointing (accelerate wraps each decoder layer with torch's
+    checkpoint wrapper) recomputes every layer in the backward pass. Scoring must not build a
+    KV cache, or the recomputed attention sees each key twice (found on a GPU: a shape error in
+    the backward pass of the 4k-token case). Same values and gradients as without the wrapper."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+
+    from bvpo.modeling import build_tiny_model
+    from bvpo.sequences import score_pairs
+
+    prompts = ["Compute 12+3-4.", "Compute 50-7."]
+    chosen = [encode(tokenizer, p, completion_text("1+1=2", "11", tokenizer.eos_token), True) for p in prompts]
+    rejected = [encode(tokenizer, p, completion_text("2+2=4", "7", tokenizer.eos_token), True) for p in prompts]
+
+    def run(checkpointed: bool):
+        model = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                 max_length=192, seed=0)
+        if checkpointed:
+            apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Qwen3DecoderLayer))
+        logps, _ = score_pairs(model, chosen, rejected, tokenizer.pad_token_id)
+        logps.sum().backward()
+        return logps.detach(), [p.grad for p in model.parameters()]
+
+    plain, wrapped = run(False), run(True)
+    torch.testing.assert_close(wrapped[0], plain[0])
+    for a, b in zip(wrapped[1], plain[1]):
+        torch.testing.assert_close(a, b)

@@ -54,7 +54,7 @@ def score(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     """Summed completion log-probs and completion token counts, one forward pass."""
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
     return sequence_logps(logits, input_ids, batch["completion_mask"].to(device))
 
 
@@ -117,8 +117,10 @@ def score_pairs(model, chosen: list[Encoded], rejected: list[Encoded], pad_id: i
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_pairs(chosen, rejected, pad_id).items()}
     input_ids = batch["input_ids"]
+    # No KV cache when scoring: under activation checkpointing (FSDP's) the recomputed layers
+    # would append their keys to the cache a second time and attend over both copies.
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits
+                   position_ids=batch["position_ids"], use_cache=False).logits
     token_logps = completion_token_logps(logits[:, :-1], input_ids[:, 1:])
     chosen_mask, rejected_mask = batch["chosen_mask"][:, 1:].float(), batch["rejected_mask"][:, 1:].float()
     rows = torch.arange(len(chosen), device=device)
@@ -133,7 +135,7 @@ def token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-token log-probs of each row's own next token ([B, L−1]; masked positions are 0)."""
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
     picked = completion_token_logps(logits[:, :-1], input_ids[:, 1:])
     return picked * batch["completion_mask"][:, 1:].to(device)
 

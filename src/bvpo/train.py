@@ -533,10 +533,16 @@ def train_method(name: str, alpha_setting: float | str, params: Params, base_dir
             logger.log(row)
         return history
     state = setup(name, alpha_setting, params, base_dir, method_dir, fingerprint)
+    on_cuda = state.accelerator.device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(state.accelerator.device)
     started = time.perf_counter()
     train_loop(state, recipe, params.train, method_dir, logger)
-    save_final(state, method_dir, tokenizer, {"method": name, "alpha": alpha_setting, "steps": params.train.steps,
-                                              "seconds_this_run": time.perf_counter() - started})
+    summary = {"method": name, "alpha": alpha_setting, "steps": params.train.steps,
+               "seconds_this_run": time.perf_counter() - started}
+    if on_cuda:  # this process's peak while training (model, optimizer, activations), for sizing runs
+        summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(state.accelerator.device) / 2**30
+    save_final(state, method_dir, tokenizer, summary)
     history = state.history
     state.accelerator.free_memory()
     del state

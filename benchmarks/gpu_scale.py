@@ -1,0 +1,182 @@
+"""Realistic-size GPU check: a Qwen3-0.6B-shaped random model (152k vocabulary, 28 layers)
+trained by the project's own train stage on pairs with ~2k-token traces, then sampled.
+
+    python benchmarks/gpu_scale.py [--steps 6] [--trace-tokens 2000]   # on a machine with CUDA
+
+What the small gpu_check cannot show: memory and speed where the vocabulary and the traces are
+real-sized. Per variant (1-process DDP, 1-process FSDP2 with activation checkpointing), both
+`bvpo` (α = 0.5) and `bvpo_auto` train in bf16 with a precomputed reference; printed per
+method: pairs/s, completion+prompt tokens/s, peak GPU memory, finite losses, step-0 log-ratio
+~ 0, α in [0, 1]. Then Hugging Face `generate` tokens/s, one-by-one vs batched, both modes (a
+random model rarely stops, so every row runs to `--new-tokens`). Exit 0 = every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+QWEN3_06B = {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+             "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936}
+
+
+def text_of_tokens(tokenizer, rng: random.Random, n_tokens: int) -> str:
+    """Trace-like text of about `n_tokens` tokens, from the embedded task's trace generator."""
+    from bvpo.data import make_problem, make_trace
+
+    parts, count = [], 0
+    while count < n_tokens:
+        _, chain = make_problem(rng, 2, 4, (10, 999))
+        piece = make_trace(rng, chain)
+        parts.append(piece)
+        count += len(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    return "\n".join(parts)
+
+
+def build_project(project: Path, args) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from bvpo.data import make_problem
+    from realistic_model import train_tokenizer
+
+    tokenizer = train_tokenizer("qwen3", vocab_size=2048)
+    config = Qwen3Config(**QWEN3_06B, max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    print(f"model: Qwen3, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+          f"vocabulary {config.vocab_size}", flush=True)
+    model.save_pretrained(project / "data" / "policy")
+    tokenizer.save_pretrained(project / "data" / "policy")
+    rng = random.Random(0)
+    eos = tokenizer.eos_token
+    for mode in ("think", "nothink"):
+        rows = []
+        for i in range(args.pairs):
+            prompt, _ = make_problem(rng, 2, 4, (10, 999))
+            if mode == "think":
+                chosen, rejected = (f"<think>\n{text_of_tokens(tokenizer, rng, args.trace_tokens)}\n</think>\n\n"
+                                    f"{rng.randint(0, 999)}{eos}" for _ in range(2))
+            else:
+                chosen, rejected = (f"{text_of_tokens(tokenizer, rng, args.answer_tokens)}{eos}" for _ in range(2))
+            rows.append({"prompt_id": i, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+        Dataset.from_list(rows).save_to_disk(str(project / "data" / "pairs" / mode))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--pairs", type=int, default=48, help="pairs per mode")
+    parser.add_argument("--trace-tokens", type=int, default=2000, help="about this many tokens per trace")
+    parser.add_argument("--answer-tokens", type=int, default=200, help="about this many per no-thinking answer")
+    parser.add_argument("--new-tokens", type=int, default=512, help="sampling: tokens generated per sequence")
+    parser.add_argument("--variants", default="ddp,fsdp", help="comma-separated: ddp, fsdp")
+    parser.add_argument("--no-sampling", action="store_true", help="skip the generate throughput part")
+    parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    import torch
+
+    from bvpo.config import load_params
+    from bvpo.runtime import configure_environment
+    from bvpo.stages import train
+    from micro_params import write_micro_params
+
+    configure_environment()
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print("gpu_scale: SKIP, no CUDA device here")
+        return 3
+    print(f"gpu_scale on {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}, "
+          f"torch {torch.__version__}", flush=True)
+    failures = 0
+
+    def check(name: str, ok: bool, detail: str = "") -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}{': ' + detail if detail else ''}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(tmp)
+        start = time.perf_counter()
+        build_project(project, args)
+        print(f"built model and {args.pairs} pairs per mode in {time.perf_counter() - start:.0f} s", flush=True)
+        base_train = {"steps": args.steps, "batch_size": 8, "micro_batch_size": 2, "warmup_steps": 1, "lr": 1e-5,
+                      "alpha_every": 3, "alpha_draws": 2, "alpha_draw_size": 2, "checkpoint_every": 0,
+                      "telemetry": False, "mixed_precision": "bf16", "max_skipped_fraction": 0.0,
+                      "methods": {"bvpo": {"alpha": 0.5}, "bvpo_auto": {"alpha": "auto"}}}
+        model = {"max_length": 8192}
+        configs = {"ddp": None, "fsdp": str(ROOT / "configs" / "fsdp.yaml")}
+        for variant in args.variants.split(","):
+            config = configs[variant]
+            print(f"{variant}:", flush=True)
+            params_file = write_micro_params(project / f"params-{variant}.yaml", {
+                "model": model, "train": {**base_train, "accelerate_config": config}})
+            start = time.perf_counter()
+            try:
+                train(load_params(params_file), project, params_file)
+            except Exception as err:  # report and go on to the next variant
+                check("train stage", False, str(err))
+                continue
+            check("train stage", True, f"{time.perf_counter() - start:.0f} s with model loading and reference")
+            for method in base_train["methods"]:
+                model_dir = project / "data" / "models" / method
+                rows = json.loads((model_dir / "history.json").read_text())["history"]
+                summary = json.loads((model_dir / "train_summary.json").read_text())
+                first = rows[0]
+                check(f"{method}: step-0 log-ratio ~ 0 under bf16",
+                      first["trace/abs_logratio"] < 1e-2 and first["empty/abs_logratio"] < 1e-2,
+                      f"{first['trace/abs_logratio']:.2e} / {first['empty/abs_logratio']:.2e}")
+                check(f"{method}: finite losses", all(math.isfinite(r["loss"]) for r in rows))
+                check(f"{method}: alpha in [0, 1]", all(0 <= r["alpha"] <= 1 for r in rows),
+                      f"final alpha {rows[-1]['alpha']:.3f}")
+                pairs = sum(base_train["batch_size"] * ((r["alpha"] > 0) + (r["alpha"] < 1)) for r in rows)
+                tokens = sum(base_train["batch_size"] * r[f"{prefix}/tokens_per_pair"]
+                             for r in rows for prefix in ("trace", "empty") if f"{prefix}/tokens_per_pair" in r)
+                seconds = summary["seconds_this_run"]
+                print(f"        {method}: {pairs / seconds:.1f} pairs/s, {tokens / seconds:.0f} scored tokens/s, "
+                      f"peak {summary.get('peak_gpu_memory_gib', float('nan')):.1f} GiB, "
+                      f"scored tokens per trace pair {rows[0].get('trace/tokens_per_pair', 0):.0f}", flush=True)
+        if not args.no_sampling:
+            failures += sampling(project, args)
+    print(f"gpu_scale: {'PASS' if failures == 0 else f'{failures} FAIL'}")
+    return 1 if failures else 0
+
+
+def sampling(project: Path, args) -> int:
+    import torch
+
+    from bvpo.modeling import load_model, load_tokenizer
+    from bvpo.sequences import generate
+
+    base = project / "data" / "policy"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer, model = load_tokenizer(base), load_model(base, "bfloat16", device)
+    prompts = [f"What is {a} + {b}?" for a, b in zip(range(100, 164), range(200, 264))]
+    print(f"sampling: {args.new_tokens} new tokens per sequence, T = 1, bf16")
+    for thinking in (True, False):
+        rates = {}
+        for batch_size, n, new in ((1, 2, args.new_tokens // 4), (64, 64, args.new_tokens)):
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            out = generate(model, tokenizer, prompts[:n], thinking, new, batch_size)
+            elapsed = time.perf_counter() - start
+            rates[batch_size] = sum(g.n_tokens for g in out) / elapsed
+            print(f"  {'think' if thinking else 'nothink':8s} batch {batch_size:3d}: {rates[batch_size]:8.0f} tokens/s "
+                  f"({n} prompts, {elapsed:.1f} s)", flush=True)
+        print(f"  batched / one-by-one: {rates[64] / rates[1]:.1f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
