@@ -304,3 +304,14 @@ def test_accumulated_update_gradient_is_the_bvpo_objective_gradient(inputs, toke
     for a, b in zip(accumulated, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     model.zero_grad(set_to_none=True)
+
+
+def test_no_thinking_pairs_have_their_own_length_limit(inputs):
+    """model.max_length_nothink applies to the no-thinking pairs alone: the thinking pairs fit
+    max_length, every no-thinking pair is past its own limit, and the error names that limit."""
+    result = run_training(inputs, "nothinklimit", {"methods": {"bvpo": {"alpha": 0.5}}},
+                          params={"model": {"max_length": 96, "max_length_nothink": 20}})
+    assert result.returncode != 0
+    message = [line for line in result.stderr.splitlines() if line.startswith("bvpo train: error:")]
+    assert message and "nothink: 16 of 16 pairs do not fit model.max_length_nothink=20" in message[0], \
+        result.stderr[-2000:]

@@ -65,9 +65,18 @@ class ModelConfig:
     intermediate_size: int = 512
     """Embedded model: MLP width."""
     max_length: int = 192
-    """Longest prompt + completion, in tokens; also the rotary position range."""
+    """Longest prompt + completion, in tokens, of a thinking-mode sequence (and of both modes
+    unless `max_length_nothink` is set); also the embedded model's rotary position range.
+    Sequences that do not fit are skipped and counted, never truncated."""
+    max_length_nothink: int | None = None
+    """Longest prompt + completion of a no-thinking sequence; None: `max_length`. At most
+    `max_length`. No-thinking answers are short, so a tighter limit keeps a runaway answer from
+    setting a micro-batch's padded length (it is skipped and counted instead)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights and compute dtype for a real model; the embedded model always runs in float32."""
+
+    def max_length_for(self, thinking: bool) -> int:
+        return self.max_length if thinking or self.max_length_nothink is None else self.max_length_nothink
 
 
 @dataclass
@@ -93,7 +102,24 @@ class SampleConfig:
     max_new_tokens: int = 96
     """Generation budget; a sample that hits it is flagged invalid (truncated)."""
     batch_size: int = 256
-    """Sequences generated at once (KV-cached, left-padded)."""
+    """Sequences generated at once (KV-cached, left-padded; `hf` backend)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """`hf`: Hugging Face `generate`, sharded over `num_processes`. `vllm`: vLLM's offline
+    engine in one process (optional extra, `pip install 'bvpo[vllm]'`; needs a GPU), parallel
+    over `vllm_tensor_parallel_size` GPUs. Both honour `enable_thinking`, k, the seeds,
+    `max_new_tokens`, temperature and top_p, and flag truncated and malformed samples alike."""
+    num_processes: int = 1
+    """`hf` backend: processes (`accelerate launch`, one GPU each; on a CPU they split the
+    cores). Shards go round robin over processes and are merged in prompt order."""
+    shard_prompts: int = 64
+    """Prompts per shard (each sampled k times in both modes). A finished shard is written to
+    data/cache at once, so a killed stage restarts from the shards it already has. Each shard
+    has its own seed (from the sample seed, the mode and the shard's index), so its samples do
+    not depend on which process made it."""
+    vllm_tensor_parallel_size: int = 1
+    """`vllm` backend: GPUs the sampling engine spans."""
+    vllm_gpu_memory_utilization: float = 0.9
+    """`vllm` backend: share of each GPU's memory vLLM may take (weights + KV cache)."""
     seed: int | None = None
     """Seed of the sampling RNG; None uses the top-level `seed`. Experiments vary this (and
     `train.seed`) per run while the base model, built from `seed`, stays the same."""
@@ -468,6 +494,18 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     _check(0 <= params.warmup.think_fraction <= 1, "warmup.think_fraction", "a fraction in [0, 1]",
            params.warmup.think_fraction)
     _check(s.k >= 2, "sample.k", "an integer >= 2 (a pair needs two samples)", s.k)
+    _check(s.num_processes >= 1, "sample.num_processes", "an integer >= 1", s.num_processes)
+    _check(s.shard_prompts >= 1, "sample.shard_prompts", "an integer >= 1", s.shard_prompts)
+    _check(s.backend == "hf" or s.num_processes == 1, "sample.num_processes",
+           "1 with sample.backend vllm (vLLM parallelises inside its one process: set "
+           "sample.vllm_tensor_parallel_size)", s.num_processes)
+    _check(s.vllm_tensor_parallel_size >= 1, "sample.vllm_tensor_parallel_size", "an integer >= 1",
+           s.vllm_tensor_parallel_size)
+    _check(0 < s.vllm_gpu_memory_utilization <= 1, "sample.vllm_gpu_memory_utilization", "a fraction in (0, 1]",
+           s.vllm_gpu_memory_utilization)
+    if m.max_length_nothink is not None:
+        _check(1 <= m.max_length_nothink <= m.max_length, "model.max_length_nothink",
+               f"null or an integer in [1, model.max_length={m.max_length}]", m.max_length_nothink)
     _check(s.temperature > 0, "sample.temperature", "a number > 0", s.temperature)
     _check(0 < s.top_p <= 1, "sample.top_p", "a number in (0, 1]", s.top_p)
     _check(s.max_new_tokens >= 1, "sample.max_new_tokens", "an integer >= 1", s.max_new_tokens)

@@ -201,13 +201,18 @@ def read_prompts_file(path: str | Path, prompt_columns: tuple[str, ...] = ("prom
 INBOX_SUFFIXES = (".jsonl", ".parquet")
 
 
+def inbox_files(inbox: str | Path) -> list[Path]:
+    """The prompts files in the inbox folder, sorted by name (the order rounds read them in)."""
+    inbox = Path(inbox)
+    return sorted(p for p in inbox.iterdir() if p.suffix in INBOX_SUFFIXES) if inbox.is_dir() else []
+
+
 def read_inbox(inbox: str | Path, test_prompts: set[str], needs_answer: bool) -> tuple[Dataset | None, dict]:
     """Every prompts file dropped into the inbox folder (sorted by name, so the order is
     reproducible), as one dataset of `prompt` (+ `answer`) rows. Prompts that are also held-out
     test prompts are dropped (evaluation stays clean across rounds) and counted; other files
     (README, .gitkeep) are ignored. Returns (None, stats) when no prompts arrived."""
-    inbox = Path(inbox)
-    files = sorted(p for p in inbox.iterdir() if p.suffix in INBOX_SUFFIXES) if inbox.is_dir() else []
+    files = inbox_files(inbox)
     rows, dropped = [], 0
     for path in files:
         dataset = read_prompts_file(path)

@@ -95,10 +95,9 @@ def round_inputs(root: Path, champion: dict) -> dict:
     files (with their hashes), the commit and the dvc.lock it produced."""
     import hashlib
 
-    from .data import INBOX_SUFFIXES
+    from .data import inbox_files
 
-    inbox = root / PATHS["inbox"]
-    files = sorted(p for p in inbox.iterdir() if p.suffix in INBOX_SUFFIXES) if inbox.is_dir() else []
+    files = inbox_files(root / PATHS["inbox"])
     return {"round": champion["round"], "champion": {k: champion[k] for k in ("registered_model", "version")},
             "inbox": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
             **tracking.provenance_tags(root)}
@@ -135,7 +134,7 @@ def register_and_promote(project_dir: str, params_file: str, pipeline_run_id: st
                 versions[method] = known[fingerprint]
                 continue
             versions[method] = tracking.log_and_register_model(
-                root / PATHS["models"] / method, name, None,
+                root / PATHS["models"] / method, name,
                 {"method": method, "fingerprint": fingerprint, **lineage})
             new_versions.append(versions[method])
         if decision is not None:

@@ -7,6 +7,7 @@ Values a user already exported win (e.g. HF_HUB_OFFLINE=0 to fetch a hub model o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
@@ -70,3 +71,17 @@ def project_lock(project_dir: str | Path, what: str):
         yield
     finally:
         handle.close()  # releases the lock
+
+
+def files_digest(folder: Path, limit_bytes: int = 1 << 30) -> str:
+    """Content hash of a folder's files (name, size and mtime only past `limit_bytes`)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    for p in files:
+        h.update(str(p.relative_to(folder)).encode())
+        if total <= limit_bytes:
+            h.update(p.read_bytes())
+        else:
+            h.update(f"{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

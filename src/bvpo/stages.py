@@ -213,52 +213,55 @@ def _training_prompts(root: Path):
 
 
 # --------------------------------------------------------------------------------- sample
-def sample(params: Params, project_dir: Path | str = ".") -> Path:
+def sample(params: Params, project_dir: Path | str = ".", params_file: str | Path = "params.yaml") -> Path:
     """K completions per training prompt (inbox prompts included) with thinking on and K with it
-    off, from the round's policy."""
-    import torch
+    off, from the round's policy, in resumable shards (`bvpo.sampling`), sharded over
+    `sample.num_processes` processes with the `hf` backend."""
     from datasets import Dataset
 
-    from .modeling import load_model, load_tokenizer, pick_device
-    from .sequences import generate, parse_completion
+    from . import sampling
+    from .modeling import pick_device
+    from .runtime import files_digest
 
     root = _project(project_dir)
     s = params.sample
-    prompts, inbox_stats = _training_prompts(root)
-    tokenizer = load_tokenizer(root / PATHS["policy"])
-    model = load_model(root / PATHS["policy"], params.model.dtype, pick_device())
-    answers = list(prompts["answer"]) if "answer" in prompts.column_names else [""] * len(prompts)
-    rows = []
+    policy_dir = root / PATHS["policy"]
+    prompts_ds, inbox_stats = _training_prompts(root)
+    prompts = list(prompts_ds["prompt"])
+    answers = list(prompts_ds["answer"]) if "answer" in prompts_ds.column_names else [""] * len(prompts)
+    key = sampling.work_key(params, files_digest(policy_dir), prompts, answers)
+    shard_dir = root / PATHS["cache"] / f"samples-{key}"
+    n_shards = len(sampling.plan(len(prompts), s.shard_prompts))
+    reused = sum(1 for _ in shard_dir.glob("*.jsonl")) if shard_dir.is_dir() else 0
+    if reused:
+        print(f"sample: resuming, {reused} of {n_shards} shards already in {shard_dir}", flush=True)
     out = root / PATHS["samples"]
     with tracking.stage_run(root, params.tracking.experiment, "sample", params={"sample": params.to_dict()["sample"]}):
         start = time.perf_counter()
-        for thinking in (True, False):
-            torch.manual_seed(params.sample_seed + (0 if thinking else 1))
-            repeated = [p for p in prompts["prompt"] for _ in range(s.k)]
-            generated = generate(model, tokenizer, repeated, thinking, s.max_new_tokens, s.batch_size,
-                                 temperature=s.temperature, top_p=s.top_p,
-                                 desc=f"sample ({_mode_name(thinking)}, k={s.k})")
-            for i, g in enumerate(generated):
-                prompt_id = i // s.k
-                parsed = parse_completion(g.text, thinking)
-                rows.append({
-                    "prompt_id": prompt_id,
-                    "prompt": repeated[i],
-                    "answer": answers[prompt_id],
-                    "mode": _mode_name(thinking),
-                    "completion": g.text + tokenizer.eos_token * (not g.truncated),
-                    "trace": parsed.trace or "",
-                    "response": parsed.answer,
-                    "n_tokens": g.n_tokens,
-                    "truncated": g.truncated,
-                    "malformed": parsed.malformed,
-                    "valid": not (g.truncated or parsed.malformed),
-                })
+        try:
+            if s.num_processes > 1:
+                shard_dir.mkdir(parents=True, exist_ok=True)
+                _write_json(shard_dir / sampling.PROMPTS_FILE, {"prompts": prompts, "answers": answers})
+                params_path = Path(params_file) if Path(params_file).is_absolute() else root / params_file
+                cmd, env = launch_command("bvpo.sampling", ["--params", str(params_path),
+                                                            "--policy", str(policy_dir), "--shard-dir", str(shard_dir)],
+                                          s.num_processes)
+                result = subprocess.run(cmd, cwd=root, env=env)
+                if result.returncode != 0:
+                    raise StageError(f"sampling failed (exit {result.returncode}); its output is above. The "
+                                     f"shards already written in {shard_dir} are reused by a rerun")
+            else:
+                sampling.run_shards(lambda: sampling.make_sampler(params, policy_dir, pick_device()), params,
+                                    prompts, answers, shard_dir)
+            rows = sampling.merge_shards(shard_dir, len(prompts), params)
+        except sampling.SamplingError as err:
+            raise StageError(str(err)) from None
         seconds = time.perf_counter() - start
         with atomic_path(out) as tmp:
             Dataset.from_list(rows).save_to_disk(str(tmp))
+        shutil.rmtree(shard_dir, ignore_errors=True)
         metrics = {"seconds": seconds, "samples_per_s": len(rows) / seconds, "n_prompts": len(prompts),
-                   **inbox_stats}
+                   "shards": n_shards, "shards_reused": reused, **inbox_stats}
         for mode in ("think", "nothink"):
             mine = [r for r in rows if r["mode"] == mode]
             metrics[f"{mode}/valid_rate"] = sum(r["valid"] for r in mine) / len(mine)
@@ -326,32 +329,40 @@ def pairs(params: Params, project_dir: Path | str = ".") -> Path:
 
 
 # --------------------------------------------------------------------------------- train
-def accelerate_command(params: Params, module_args: list[str],
-                       threads_per_process: int | None = None) -> tuple[list[str], dict[str, str]]:
-    """`accelerate launch` for the configured processes. On a CPU-only machine several
-    processes need --multi_gpu plus ACCELERATE_USE_CPU (gloo); `--cpu --num_processes N`
-    silently runs one. accelerate pins each process to ONE OpenMP thread unless told otherwise,
-    so on a CPU the cores are shared out explicitly."""
+def launch_command(module: str, module_args: list[str], num_processes: int, config_file: str | None = None,
+                   mixed_precision: str = "fp32", threads_per_process: int | None = None,
+                   ) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch` of `python -m <module>` on `num_processes` processes. On a CPU-only
+    machine several processes need --multi_gpu plus ACCELERATE_USE_CPU (gloo); `--cpu
+    --num_processes N` silently runs one. accelerate pins each process to ONE OpenMP thread
+    unless told otherwise, so on a CPU the cores are shared out explicitly."""
     import torch
 
-    t = params.train
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     env = dict(os.environ)
     on_cpu = not torch.cuda.is_available()
-    if t.accelerate_config:
-        cmd += ["--config_file", t.accelerate_config, "--num_processes", str(t.num_processes)]
-    elif t.num_processes > 1:
-        cmd += ["--multi_gpu", "--num_processes", str(t.num_processes), "--num_machines", "1",
+    if config_file:
+        cmd += ["--config_file", config_file, "--num_processes", str(num_processes)]
+    elif num_processes > 1:
+        cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
                 "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000)]
     else:
         cmd += ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
-    cmd += ["--mixed_precision", "no" if t.mixed_precision == "fp32" else t.mixed_precision]
+    cmd += ["--mixed_precision", "no" if mixed_precision == "fp32" else mixed_precision]
     if on_cpu:
-        threads = threads_per_process or max(1, (os.cpu_count() or 1) // t.num_processes)
+        threads = threads_per_process or max(1, (os.cpu_count() or 1) // num_processes)
         cmd += ["--num_cpu_threads_per_process", str(threads)]
-        # --multi_gpu only spawns the processes; without this each would train alone.
+        # --multi_gpu only spawns the processes; without this each would work alone.
         env["ACCELERATE_USE_CPU"] = "true"
-    return cmd + ["-m", "bvpo.train", *module_args], env
+    return cmd + ["-m", module, *module_args], env
+
+
+def accelerate_command(params: Params, module_args: list[str],
+                       threads_per_process: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """The train stage's launch: `train.num_processes`, `train.accelerate_config`, `train.mixed_precision`."""
+    t = params.train
+    return launch_command("bvpo.train", module_args, t.num_processes, t.accelerate_config, t.mixed_precision,
+                          threads_per_process)
 
 
 def train(params: Params, project_dir: Path | str = ".", params_file: str | Path = "params.yaml") -> Path:
@@ -564,8 +575,8 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
     model = load_model(root / PATHS["policy"], params.model.dtype, pick_device())
     model.eval()
     encoded = [encode(tokenizer, r["prompt"], r["completion"], r["mode"] == "think") for r in samples]
-    # A completion is only scored with its whole prompt; samples past model.max_length are left out.
-    kept = [i for i, e in enumerate(encoded) if fits(e, params.model.max_length)]
+    # A completion is only scored with its whole prompt; samples past their mode's limit are left out.
+    kept = [i for i, e in enumerate(encoded) if fits(e, params.model.max_length_for(samples[i]["mode"] == "think"))]
     skipped = dict.fromkeys(("think", "nothink"), 0)
     for i in set(range(len(samples))) - set(kept):
         skipped[samples[i]["mode"]] += 1
@@ -598,8 +609,8 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
 
 
 def run_stage(name: str, params: Params, project_dir: Path | str = ".", params_file: str | Path = "params.yaml") -> Path:
-    if name == "train":
-        return train(params, project_dir, params_file)
+    if name in ("train", "sample"):
+        return {"train": train, "sample": sample}[name](params, project_dir, params_file)
     functions = {"prepare": prepare, "warmup": warmup, "policy": policy, "sample": sample, "pairs": pairs,
                  "evaluate": evaluate, "analyze": analyze}
     if name not in functions:

@@ -185,9 +185,9 @@ def log_dict(obj: dict, artifact_file: str) -> None:
     mlflow.log_dict(obj, artifact_file)
 
 
-def log_and_register_model(model_dir: str | Path, registered_model: str, alias: str | None,
-                           tags: dict[str, str]) -> str:
-    """Log a saved HF model with the transformers flavour and register a new version."""
+def log_and_register_model(model_dir: str | Path, registered_model: str, tags: dict[str, str]) -> str:
+    """Log a saved HF model with the transformers flavour and register a new version (the
+    champion alias is moved separately, by `set_champion`, after the promotion decision)."""
     import logging
 
     import mlflow
@@ -216,8 +216,6 @@ def log_and_register_model(model_dir: str | Path, registered_model: str, alias: 
     version = str(info.registered_model_version)
     for key, value in tags.items():
         client.set_model_version_tag(registered_model, version, key, value)
-    if alias:
-        client.set_registered_model_alias(registered_model, alias, version)
     return version
 
 

@@ -40,6 +40,7 @@ from .config import ConfigError, Params, TrainConfig, load_params
 from .gradients import GradientVector, mixed_variance
 from .losses import bvpo_loss, estimator_loss
 from .modeling import load_model, load_tokenizer, resolve_model_dir
+from .runtime import files_digest
 from .sequences import Encoded, fits, score_pairs
 from .sequences import encode as encode_sequence
 from .warmup import cosine_schedule
@@ -89,20 +90,6 @@ def encode_pairs(tokenizer, rows: list[dict], thinking: bool, max_length: int) -
         else:
             skipped += 1
     return chosen, rejected, skipped
-
-
-def files_digest(folder: Path, limit_bytes: int = 1 << 30) -> str:
-    """Content hash of a folder's files (name, size and mtime only past `limit_bytes`)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    total = sum(p.stat().st_size for p in files)
-    for p in files:
-        h.update(str(p.relative_to(folder)).encode())
-        if total <= limit_bytes:
-            h.update(p.read_bytes())
-        else:
-            h.update(f"{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
 
 
 def model_digest(model_dir: str | Path) -> str:
@@ -621,16 +608,19 @@ def main(argv: list[str] | None = None) -> int:
     # Setup: encode every pair that fits; reference log-probs once per (pairs, model, code).
     encoded, skipped = {}, {}
     for mode in MODES:
-        chosen, rejected, skipped[mode] = encode_pairs(tokenizer, rows[mode], mode == "think", params.model.max_length)
+        limit = params.model.max_length_for(mode == "think")
+        limit_name = "model.max_length" if mode == "think" or params.model.max_length_nothink is None \
+            else "model.max_length_nothink"
+        chosen, rejected, skipped[mode] = encode_pairs(tokenizer, rows[mode], mode == "think", limit)
         encoded[mode] = (chosen, rejected)
         if rows[mode] and skipped[mode] / len(rows[mode]) > t.max_skipped_fraction:
             raise TrainingError(f"{args.pairs}/{mode}: {skipped[mode]} of {len(rows[mode])} pairs do not fit "
-                                f"model.max_length={params.model.max_length} tokens (prompt + completion); more "
-                                f"than train.max_skipped_fraction={t.max_skipped_fraction}. Raise model.max_length "
+                                f"{limit_name}={limit} tokens (prompt + completion); more than "
+                                f"train.max_skipped_fraction={t.max_skipped_fraction}. Raise {limit_name} "
                                 "or lower sample.max_new_tokens")
         if skipped[mode] and main_process:
-            print(f"train: skipped {skipped[mode]} of {len(rows[mode])} {mode} pairs longer than model.max_length="
-                  f"{params.model.max_length}", flush=True)
+            print(f"train: skipped {skipped[mode]} of {len(rows[mode])} {mode} pairs longer than {limit_name}="
+                  f"{limit}", flush=True)
     for mode, reason in needed_modes(t).items():
         if not encoded[mode][0]:
             raise TrainingError(f"{args.pairs}/{mode}: no usable {PREFIX[mode]} pairs, but {reason} needs them. "
@@ -643,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
         data = {mode: PairSet(c, r, None, None) for mode, (c, r) in encoded.items()}
     else:
         key = "-".join([pairs_digest, base_digest, scoring_code_digest(), str(params.model.max_length),
-                        params.model.dtype, str(accelerator.mixed_precision), str(t.shared_prompt)])
+                        str(params.model.max_length_nothink), params.model.dtype, str(accelerator.mixed_precision),
+                        str(t.shared_prompt)])
         cache_file = Path(args.cache) / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
         logps = precomputed_reference(cache_file, lambda: load_model(args.base, params.model.dtype, accelerator.device),
                                       encoded, tokenizer.pad_token_id, accelerator, t.shared_prompt)
@@ -656,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         # Everything that decides the weights: a checkpoint from other settings is never resumed.
         fingerprint = hashlib.sha256(json.dumps(
             [name, method.alpha, method.preference_weight, train_config, params.seed, params.model.max_length,
-             params.model.dtype, pairs_digest, base_digest], sort_keys=True, default=str).encode()).hexdigest()[:16]
+             params.model.max_length_nothink, params.model.dtype, pairs_digest, base_digest],
+            sort_keys=True, default=str).encode()).hexdigest()[:16]
         run = tracking.stage_run(args.project_dir, params.tracking.experiment, f"train/{name}",
                                  params={"method": name, "alpha": method.alpha,
                                          "preference_weight": method.preference_weight, **train_config},
