@@ -1,7 +1,7 @@
 """GPU check of the trainer: the micro pipeline on CUDA in bf16, trained with 1-process DDP and
 with 1-process FSDP2 (configs/fsdp.yaml), each checked and timed.
 
-    bash benchmarks/gpu_check.sh            # on a machine with CUDA; ~3 minutes, unattended
+    bash benchmarks/gpu_check.sh            # on a machine with CUDA; ~5 minutes, unattended
 
 Checks per variant: the train stage exits 0; at step 0 the policy/reference log-ratio is ~0
 (the reference is scored under the same bf16 autocast); losses and final weights are finite;
@@ -27,6 +27,27 @@ sys.path.insert(0, str(ROOT / "tests"))
 VARIANTS = {"ddp": None, "fsdp": str(ROOT / "configs" / "fsdp.yaml")}
 
 
+class Checks:
+    """PASS/FAIL lines and a count of the failures (shared with gpu_scale.py)."""
+
+    def __init__(self, name: str, allow_cpu: bool):
+        import torch
+
+        self.name, self.failures = name, 0
+        self.available = torch.cuda.is_available() or allow_cpu
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+        print(f"{name} on {device}, torch {torch.__version__}" if self.available
+              else f"{name}: SKIP, no CUDA device here", flush=True)
+
+    def __call__(self, what: str, ok: bool, detail: str = "") -> None:
+        self.failures += not ok
+        print(f"  {'PASS' if ok else 'FAIL'}  {what}{': ' + detail if detail else ''}", flush=True)
+
+    def exit_code(self) -> int:
+        print(f"{self.name}: {'PASS' if self.failures == 0 else f'{self.failures} FAIL'}")
+        return 1 if self.failures else 0
+
+
 def bvpo(project: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bvpo.cli", "--project-dir", str(project), *args],
                           capture_output=True, text=True)
@@ -42,18 +63,9 @@ def main() -> int:
 
     from micro_params import write_micro_params
 
-    if not torch.cuda.is_available() and not args.allow_cpu:
-        print("gpu_check: SKIP, no CUDA device here")
+    check = Checks("gpu_check", args.allow_cpu)
+    if not check.available:
         return 3
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    print(f"gpu_check on {device}, torch {torch.__version__}")
-    failures = 0
-
-    def check(name: str, ok: bool, detail: str = "") -> None:
-        nonlocal failures
-        failures += not ok
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}{': ' + detail if detail else ''}", flush=True)
-
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
         train = {"steps": args.steps, "batch_size": 16, "micro_batch_size": 8, "warmup_steps": 2, "lr": 1e-3,
@@ -100,8 +112,7 @@ def main() -> int:
                 check(f"{method}: finite saved weights", all(bool(torch.isfinite(w).all()) for w in weights.values()))
         result = bvpo(project, "stage", "evaluate", "--params", str(params))
         check("stage evaluate", result.returncode == 0)
-    print(f"gpu_check: {'PASS' if failures == 0 else f'{failures} FAIL'}")
-    return 1 if failures else 0
+    return check.exit_code()
 
 
 if __name__ == "__main__":

@@ -86,26 +86,16 @@ def main() -> int:
     parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    import torch
-
     from bvpo.config import load_params
     from bvpo.runtime import configure_environment
     from bvpo.stages import train
+    from gpu_check import Checks
     from micro_params import write_micro_params
 
     configure_environment()
-    if not torch.cuda.is_available() and not args.allow_cpu:
-        print("gpu_scale: SKIP, no CUDA device here")
+    check = Checks("gpu_scale", args.allow_cpu)
+    if not check.available:
         return 3
-    print(f"gpu_scale on {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}, "
-          f"torch {torch.__version__}", flush=True)
-    failures = 0
-
-    def check(name: str, ok: bool, detail: str = "") -> None:
-        nonlocal failures
-        failures += not ok
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}{': ' + detail if detail else ''}", flush=True)
-
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
         start = time.perf_counter()
@@ -148,12 +138,11 @@ def main() -> int:
                       f"peak {summary.get('peak_gpu_memory_gib', float('nan')):.1f} GiB, "
                       f"scored tokens per trace pair {rows[0].get('trace/tokens_per_pair', 0):.0f}", flush=True)
         if not args.no_sampling:
-            failures += sampling(project, args)
-    print(f"gpu_scale: {'PASS' if failures == 0 else f'{failures} FAIL'}")
-    return 1 if failures else 0
+            sampling(project, args)
+    return check.exit_code()
 
 
-def sampling(project: Path, args) -> int:
+def sampling(project: Path, args) -> None:
     import torch
 
     from bvpo.modeling import load_model, load_tokenizer
@@ -175,7 +164,6 @@ def sampling(project: Path, args) -> int:
             print(f"  {'think' if thinking else 'nothink':8s} batch {batch_size:3d}: {rates[batch_size]:8.0f} tokens/s "
                   f"({n} prompts, {elapsed:.1f} s)", flush=True)
         print(f"  batched / one-by-one: {rates[64] / rates[1]:.1f}x", flush=True)
-    return 0
 
 
 if __name__ == "__main__":
