@@ -64,6 +64,9 @@ def test_two_processes_sample_every_prompt_k_times_per_mode_reproducibly(project
     from datasets import load_from_disk
 
     params_file = with_sample(project, "two", num_processes=2)
+    stale = project / "data" / "cache" / "samples-0123456789abcdef"  # left by a killed run with other settings
+    stale.mkdir(parents=True)
+    (stale / "think-00000.jsonl").write_text("{}\n")
     rows = sample(project, params_file)
     prompts = load_from_disk(str(project / "data" / "prompts"))["train"]["prompt"]
     k = yaml.safe_load(params_file.read_text())["sample"]["k"]
@@ -74,7 +77,7 @@ def test_two_processes_sample_every_prompt_k_times_per_mode_reproducibly(project
         assert [r["prompt_id"] for r in mine] == sorted(r["prompt_id"] for r in mine)  # merged in prompt order
         assert all(r["prompt"] == prompts[r["prompt_id"]] for r in mine)
     assert len({r["completion"] for r in rows}) > len(prompts)  # sampled, not one text repeated
-    assert not shard_dirs(project)  # shards are removed once merged
+    assert not shard_dirs(project)  # shards are removed once merged, stale ones too
 
     again = sample(project, params_file)
     assert again == rows

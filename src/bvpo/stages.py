@@ -259,7 +259,10 @@ def sample(params: Params, project_dir: Path | str = ".", params_file: str | Pat
         seconds = time.perf_counter() - start
         with atomic_path(out) as tmp:
             Dataset.from_list(rows).save_to_disk(str(tmp))
-        shutil.rmtree(shard_dir, ignore_errors=True)
+        # This run's shards, and those a killed run with other settings left (they could be GBs
+        # with real traces); a rerun with those settings samples again.
+        for stale in shard_dir.parent.glob("samples-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         metrics = {"seconds": seconds, "samples_per_s": len(rows) / seconds, "n_prompts": len(prompts),
                    "shards": n_shards, "shards_reused": reused, **inbox_stats}
         for mode in ("think", "nothink"):
