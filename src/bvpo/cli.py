@@ -102,7 +102,7 @@ def _run(args) -> int:
     if result["decision"] is not None:
         print(f"Round {result['round']}: {decision_summary(result['decision'])}")
     else:
-        print("The candidate's inputs did not change since it was registered: no promotion decision.")
+        print("The candidate equals a version already registered (same weights and config): no promotion decision.")
     print(f"@champion: {'version ' + result['champion'] if result['champion'] else 'none yet (the base model)'}")
     print(f"MLflow parent run {result['mlflow_parent_run_id']}: browse with `bvpo ui`, then open "
           f"{ui_url('http://127.0.0.1:5000', result['mlflow_experiment_id'], result['mlflow_parent_run_id'])}")

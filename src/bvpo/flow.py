@@ -165,8 +165,9 @@ def results_markdown(results: dict, diagnostics: dict | None, versions: dict[str
     if round_result is not None:
         started = round_result["started_from_version"]
         if round_result["decision"] is None:
-            lines += ["No promotion decision this run: the candidate's inputs (champion, prompts, params, code) did "
-                      "not change, so it was not registered again and `@champion` did not move.", ""]
+            lines += ["No promotion decision this run: the candidate came out with the weights and config of a "
+                      "version already registered (its inputs did not change, or changed nothing it learned), so it "
+                      "was not registered again and `@champion` did not move.", ""]
         else:
             lines += [f"Round {round_result['round']}, started from "
                       + (f"{registered} v{started} (`@champion`)" if started else "the base model")
@@ -224,8 +225,8 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
             tracking.log_dict(round_inputs(root, champion), "round_inputs.json")
             if decision is None:
                 tracking.set_tags({"round_outcome": "no new inputs"})
-                logger.info("The candidate's inputs did not change: no promotion decision, @champion unchanged "
-                            "(%d new versions)", len(registration["new_versions"]))
+                logger.info("The candidate equals a registered version (same weights and config): no promotion "
+                            "decision, @champion unchanged (%d new versions)", len(registration["new_versions"]))
             else:
                 tracking.set_tags({"round_outcome": "promoted" if decision["promoted"] else "not promoted",
                                    "champion_after": tracking.champion_version(root, registered) or "base"})
