@@ -43,6 +43,19 @@ class Checks:
         self.failures += not ok
         print(f"  {'PASS' if ok else 'FAIL'}  {what}{': ' + detail if detail else ''}", flush=True)
 
+    def trained_method(self, model_dir: Path, method: str, batch_size: int, logratio_limit: float) -> dict:
+        """The checks every trained method must pass; returns its history rows, summary and pairs/s."""
+        rows = json.loads((model_dir / "history.json").read_text())["history"]
+        summary = json.loads((model_dir / "train_summary.json").read_text())
+        first = rows[0]
+        self(f"{method}: step-0 log-ratio ~ 0 under bf16",
+             first["trace/abs_logratio"] < logratio_limit and first["empty/abs_logratio"] < logratio_limit,
+             f"{first['trace/abs_logratio']:.2e} / {first['empty/abs_logratio']:.2e}")
+        self(f"{method}: finite losses", all(math.isfinite(r["loss"]) for r in rows))
+        self(f"{method}: alpha in [0, 1]", all(0 <= r["alpha"] <= 1 for r in rows), f"final alpha {rows[-1]['alpha']:.3f}")
+        pairs = sum(batch_size * ((r["alpha"] > 0) + (r["alpha"] < 1)) for r in rows)
+        return {"rows": rows, "summary": summary, "pairs_per_s": pairs / summary["seconds_this_run"]}
+
     def exit_code(self) -> int:
         print(f"{self.name}: {'PASS' if self.failures == 0 else f'{self.failures} FAIL'}")
         return 1 if self.failures else 0
@@ -94,17 +107,9 @@ def main() -> int:
             check("train stage", True, f"{seconds:.0f} s for 2 methods x {args.steps} steps (process start included)")
             for method in train["methods"]:
                 model_dir = project / "data" / "models" / method
-                rows = json.loads((model_dir / "history.json").read_text())["history"]
-                first = rows[0]
-                check(f"{method}: step-0 log-ratio ~ 0 under bf16",
-                      first["trace/abs_logratio"] < 1e-3 and first["empty/abs_logratio"] < 1e-3,
-                      f"{first['trace/abs_logratio']:.2e} / {first['empty/abs_logratio']:.2e}")
-                check(f"{method}: finite losses", all(math.isfinite(r["loss"]) for r in rows))
-                check(f"{method}: alpha in [0, 1]", all(0 <= r["alpha"] <= 1 for r in rows),
-                      f"final alpha {rows[-1]['alpha']:.3f}")
-                summary = json.loads((model_dir / "train_summary.json").read_text())
-                pairs = sum(train["batch_size"] * ((r["alpha"] > 0) + (r["alpha"] < 1)) for r in rows)
-                print(f"        {method}: {pairs / summary['seconds_this_run']:.0f} pairs/s "
+                trained = check.trained_method(model_dir, method, train["batch_size"], 1e-3)
+                rows = trained["rows"]
+                print(f"        {method}: {trained['pairs_per_s']:.0f} pairs/s "
                       f"(loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f})", flush=True)
                 from safetensors.torch import load_file
 

@@ -14,8 +14,6 @@ random model rarely stops, so every row runs to `--new-tokens`). Exit 0 = every 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import random
 import sys
 import tempfile
@@ -121,20 +119,12 @@ def main() -> int:
             check("train stage", True, f"{time.perf_counter() - start:.0f} s with model loading and reference")
             for method in base_train["methods"]:
                 model_dir = project / "data" / "models" / method
-                rows = json.loads((model_dir / "history.json").read_text())["history"]
-                summary = json.loads((model_dir / "train_summary.json").read_text())
-                first = rows[0]
-                check(f"{method}: step-0 log-ratio ~ 0 under bf16",
-                      first["trace/abs_logratio"] < 1e-2 and first["empty/abs_logratio"] < 1e-2,
-                      f"{first['trace/abs_logratio']:.2e} / {first['empty/abs_logratio']:.2e}")
-                check(f"{method}: finite losses", all(math.isfinite(r["loss"]) for r in rows))
-                check(f"{method}: alpha in [0, 1]", all(0 <= r["alpha"] <= 1 for r in rows),
-                      f"final alpha {rows[-1]['alpha']:.3f}")
-                pairs = sum(base_train["batch_size"] * ((r["alpha"] > 0) + (r["alpha"] < 1)) for r in rows)
+                trained = check.trained_method(model_dir, method, base_train["batch_size"], 1e-2)
+                rows, summary = trained["rows"], trained["summary"]
                 tokens = sum(base_train["batch_size"] * r[f"{prefix}/tokens_per_pair"]
                              for r in rows for prefix in ("trace", "empty") if f"{prefix}/tokens_per_pair" in r)
                 seconds = summary["seconds_this_run"]
-                print(f"        {method}: {pairs / seconds:.1f} pairs/s, {tokens / seconds:.0f} scored tokens/s, "
+                print(f"        {method}: {trained['pairs_per_s']:.1f} pairs/s, {tokens / seconds:.0f} scored tokens/s, "
                       f"peak {summary.get('peak_gpu_memory_gib', float('nan')):.1f} GiB, "
                       f"scored tokens per trace pair {rows[0].get('trace/tokens_per_pair', 0):.0f}", flush=True)
         if not args.no_sampling:
