@@ -76,8 +76,9 @@ def run_one(args) -> None:
     from accelerate import Accelerator
 
     from bvpo.config import load_params
-    from bvpo.modeling import load_model, load_tokenizer
-    from bvpo.train import PairSet, Recipe, encode_pairs, load_pair_rows, reference_logps, train_method
+    from bvpo.modeling import load_tokenizer
+    from bvpo.train import (PairSet, Recipe, encode_pairs, load_pair_rows, load_reference_model, reference_logps,
+                            train_method)
 
     config = CONFIGS[args.config]
     params = load_params(args.params)
@@ -88,15 +89,15 @@ def run_one(args) -> None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     tokenizer = load_tokenizer(args.base)
     rows = load_pair_rows(Path(args.pairs))
-    reference = load_model(args.base, params.model.dtype, accelerator.device).eval().requires_grad_(False)
+    reference = load_reference_model(args.base, params.model.dtype, accelerator)
     data = {}
     for mode in ("think", "nothink"):
         chosen, rejected, _ = encode_pairs(tokenizer, rows[mode], mode == "think", params.model.max_length)
         if config["reference"] == "live":
             data[mode] = PairSet(chosen, rejected, None, None)
         else:
-            data[mode] = PairSet(chosen, rejected, *reference_logps(reference, chosen, rejected,
-                                                                    tokenizer.pad_token_id))
+            data[mode] = PairSet(chosen, rejected, *reference_logps(reference, chosen, rejected, tokenizer.pad_token_id,
+                                                                    autocast=accelerator.autocast))
     if config["reference"] != "live":
         reference = None  # precomputed: no second model in memory while training, as in the trainer
     recipe = Recipe(params, data, tokenizer.pad_token_id, reference)
@@ -132,19 +133,23 @@ def main() -> int:
         return 0
 
     from bvpo.config import load_params
+    from bvpo.modeling import pick_device, resolve_precision
 
     root = Path(args.project_dir).resolve()
     params_file = root / "params.yaml"
     params = load_params(params_file)
+    # The precision the train stage would run here (`train.mixed_precision`, auto resolved).
+    precision = resolve_precision(params.train.mixed_precision, pick_device())
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "no" if precision == "fp32" else precision}
     with tempfile.TemporaryDirectory() as tmp:
         pairs, base, source = benchmark_inputs(root, params, Path(tmp))
         print(f"BVPO training throughput: {args.steps} steps, batch {params.train.batch_size} pairs per mode, "
-              f"{source}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+              f"{source}, {precision}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
         results = []
         for name in CONFIGS:
             out = subprocess.run([sys.executable, __file__, "--config", name, "--params", str(params_file),
                                   "--pairs", str(pairs), "--base", str(base), "--steps", str(args.steps),
-                                  "--project-dir", str(root)], capture_output=True, text=True)
+                                  "--project-dir", str(root)], capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 print(out.stderr[-2000:], file=sys.stderr)
                 return 1

@@ -6,17 +6,24 @@
 Same model (the project's data/base_model), same trace pairs (data/pairs/think), same batch,
 β, NLL weight, learning rate, schedule, clipping, threads; α = 1, so the BVPO trainer does what
 a plain DPO + NLL trainer does; reference log-probs precomputed by both (not timed); telemetry
-off. The two trainers alternate over `rounds` (the order flips every round, so drift of the
-machine hits both), each in a fresh process. Without a pipeline run it falls back to synthetic
+off. TRL runs in two shapes: the whole batch in one forward (`trl`) and the project's
+micro-batch with gradient accumulation (`trl_micro`, per-device batch `train.micro_batch_size`),
+so the project's micro-batching is not counted as its own win; the ratio is against the faster
+TRL shape of each round. Then both again under bf16 autocast (`bvpo_bf16`: the project's bf16
+path, attention kept in fp32 on a CPU; `trl_bf16`: TRL's `bf16=True`, whole batch), which is
+what `mixed_precision: auto` picks on a CPU with native bf16. The utilisation column is always
+against the fp32 matmul rate. The trainers alternate over `rounds` (the order flips every round, so
+drift of the machine hits all), each in a fresh process. Without a pipeline run it falls back to synthetic
 pairs and an untrained embedded-size model.
 
 Reported per trainer: pairs/s and tokens/s over the steps after the first (the first pays for
 allocation), peak RSS, and achieved FLOP/s as a share of the machine's dense fp32 matmul rate,
-measured here in the same invocation. FLOPs are counted as 6 × (matmul parameters) × (tokens
-actually forwarded: the BVPO trainer runs each prompt once per pair, TRL twice), the usual
-forward + backward estimate; attention scores are left out (short sequences), so the share
-is a slight under-count. tokens/s counts chosen + rejected sequences whole for both, so it
-compares work done, not tokens run.
+measured here in the same invocation. FLOPs per pair are what each trainer usefully runs,
+forward + backward (3× forward), padding excluded: 6 × (matmul parameters) × (tokens
+forwarded: the BVPO trainer runs each prompt once per pair, TRL twice) + 12 × layers ×
+(heads × head size) × (causal attention context summed over those tokens: QKᵀ and ·V). The
+attention kernels compute masked blocks too; those are not counted. tokens/s counts chosen +
+rejected sequences whole for both, so it compares work done, not tokens run.
 """
 
 from __future__ import annotations
@@ -56,6 +63,25 @@ def matmul_parameters(model) -> int:
     return total + (head.numel() if head is embedding else 0)
 
 
+def pair_flops(model, chosen, rejected, shared_prompt: bool) -> float:
+    """Useful forward + backward FLOPs per pair (see the module docstring)."""
+    config = model.config
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention_width = config.num_attention_heads * head_size
+    n_matmul = matmul_parameters(model)
+    tokens = context = 0
+    for c, r in zip(chosen, rejected):
+        a, b = len(c.input_ids), len(r.input_ids)
+        if shared_prompt:  # [prompt, chosen, rejected tail]: the tail sees the prompt and itself
+            prefix, tail = r.completion_start, b - r.completion_start
+            tokens += a + tail
+            context += a * (a + 1) // 2 + tail * prefix + tail * (tail + 1) // 2
+        else:
+            tokens += a + b
+            context += a * (a + 1) // 2 + b * (b + 1) // 2
+    return (6 * n_matmul * tokens + 12 * config.num_hidden_layers * attention_width * context) / len(chosen)
+
+
 def encoded_think_pairs(params, base: Path, pairs: Path):
     from bvpo.modeling import load_tokenizer
     from bvpo.train import encode_pairs, load_pair_rows
@@ -88,14 +114,13 @@ def run_bvpo(args, params) -> StepClock:
     import torch
     from accelerate import Accelerator
 
-    from bvpo.modeling import load_model
-    from bvpo.train import PairSet, Recipe, reference_logps, train_method
+    from bvpo.train import PairSet, Recipe, load_reference_model, reference_logps, train_method
 
     tokenizer, _, chosen, rejected = encoded_think_pairs(params, Path(args.base), Path(args.pairs))
-    Accelerator(cpu=not torch.cuda.is_available())
-    reference = load_model(args.base, params.model.dtype).eval().requires_grad_(False)
-    data = {"think": PairSet(chosen, rejected, *reference_logps(reference, chosen, rejected, tokenizer.pad_token_id)),
-            "nothink": PairSet([], [], torch.empty(0), torch.empty(0))}
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    reference = load_reference_model(args.base, params.model.dtype, accelerator)
+    logps = reference_logps(reference, chosen, rejected, tokenizer.pad_token_id, autocast=accelerator.autocast)
+    data = {"think": PairSet(chosen, rejected, *logps), "nothink": PairSet([], [], torch.empty(0), torch.empty(0))}
     del reference
     clock = StepClock()
     with tempfile.TemporaryDirectory() as work:
@@ -121,14 +146,17 @@ def run_trl(args, params) -> StepClock:
         def on_step_end(self, *_, **__):
             clock.log({})
 
+    micro = t.micro_batch_size if args.trainer == "trl_micro" else t.batch_size
     with tempfile.TemporaryDirectory() as work:
         config = DPOConfig(
-            output_dir=work, per_device_train_batch_size=t.batch_size, max_steps=t.steps, learning_rate=t.lr,
+            output_dir=work, per_device_train_batch_size=micro, gradient_accumulation_steps=t.batch_size // micro,
+            max_steps=t.steps, learning_rate=t.lr,
             lr_scheduler_type="cosine", warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm, beta=t.beta, loss_type=["sigmoid", "sft"],
             loss_weights=[1.0, t.nll_weight], precompute_ref_log_probs=True, precompute_ref_batch_size=64,
             max_length=params.model.max_length, report_to=[], save_strategy="no", logging_steps=10**6,
             disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, seed=params.train_seed,
+            bf16=args.trainer == "trl_bf16",
         )
         trainer = DPOTrainer(model=load_model(args.base, params.model.dtype), args=config, train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[Clock()])
@@ -145,19 +173,16 @@ def run_one(args) -> None:
     params.train.checkpoint_every = 0
     params.train.telemetry = False
     params.train.reference = "precomputed"
-    clock = (run_bvpo if args.trainer == "bvpo" else run_trl)(args, params)
+    clock = (run_bvpo if args.trainer.startswith("bvpo") else run_trl)(args, params)
     pairs_per_s, seconds = clock.rate(params.train.batch_size)
     _, _, chosen, rejected = encoded_think_pairs(params, Path(args.base), Path(args.pairs))
     tokens_per_pair = sum(len(e.input_ids) for e in chosen + rejected) / len(chosen)
     # What the trainer actually runs: with prefix sharing the prompt once per pair.
-    forwarded = tokens_per_pair
-    if args.trainer == "bvpo" and params.train.shared_prompt:
-        forwarded = sum(len(c.input_ids) + len(r.input_ids) - r.completion_start
-                        for c, r in zip(chosen, rejected)) / len(chosen)
-    n_matmul = matmul_parameters(load_model(args.base, params.model.dtype))
+    flops = pair_flops(load_model(args.base, params.model.dtype), chosen, rejected,
+                       args.trainer.startswith("bvpo") and params.train.shared_prompt)
     print(json.dumps({"trainer": args.trainer, "pairs_per_s": pairs_per_s, "seconds": seconds,
                       "tokens_per_s": pairs_per_s * tokens_per_pair,
-                      "flops_per_s": 6 * n_matmul * forwarded * pairs_per_s,
+                      "flops_per_s": flops * pairs_per_s,
                       "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -198,31 +223,40 @@ def main() -> int:
         print(f"{source}; {args.steps} steps x batch {params.train.batch_size}, alpha = 1, precomputed reference; "
               f"torch {torch.__version__}, trl {trl.__version__}, {torch.get_num_threads()} threads; "
               f"dense fp32 matmul {peak / 1e9:.1f} GFLOP/s")
-        results: dict[str, list[dict]] = {"bvpo": [], "trl": []}
+        trainers = ("bvpo", "trl", "trl_micro", "bvpo_bf16", "trl_bf16")
+        results: dict[str, list[dict]] = {name: [] for name in trainers}
         for r in range(args.rounds):
-            for trainer in (("bvpo", "trl") if r % 2 == 0 else ("trl", "bvpo")):
+            for trainer in (trainers if r % 2 == 0 else trainers[::-1]):
+                # The BVPO trainer's Accelerator reads its precision from accelerate's variable.
+                precision = "bf16" if trainer == "bvpo_bf16" else "no"
                 out = subprocess.run([sys.executable, __file__, "--trainer", trainer, "--params", str(params_file),
                                       "--pairs", str(pairs), "--base", str(base), "--steps", str(args.steps),
                                       "--project-dir", str(root)], capture_output=True, text=True,
-                                     env={**os.environ, "TQDM_DISABLE": "1"})
+                                     env={**os.environ, "TQDM_DISABLE": "1", "ACCELERATE_MIXED_PRECISION": precision})
                 if out.returncode != 0:
                     print(out.stderr[-3000:], file=sys.stderr)
                     return 1
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 results[trainer].append(row)
-                print(f"  round {r + 1} {trainer:5s} {row['pairs_per_s']:7.1f} pairs/s", flush=True)
+                print(f"  round {r + 1} {trainer:9s} {row['pairs_per_s']:7.1f} pairs/s", flush=True)
 
     def spread(values: list[float]) -> str:
         return f"{statistics.median(values):8.1f} ({min(values):.1f}–{max(values):.1f})"
 
-    print(f"\n{'trainer':8s} {'pairs/s median (min–max)':>28s} {'tokens/s':>10s} {'peak MB':>8s} {'of matmul peak':>15s}")
+    print(f"\n{'trainer':9s} {'pairs/s median (min–max)':>28s} {'tokens/s':>10s} {'peak MB':>8s} {'of matmul peak':>15s}")
     for trainer, rows in results.items():
-        print(f"{trainer:8s} {spread([r['pairs_per_s'] for r in rows]):>28s} "
+        print(f"{trainer:9s} {spread([r['pairs_per_s'] for r in rows]):>28s} "
               f"{statistics.median(r['tokens_per_s'] for r in rows):10.0f} "
               f"{max(r['peak_mb'] for r in rows):8.0f} "
               f"{100 * statistics.median(r['flops_per_s'] for r in rows) / peak:14.1f}%")
-    ratios = [b["pairs_per_s"] / t["pairs_per_s"] for b, t in zip(results["bvpo"], results["trl"])]
-    print(f"BVPO / TRL, per round: {', '.join(f'{x:.2f}x' for x in ratios)} (median {statistics.median(ratios):.2f}x)")
+    # Against the faster of TRL's two shapes in the same round.
+    ratios = [b["pairs_per_s"] / max(t["pairs_per_s"], m["pairs_per_s"])
+              for b, t, m in zip(results["bvpo"], results["trl"], results["trl_micro"])]
+    print(f"BVPO / best TRL, fp32, per round: {', '.join(f'{x:.2f}x' for x in ratios)} "
+          f"(median {statistics.median(ratios):.2f}x)")
+    ratios = [b["pairs_per_s"] / t["pairs_per_s"] for b, t in zip(results["bvpo_bf16"], results["trl_bf16"])]
+    print(f"BVPO / TRL, bf16, per round: {', '.join(f'{x:.2f}x' for x in ratios)} "
+          f"(median {statistics.median(ratios):.2f}x)")
     return 0
 
 

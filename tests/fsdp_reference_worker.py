@@ -28,9 +28,9 @@ class FSDPAccelerator:
 def main(model_dir: str, out_path: str) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from bvpo.modeling import completion_text, load_model, load_tokenizer
+    from bvpo.modeling import completion_text, load_model, load_tokenizer, sdpa_in_fp32
     from bvpo.sequences import encode
-    from bvpo.train import load_reference_model, reference_logps
+    from bvpo.train import cpu_bf16, load_reference_model, reference_logps
 
     dist.init_process_group("gloo")
     tokenizer = load_tokenizer(model_dir)
@@ -46,8 +46,10 @@ def main(model_dir: str, out_path: str) -> None:
         fully_shard(layer, mp_policy=policy_mp)
     fully_shard(policy, mp_policy=policy_mp)
     accelerator = FSDPAccelerator()
-    with torch.no_grad():
+    # As `train_method` scores the policy (on a CPU under bf16 its attention runs in fp32).
+    with torch.no_grad(), sdpa_in_fp32(policy, cpu_bf16(accelerator)):
         policy_logps = reference_logps(policy, chosen, rejected, tokenizer.pad_token_id, autocast=accelerator.autocast)
+    with torch.no_grad():
         matched = reference_logps(load_reference_model(model_dir, "float32", accelerator), chosen, rejected,
                                   tokenizer.pad_token_id, autocast=accelerator.autocast)
         plain = reference_logps(load_model(model_dir).eval(), chosen, rejected, tokenizer.pad_token_id,

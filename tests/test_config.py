@@ -42,6 +42,8 @@ def test_repository_params_load_with_documented_defaults():
         ({"data.source": "prompts.csv"}, "data.source"),
         ({"train.loss_type": "hinge"}, "train.loss_type"),
         ({"tracking.register_method": "nope"}, "tracking.register_method"),
+        ({"warmup.mixed_precision": "fp16"}, "warmup.mixed_precision"),
+        ({"warmup.batch_size": 31}, "warmup.batch_size"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, overrides, field):

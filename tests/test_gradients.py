@@ -44,6 +44,24 @@ def test_sketch_is_deterministic_per_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_cached_hashes_give_the_sketch_of_the_current_gradient(monkeypatch):
+    """A small model keeps its coordinates' hashes between calls; a large one rehashes. Both
+    sketch whatever .grad holds now: every call, cached or not, equals a fresh object's."""
+    import bvpo.gradients as gradients
+
+    params = params_with_grads(0, 1)
+    cached = GradientVector(params, sketch_dim=512, seed=7)
+    monkeypatch.setattr(gradients, "_CACHE_COORDINATES", 1000)
+    rehashed = GradientVector(params, sketch_dim=512, seed=7)
+    assert cached.cached and not rehashed.cached
+    for _ in range(2):
+        fresh = GradientVector(params, sketch_dim=512, seed=7)._sketch()
+        assert torch.equal(cached(), fresh) and torch.equal(rehashed(), fresh)
+        for p in params:
+            p.grad = torch.randn_like(p)
+    assert len(cached._hashes) == 3 and not rehashed._hashes
+
+
 def test_mixed_variance_of_independent_draws():
     gen = torch.Generator().manual_seed(0)
     trace = 2.0 * torch.randn(20000, 3, generator=gen, dtype=torch.float64)

@@ -117,11 +117,34 @@ def test_parse_completion(text, thinking, trace, answer, malformed):
     assert (parsed.trace, parsed.answer, parsed.malformed) == (trace, answer, malformed)
 
 
+def assert_pairs_score_like_separate_sequences(model, first, second, pad_id):
+    """score_pairs over (first, second) gives each sequence's log-prob, token count and
+    gradient (of a weighted sum) as scoring it in its own sequence does."""
+    from bvpo.sequences import collate, score, score_pairs
+
+    weights = torch.tensor([0.3, -1.2, 0.7, 2.0, -0.4, 1.1])
+    params = list(model.parameters())
+
+    def run(scorer):
+        model.zero_grad(set_to_none=True)
+        logps, counts = scorer()
+        (logps * weights).sum().backward()
+        return logps.detach(), counts, [p.grad.clone() for p in params]
+
+    shared = run(lambda: score_pairs(model, first, second, pad_id))
+    separate = run(lambda: score(model, collate(first + second, pad_id)))
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(shared[0], separate[0], rtol=1e-6, atol=1e-4)
+    assert shared[1].tolist() == separate[1].tolist()
+    for a, b in zip(shared[2], separate[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("thinking", [True, False])
 def test_prompt_sharing_pairs_score_like_separate_sequences_in_value_and_gradient(tokenizer, tiny_model, thinking):
     """One [prompt, chosen, rejected] sequence per pair gives each completion's log-prob and
     its gradient as scoring it in its own sequence does (uneven lengths, padding included)."""
-    from bvpo.sequences import collate, score, score_pairs, shares_prompt
+    from bvpo.sequences import shares_prompt
 
     assert shares_prompt(tiny_model)
     trace = "12+3=15\n15-4=11" if thinking else None
@@ -129,22 +152,27 @@ def test_prompt_sharing_pairs_score_like_separate_sequences_in_value_and_gradien
     chosen = [encode(tokenizer, p, completion_text(trace, "11", tokenizer.eos_token), thinking) for p in prompts]
     rejected = [encode(tokenizer, p, completion_text(trace, a, tokenizer.eos_token), thinking)
                 for p, a in zip(prompts, ["7", "43", "1234"])]
-    weights = torch.tensor([0.3, -1.2, 0.7, 2.0, -0.4, 1.1])
-    params = [p for p in tiny_model.parameters()]
+    assert_pairs_score_like_separate_sequences(tiny_model, chosen, rejected, tokenizer.pad_token_id)
 
-    def run(scorer):
-        tiny_model.zero_grad(set_to_none=True)
-        logps, counts = scorer()
-        (logps * weights).sum().backward()
-        return logps.detach(), counts, [p.grad.clone() for p in params]
 
-    shared = run(lambda: score_pairs(tiny_model, chosen, rejected, tokenizer.pad_token_id))
-    separate = run(lambda: score(tiny_model, collate(chosen + rejected, tokenizer.pad_token_id)))
-    tiny_model.zero_grad(set_to_none=True)
-    torch.testing.assert_close(shared[0], separate[0], rtol=1e-6, atol=1e-4)
-    assert shared[1].tolist() == separate[1].tolist()
-    for a, b in zip(shared[2], separate[2]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("think_first", [True, False])
+def test_one_problem_in_both_modes_scores_like_separate_sequences(tokenizer, tiny_model, think_first):
+    """The warmup's layout: a problem written with and without a trace shares only the head of
+    its prompt (the no-thinking prompt goes on with the empty think block). With the thinking
+    sequence first the branch is followed by prompt tokens; with it second its completion
+    starts right at the branch and its first token is predicted by the shared prefix. Either
+    way: each sequence's log-prob, token count and gradient as in its own sequence."""
+    from bvpo.sequences import collate_pairs, shared_prefix
+
+    problems = [("Compute 12+3-4.", "12+3=15\n15-4=11", "11"), ("Compute 50-7.", "50-7=43", "43"),
+                ("Compute 9+9+9.", "9+9=18\n18+9=27\ncheck 27-9=18", "27")]
+    think = [encode(tokenizer, p, completion_text(t, a, tokenizer.eos_token), True) for p, t, a in problems]
+    empty = [encode(tokenizer, p, completion_text(None, a, tokenizer.eos_token), False) for p, _, a in problems]
+    first, second = (think, empty) if think_first else (empty, think)
+    assert all(shared_prefix(a, b) == think[0].completion_start for a, b in zip(first[:1], second[:1]))
+    assert collate_pairs(first, second, tokenizer.pad_token_id)["branch_scored"].tolist() == \
+        [0.0 if think_first else 1.0] * len(problems)
+    assert_pairs_score_like_separate_sequences(tiny_model, first, second, tokenizer.pad_token_id)
 
 
 def test_scoring_under_activation_checkpointing_matches_plain_scoring(tokenizer):

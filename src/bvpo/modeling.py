@@ -10,11 +10,12 @@ template that strips `<think>` from assistant turns cannot silently drop the tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -183,3 +184,52 @@ def write_model_pointer(path: str, out_dir: str | Path) -> None:
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls natively: a CUDA GPU with bf16, or a CPU with
+    AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """fp32 or bf16 for a `mixed_precision` setting of fp32, bf16 or auto (bf16 where native)."""
+    if setting == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return setting
+
+
+# Registered with transformers' attention functions; selected by `sdpa_in_fp32`.
+SDPA_FP32 = "bvpo_sdpa_fp32"
+
+
+def _sdpa_fp32_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+    return out.to(query.dtype), weights
+
+
+AttentionInterface.register(SDPA_FP32, _sdpa_fp32_attention)
+
+
+@contextlib.contextmanager
+def sdpa_in_fp32(model, enabled: bool = True):
+    """Run an SDPA model's attention in fp32 inside a bf16 autocast region. On a CPU, bf16
+    speeds the linear layers up 2.2x, but the flash kernel's bf16 backward is 2.6x slower than
+    its fp32 one; with the attention kept in fp32 a warmup step takes 58 ms instead of 93
+    (fp32) or 77 (all bf16). Anything but SDPA is left as it is."""
+    switch = enabled and getattr(model.config, "_attn_implementation", None) == "sdpa"
+    if switch:
+        model.set_attn_implementation(SDPA_FP32)
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation("sdpa")

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .losses import completion_token_logps, sequence_logps
-from .modeling import THINK_CLOSE, THINK_OPEN, render_prompt
+from .modeling import SDPA_FP32, THINK_CLOSE, THINK_OPEN, render_prompt
 
 
 @dataclass
@@ -62,53 +62,68 @@ def shares_prompt(model) -> bool:
     """Whether `model` can score a pair as one prompt-sharing sequence: that needs a custom 4D
     boolean attention mask, which SDPA attention takes as given (flash attention does not)."""
     model = getattr(model, "module", model)  # DDP
-    return getattr(model.config, "_attn_implementation", None) == "sdpa"
+    return getattr(model.config, "_attn_implementation", None) in ("sdpa", SDPA_FP32)
 
 
-def collate_pairs(chosen: list[Encoded], rejected: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Each pair as one right-padded sequence [prompt, chosen, rejected] that holds the prompt
-    once. The rejected completion attends to the prompt and itself only, with positions
-    continuing from the prompt, so it is scored exactly as in its own sequence; its first
-    token is predicted by the prompt's last position, like the chosen's."""
+def shared_prefix(first: Encoded, second: Encoded) -> int:
+    """Length of the longest common prefix of the two prompts (all of it for a DPO pair; the
+    chat template's head and the problem for one problem written in both thinking modes)."""
+    limit = min(first.completion_start, second.completion_start)
+    n = 0
+    while n < limit and first.input_ids[n] == second.input_ids[n]:
+        n += 1
+    return n
+
+
+def collate_pairs(first: list[Encoded], second: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each pair as one right-padded sequence [shared prefix, first's rest, second's rest] that
+    runs the prompts' common prefix once. The second's rest attends to the prefix and itself
+    only, with positions continuing from the prefix, so each sequence is scored exactly as on
+    its own; where the second's completion starts right at the branch, its first token is
+    predicted by the prefix's last position (`branch_scored`)."""
     rows = []
-    for c, r in zip(chosen, rejected):
-        start = c.completion_start
-        if r.completion_start != start or r.input_ids[:start] != c.input_ids[:start]:
-            raise ValueError("collate_pairs: chosen and rejected must share their prompt tokens")
-        if start < 1 or len(c.input_ids) == start or len(r.input_ids) == start:
-            raise ValueError("collate_pairs: every pair needs a prompt and non-empty completions")
-        rows.append((c.input_ids, r.input_ids[start:], start))
-    width = max(len(ids) + len(tail) for ids, tail, _ in rows)
+    for a, b in zip(first, second):
+        prefix = shared_prefix(a, b)
+        if prefix < 1 or len(a.input_ids) == a.completion_start or len(b.input_ids) == b.completion_start:
+            raise ValueError("collate_pairs: every pair needs a shared prompt prefix and non-empty completions")
+        rows.append((a, b, prefix))
+    width = max(len(a.input_ids) + len(b.input_ids) - prefix for a, b, prefix in rows)
     n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
     # Every query may see itself, so padding rows never softmax over nothing (NaN).
     allowed = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1)
-    chosen_mask = torch.zeros((n, width), dtype=torch.long)
-    rejected_mask = torch.zeros((n, width), dtype=torch.long)
-    prompt_last = torch.empty(n, dtype=torch.long)
-    rejected_first = torch.empty(n, dtype=torch.long)
-    for row, (chosen_ids, rejected_tail, start) in enumerate(rows):
-        split, end = len(chosen_ids), len(chosen_ids) + len(rejected_tail)
-        ids[row, :end] = torch.tensor(chosen_ids + rejected_tail)
+    first_mask = torch.zeros((n, width), dtype=torch.long)
+    second_mask = torch.zeros((n, width), dtype=torch.long)
+    prefix_last = torch.empty(n, dtype=torch.long)
+    branch_first = torch.empty(n, dtype=torch.long)
+    branch_scored = torch.zeros(n)
+    for row, (a, b, prefix) in enumerate(rows):
+        tail = b.input_ids[prefix:]
+        split, end = len(a.input_ids), len(a.input_ids) + len(tail)
+        ids[row, :end] = torch.tensor(a.input_ids + tail)
         positions[row, :split] = torch.arange(split)
-        positions[row, split:end] = torch.arange(start, start + len(rejected_tail))
+        positions[row, split:end] = torch.arange(prefix, prefix + len(tail))
         allowed[row, :end, :end] = torch.ones(end, end, dtype=torch.bool).tril()
-        allowed[row, split:end, start:split] = False
-        chosen_mask[row, start:split] = 1
-        rejected_mask[row, split + 1:end] = 1  # the first rejected token is scored from the prompt
-        prompt_last[row] = start - 1
-        rejected_first[row] = rejected_tail[0]
+        allowed[row, split:end, prefix:split] = False
+        first_mask[row, a.completion_start:split] = 1
+        # b's token j sits at split + j - prefix; the one at the branch is not predicted by its
+        # left neighbour (the end of a), so it is scored from the prefix instead.
+        second_mask[row, split + max(b.completion_start, prefix + 1) - prefix:end] = 1
+        branch_scored[row] = float(b.completion_start == prefix)
+        prefix_last[row] = prefix - 1
+        branch_first[row] = tail[0]
     return {"input_ids": ids, "position_ids": positions, "attention_mask": allowed[:, None],
-            "chosen_mask": chosen_mask, "rejected_mask": rejected_mask, "prompt_last": prompt_last,
-            "rejected_first": rejected_first}
+            "first_mask": first_mask, "second_mask": second_mask, "prefix_last": prefix_last,
+            "branch_first": branch_first, "branch_scored": branch_scored}
 
 
 def score_pairs(model, chosen: list[Encoded], rejected: list[Encoded], pad_id: int,
                 shared_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and completion token counts of the chosen then the rejected
     sequences ([2n] each, the layout of `score` over chosen + rejected), in one forward pass.
-    With `shared_prompt` (and a model that supports it) each pair's prompt is run once."""
+    With `shared_prompt` (and a model that supports it) the prompts' common prefix is run once
+    per pair: the whole prompt of a DPO pair, the shared head of one problem in both modes."""
     if not (shared_prompt and shares_prompt(model)):
         if shared_prompt:  # shown once per process by Python's default warning filter
             warnings.warn("train.shared_prompt: the model does not run SDPA attention, so chosen and "
@@ -122,11 +137,12 @@ def score_pairs(model, chosen: list[Encoded], rejected: list[Encoded], pad_id: i
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], use_cache=False).logits
     token_logps = completion_token_logps(logits[:, :-1], input_ids[:, 1:])
-    chosen_mask, rejected_mask = batch["chosen_mask"][:, 1:].float(), batch["rejected_mask"][:, 1:].float()
+    first_mask, second_mask = batch["first_mask"][:, 1:].float(), batch["second_mask"][:, 1:].float()
     rows = torch.arange(len(chosen), device=device)
-    first = completion_token_logps(logits[rows, batch["prompt_last"]][:, None], batch["rejected_first"][:, None])[:, 0]
-    logps = torch.cat([(token_logps * chosen_mask).sum(-1), (token_logps * rejected_mask).sum(-1) + first])
-    counts = torch.cat([chosen_mask.sum(-1), rejected_mask.sum(-1) + 1])
+    scored = batch["branch_scored"]
+    branch = completion_token_logps(logits[rows, batch["prefix_last"]][:, None], batch["branch_first"][:, None])[:, 0]
+    logps = torch.cat([(token_logps * first_mask).sum(-1), (token_logps * second_mask).sum(-1) + branch * scored])
+    counts = torch.cat([first_mask.sum(-1), second_mask.sum(-1) + scored])
     return logps, counts
 
 

@@ -128,7 +128,7 @@ def _load_prompts(root: Path):
 # --------------------------------------------------------------------------------- warmup
 def warmup(params: Params, project_dir: Path | str = ".") -> Path:
     """The starting policy: the SFT'd embedded model, or a pointer to `model.path`."""
-    from .modeling import load_tokenizer, save_model, write_model_pointer
+    from .modeling import load_tokenizer, resolve_precision, save_model, write_model_pointer
     from .warmup import sft_tiny_model
 
     root = _project(project_dir)
@@ -146,10 +146,12 @@ def warmup(params: Params, project_dir: Path | str = ".") -> Path:
         model, tokenizer, history, seconds = sft_tiny_model(params, set(prompts["test"]["prompt"]))
         with atomic_path(out) as tmp:
             save_model(model, tokenizer, tmp)
+            precision = resolve_precision(params.warmup.mixed_precision, next(model.parameters()).device)
             _write_json(tmp / "warmup_summary.json", {"seconds": seconds, "final_loss": history[-1]["loss"],
-                                                      "steps": len(history)})
+                                                      "steps": len(history), "mixed_precision": precision})
         tracking.log_history(history)
         tracking.log_metrics({"seconds": seconds, "n_parameters": sum(p.numel() for p in model.parameters())})
+        tracking.set_tags({"mixed_precision": precision})
     return out
 
 
@@ -363,9 +365,11 @@ def launch_command(module: str, module_args: list[str], num_processes: int, conf
 def accelerate_command(params: Params, module_args: list[str],
                        threads_per_process: int | None = None) -> tuple[list[str], dict[str, str]]:
     """The train stage's launch: `train.num_processes`, `train.accelerate_config`, `train.mixed_precision`."""
+    from .modeling import pick_device, resolve_precision
+
     t = params.train
-    return launch_command("bvpo.train", module_args, t.num_processes, t.accelerate_config, t.mixed_precision,
-                          threads_per_process)
+    return launch_command("bvpo.train", module_args, t.num_processes, t.accelerate_config,
+                          resolve_precision(t.mixed_precision, pick_device()), threads_per_process)
 
 
 def train(params: Params, project_dir: Path | str = ".", params_file: str | Path = "params.yaml") -> Path:

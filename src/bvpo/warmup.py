@@ -1,8 +1,8 @@
 """Warmup: SFT the embedded tiny model from scratch into a small reasoning model.
 
-It learns the task in both modes from the same stochastic traces, so that thinking beats
-not thinking (the answer is hard to produce without writing the steps) while both leave room
-for preference optimisation to improve.
+It learns the task in both modes, every problem written once with a stochastic trace and
+once without, so that thinking beats not thinking (the answer is hard to produce without
+writing the steps) while both leave room for preference optimisation to improve.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 
 from .config import Params
 from .data import make_trace, warmup_examples
-from .modeling import build_tiny_model, build_tokenizer, completion_text, opens_think_block
-from .sequences import collate, encode, score
+from .modeling import (build_tiny_model, build_tokenizer, completion_text, opens_think_block, resolve_precision,
+                       sdpa_in_fp32)
+from .sequences import encode, score_pairs, shares_prompt
 
 
 def cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
@@ -41,10 +42,23 @@ def sft_tiny_model(params: Params, test_prompts: set[str], progress: bool = True
     return (model, tokenizer, *sft(model, tokenizer, params, test_prompts, progress))
 
 
+def both_modes(problems: list, rng: random.Random, tokenizer, opened: bool) -> tuple[list, list]:
+    """Each problem encoded with a fresh stochastic trace, and with the empty think block."""
+    with_trace, without_trace = [], []
+    for prompt, answer, chain in problems:
+        completion = completion_text(make_trace(rng, chain), answer, tokenizer.eos_token, opened)
+        with_trace.append(encode(tokenizer, prompt, completion, True))
+        without_trace.append(encode(tokenizer, prompt, completion_text(None, answer, tokenizer.eos_token, opened),
+                                    False))
+    return with_trace, without_trace
+
+
 def sft(model, tokenizer, params: Params, test_prompts: set[str], progress: bool = True):
     """SFT any causal LM and thinking-template tokenizer on the embedded task in both modes
     (`warmup` params). Returns (per-step loss history, seconds)."""
     w, d = params.warmup, params.data
+    device = next(model.parameters()).device
+    bf16 = resolve_precision(w.mixed_precision, device) == "bf16"
     opened = opens_think_block(tokenizer)
     problems = warmup_examples(d.n_warmup, test_prompts, d.min_ops, d.max_ops, params.seed,
                                (d.min_operand, d.max_operand), d.small_operand_fraction)
@@ -55,28 +69,24 @@ def sft(model, tokenizer, params: Params, test_prompts: set[str], progress: bool
     history = []
     start = time.perf_counter()
     bar = tqdm(range(w.steps), desc="warmup (SFT)", disable=not progress, unit="step")
-    for step in bar:
-        by_mode: dict[bool, list] = {True: [], False: []}
-        for prompt, answer, chain in rng.sample(problems, w.batch_size):
-            thinking = rng.random() < w.think_fraction
-            trace = make_trace(rng, chain) if thinking else None
-            completion = completion_text(trace, answer, tokenizer.eos_token, opened)
-            by_mode[thinking].append(encode(tokenizer, prompt, completion, thinking))
-        # One forward per mode: empty-think rows are a third as long, so mixing them pads a lot.
-        total_tokens = sum(len(e.input_ids) - e.completion_start for b in by_mode.values() for e in b)
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = 0.0
-        for batch in by_mode.values():
-            if batch:
-                logps, _ = score(model, collate(batch, tokenizer.pad_token_id))
-                loss = -logps.sum() / total_tokens
-                loss.backward()
-                loss_value += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        history.append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss_value:.3f}")
+    shared = shares_prompt(model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    with sdpa_in_fp32(model, bf16):
+        for step in bar:
+            with_trace, without_trace = both_modes(rng.sample(problems, w.batch_size // 2), rng, tokenizer, opened)
+            optimizer.zero_grad(set_to_none=True)
+            # One sequence per problem: the no-thinking prompt branches off the thinking one
+            # after their common head, which is most of a no-thinking example's tokens.
+            with autocast:
+                logps, counts = score_pairs(model, with_trace, without_trace, tokenizer.pad_token_id, shared)
+            loss = -logps.sum() / counts.sum()
+            loss.backward()
+            loss_value = loss.item()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            history.append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_value:.3f}")
     model.eval()
     return history, time.perf_counter() - start
