@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from micro_params import ROOT, make_project
 
@@ -89,6 +90,12 @@ def test_mlflow_holds_parent_children_and_registered_models(project, pipeline_re
     assert {"prepare", "warmup", "sample", "pairs", "train/bvpo", "train/bvpo_auto", "train/dpo_trace",
             "train/dpo_empty", "train/nll_control", "evaluate", "analyze", "register"} <= names
     train_run = next(r for r in children if r.info.run_name == "train/bvpo")
+    # `auto` precision as it resolved on this machine, for the warmup and for training alike.
+    from bvpo.modeling import resolve_precision
+
+    resolved = resolve_precision("auto", torch.device("cpu"))
+    warmup_run = next(r for r in children if r.info.run_name == "warmup")
+    assert train_run.data.tags["mixed_precision"] == warmup_run.data.tags["mixed_precision"] == resolved
     history = client.get_metric_history(train_run.info.run_id, "loss")
     assert [m.step for m in history] == [0, 1, 2]
     for key in ("trace/dpo", "empty/dpo", "trace/margin", "empty/accuracy", "trace/chosen_reward"):

@@ -676,17 +676,18 @@ def main(argv: list[str] | None = None) -> int:
                for name, method in t.methods.items()}
 
     train_config = {k: v for k, v in params.to_dict()["train"].items() if k not in ("methods", "num_processes")}
+    precision = {"no": "fp32"}.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision))  # auto resolved
     for name, method in t.methods.items():
         # Everything that decides the weights: a checkpoint from other settings is never resumed.
         fingerprint = hashlib.sha256(json.dumps(
             [name, method.alpha, method.preference_weight, train_config, params.seed, params.model.max_length,
-             params.model.max_length_nothink, params.model.dtype, pairs_digest, base_digest,
-             str(accelerator.mixed_precision)],
+             params.model.max_length_nothink, params.model.dtype, pairs_digest, base_digest, precision],
             sort_keys=True, default=str).encode()).hexdigest()[:16]
         run = tracking.stage_run(args.project_dir, params.tracking.experiment, f"train/{name}",
                                  params={"method": name, "alpha": method.alpha,
                                          "preference_weight": method.preference_weight, **train_config},
-                                 tags={"method": name}) if main_process else contextlib.nullcontext()
+                                 tags={"method": name, "mixed_precision": precision}) \
+            if main_process else contextlib.nullcontext()
         with run:
             logger = MetricLogger(enabled=main_process)
             if main_process:
