@@ -26,19 +26,32 @@ def problems(tokenizer):
     return both_modes(chains, random.Random(0), tokenizer, opened=False)
 
 
-def test_attention_in_fp32_under_bf16_autocast(tokenizer):
-    """Without autocast the fp32 attention is the same computation as SDPA's; under bf16
+def test_attention_in_fp32_under_bf16_autocast(tokenizer, monkeypatch):
+    """Under bf16 autocast the attention kernel itself runs in fp32 (plain SDPA's inputs are
+    cast to bf16 by autocast at dispatch); without autocast the fp32 attention is the same computation as SDPA's; under
     autocast the log-probs stay within bf16 rounding of fp32 and gradients flow. The model
     keeps sharing prompts inside, and is back on SDPA after."""
+    kernel, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(query, *args, **kwargs):  # the precision the kernel runs in, autocast included
+        seen.append(torch.bfloat16 if torch.is_autocast_enabled("cpu") else query.dtype)
+        return kernel(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     model = build_tiny_model(tokenizer, 32, 2, 4, 64, 192, seed=0)
     with_trace, without_trace = problems(tokenizer)
     plain, _ = score_pairs(model, with_trace, without_trace, tokenizer.pad_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        score_pairs(model, with_trace, without_trace, tokenizer.pad_token_id)
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2  # 2 layers without, 2 under autocast
+    seen.clear()
     with sdpa_in_fp32(model):
         assert model.config._attn_implementation == SDPA_FP32 and shares_prompt(model)
         same, _ = score_pairs(model, with_trace, without_trace, tokenizer.pad_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed, _ = score_pairs(model, with_trace, without_trace, tokenizer.pad_token_id)
         mixed.sum().backward()
+    assert seen and set(seen) == {torch.float32}
     assert model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(same, plain, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(mixed, plain, rtol=0.03, atol=0.3)
