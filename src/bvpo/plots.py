@@ -105,11 +105,13 @@ def gradient_telemetry(csv_dir: str | Path, out: str | Path) -> None:
     ]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.2), dpi=110)
     for ax, (title, lines, dots, log) in zip(axes.flat, panels):
+        positive = False
         for name, history in histories.items():
             for key in lines + dots:
                 points = [(r["step"], r[key]) for r in history if key in r]
                 if not points:
                     continue
+                positive = positive or any(value > 0 for _, value in points)
                 label = f"{name} {key.split('/')[-1]}" if len(lines) > 1 else name
                 if key in dots:
                     ax.plot(*zip(*points), "o", markersize=3, label=f"{name} α*")
@@ -119,7 +121,8 @@ def gradient_telemetry(csv_dir: str | Path, out: str | Path) -> None:
                 squares = [(r["step"], r["alpha_sq"]) for r in history if "alpha_sq" in r]
                 if squares:
                     ax.plot(*zip(*squares), "--", linewidth=1, label=f"{name} α²")
-        if log and ax.has_data():
+        # The noise-corrected bias gap can be <= 0 on every step of a short run: keep it linear.
+        if log and positive:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
