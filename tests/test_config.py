@@ -29,6 +29,20 @@ def test_repository_params_load_with_documented_defaults():
     assert params.train.lr == pytest.approx(1e-4)
 
 
+def test_shipped_params_equal_the_declared_defaults():
+    # A user's params.yaml may leave any key out: what config.py declares (and documents) must
+    # then be what the shipped default runs, or a trimmed file silently changes the recipe.
+    from bvpo.config import Params
+
+    def differences(shipped, declared, where=""):
+        if isinstance(shipped, dict) and isinstance(declared, dict):
+            return [d for key in sorted(set(shipped) | set(declared))
+                    for d in differences(shipped.get(key), declared.get(key), f"{where}.{key}".lstrip("."))]
+        return [] if shipped == declared else [f"{where}: params.yaml {shipped!r}, config.py {declared!r}"]
+
+    assert differences(load_params(ROOT / "params.yaml").to_dict(), Params().to_dict()) == []
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [

@@ -55,3 +55,28 @@ def test_reference_under_fsdp_mixed_precision_matches_the_policy_at_step_0(tmp_p
     assert found["tokens"] > 400
     assert found["gap"]["matched"] == 0.0
     assert found["gap"]["plain"] > 1e-2  # what the check above guards against
+
+
+def test_reference_dtype_follows_the_fsdp_mixed_precision_policy():
+    """accelerate keeps a policy given in the config (fills one in from `mixed_precision` only
+    where there is none): the reference must follow the policy FSDP actually applies. Only the
+    accelerator is a stand-in (accelerate enables FSDP only on GPU-class devices); the policies
+    are torch's own."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from bvpo.train import reference_param_dtype
+
+    def accelerator(kind: str, mixed_precision: str, policy=None):
+        return SimpleNamespace(distributed_type=SimpleNamespace(name=kind), mixed_precision=mixed_precision,
+                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(mixed_precision_policy=policy)))
+
+    assert reference_param_dtype(accelerator("MULTI_GPU", "bf16")) is None  # DDP: autocast only
+    assert reference_param_dtype(accelerator("FSDP", "bf16")) is torch.bfloat16
+    assert reference_param_dtype(accelerator("FSDP", "no")) is None
+    fp32_params = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.bfloat16)
+    assert reference_param_dtype(accelerator("FSDP", "bf16", fp32_params)) is torch.float32
+    fp16_params = MixedPrecisionPolicy(param_dtype=torch.float16)
+    assert reference_param_dtype(accelerator("FSDP", "no", fp16_params)) is torch.float16

@@ -55,6 +55,10 @@ def test_micro_pipeline_runs_on_a_users_model(style, tmp_path, monkeypatch, rewa
         e = encode(tokenizer, r["prompt"], r["completion"], thinking=True)
         scored = tokenizer.decode(e.input_ids[e.completion_start:])
         assert r["trace"] and r["trace"] in scored and "</think>" in scored
+    # The training subprocess read the project's params (2 steps), not the
+    # params.yaml of the directory pytest runs in.
+    summary = json.loads((project / "data/models/bvpo/train_summary.json").read_text())
+    assert summary["steps"] == 2
     stats = json.loads((project / "data/pairs/stats.json").read_text())
     assert stats["think/n_pairs"] > 0 and stats["nothink/n_pairs"] > 0
     results = json.loads((project / "metrics/eval.json").read_text())

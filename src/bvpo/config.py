@@ -30,9 +30,10 @@ class DataConfig:
     """Held-out prompts file for evaluation. None: split `test_fraction` off `source`."""
     test_fraction: float = 0.2
     """Share of a user's prompts held out for evaluation when no `test_source` is given."""
-    n_train: int = 1024
-    """Synthetic task: number of training prompts (the sampling/pairs stage uses them)."""
-    n_test: int = 256
+    n_train: int = 4096
+    """Synthetic task: number of training prompts (the sampling/pairs stage uses them). 1,024
+    gave the default base model only ~180 trace pairs, on which DPO overfits."""
+    n_test: int = 1000
     """Synthetic task: number of held-out evaluation prompts, disjoint from every training prompt."""
     n_warmup: int = 20000
     """Synthetic task: number of distinct prompts the warmup SFT draws from (disjoint from test)."""
@@ -188,13 +189,13 @@ class TrainConfig:
     nll_weight: float = 1.0
     """Weight of the per-token NLL of the chosen completion, added to each estimator's loss.
     Plain DPO makes the toy forget (its chosen log-prob falls); NLL keeps it anchored."""
-    lr: float = 5e-5
+    lr: float = 1e-4
     """Peak AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 20
     """Linear learning-rate warmup, then cosine decay to zero."""
-    steps: int = 200
+    steps: int = 400
     """Optimizer steps per method."""
     batch_size: int = 32
     """Pairs of each mode per optimizer step, over all processes (the global batch)."""

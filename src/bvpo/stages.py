@@ -384,8 +384,11 @@ def train(params: Params, project_dir: Path | str = ".", params_file: str | Path
     if not pairs_dir.is_dir():
         raise StageError(f"{pairs_dir}: no pairs (run the pairs stage first)")
     work = root / PATHS["checkpoints"]
+    # Relative to the project, as in `sample`: the subprocess must read the file `params` came
+    # from, not whatever params.yaml the caller's working directory holds.
+    params_path = Path(params_file) if Path(params_file).is_absolute() else root / params_file
     cmd, env = accelerate_command(params, [
-        "--params", str(Path(params_file).resolve()), "--pairs", str(pairs_dir),
+        "--params", str(params_path.resolve()), "--pairs", str(pairs_dir),
         "--base", str(root / PATHS["policy"]), "--work", str(work),
         "--cache", str(root / PATHS["cache"]), "--project-dir", str(root),
     ])

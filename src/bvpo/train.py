@@ -130,9 +130,15 @@ def reference_param_dtype(accelerator) -> torch.dtype | None:
     MixedPrecisionPolicy.param_dtype; buffers such as the rotary frequencies stay fp32), so the
     embeddings and the whole residual stream are low-precision; under DDP autocast casts only
     matmul inputs. A reference scored the DDP way read 0.51 / 0.15 nats from the FSDP policy at
-    step 0 on 4k-token pairs (H200); with its parameters cast the same way the two agree."""
+    step 0 on 4k-token pairs (H200); with its parameters cast the same way the two agree.
+    A policy given in the accelerate config wins over `mixed_precision` (accelerate keeps a
+    user's policy and fills one in only where there is none), so it is read first."""
     if accelerator.distributed_type.name != "FSDP":
         return None
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if policy is not None:
+        return policy.param_dtype
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
 
 
