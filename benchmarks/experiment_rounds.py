@@ -29,15 +29,6 @@ from pathlib import Path
 import yaml
 
 
-def run_commit(root: Path, run_name: str) -> str:
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"], cwd=root,
-                          capture_output=True, text=True, check=True).stdout.split("\n")
-    found = [line.split()[1] for line in refs if line and line.split()[0].rsplit("/", 1)[-1] == run_name]
-    if not found:
-        sys.exit(f"experiment_rounds: no DVC experiment {run_name!r} in {root} (run `bvpo experiment` first)")
-    return found[-1]
-
-
 def round_params(fs, method: str, seed: int, round_number: int) -> str:
     params = yaml.safe_load(fs.read_text("params.yaml"))
     method_config = params["train"]["methods"][method]
@@ -83,7 +74,7 @@ def main() -> None:
     from dvc.api import DVCFileSystem
 
     from bvpo.config import load_params
-    from bvpo.experiment import aggregate, markdown_table, run_name
+    from bvpo.experiment import ExperimentError, aggregate, markdown_table, run_name, run_ref
 
     root = Path(args.project_dir).resolve()
     out = root / "data/experiment_rounds"
@@ -91,7 +82,10 @@ def main() -> None:
     methods = args.methods.split(",")
     per_seed: dict[int, dict[str, dict]] = {}
     for seed in params.experiment.seeds:
-        fs = DVCFileSystem(str(root), rev=run_commit(root, run_name(params, seed)))
+        try:
+            fs = DVCFileSystem(str(root), rev=run_ref(root, run_name(params, seed)))
+        except ExperimentError as err:
+            sys.exit(f"experiment_rounds: {err}; run `bvpo experiment` first")
         per_seed[seed] = {}
         for method in methods:
             start: str | Path = f"data/models/{method}"

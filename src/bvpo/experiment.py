@@ -113,15 +113,20 @@ def remove_run(root: Path, name: str) -> None:
     subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", name], cwd=root, capture_output=True, text=True)
 
 
-def run_results(root: Path, name: str) -> dict:
-    """metrics/eval.json as committed in DVC experiment `name`."""
+def run_ref(root: Path, name: str) -> str:
+    """The git ref of DVC experiment `name` (the newest, if several baselines have one)."""
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=root,
                           capture_output=True, text=True, check=True).stdout.split()
     matching = [ref for ref in refs if ref.rsplit("/", 1)[-1] == name]
     if not matching:
         raise ExperimentError(f"DVC experiment {name!r} left no result (no refs/exps/…/{name})")
-    shown = subprocess.run(["git", "show", f"{matching[-1]}:metrics/eval.json"], cwd=root, capture_output=True,
-                           text=True)
+    return matching[-1]
+
+
+def run_results(root: Path, name: str) -> dict:
+    """metrics/eval.json as committed in DVC experiment `name`."""
+    shown = subprocess.run(["git", "show", f"{run_ref(root, name)}:metrics/eval.json"], cwd=root,
+                           capture_output=True, text=True)
     if shown.returncode != 0:
         raise ExperimentError(f"DVC experiment {name!r} has no metrics/eval.json: {shown.stderr.strip()}")
     return json.loads(shown.stdout)
