@@ -7,11 +7,11 @@ Round 1 is the finished experiment: its DVC experiments (`<experiment.name>-seed
 prompts, the base model and every method's trained model; they are read back from the DVC
 cache at those commits. Each later round runs the ordinary stages (`bvpo stage sample`,
 `pairs`, `train`, `evaluate`) in a folder per round, seed and method
-(`data/experiment_rounds/round<R>/seed<N>-<method>`), as a scheduled round does after
-promoting that model, with `sample.seed` = seed + R − 1 (new samples each round) and
+(`data/experiment_rounds/round<R>/seed<N>-<method>`) on that model, always (no registry, no
+promotion gate), with `sample.seed` = seed + R − 1 (new samples each round) and
 `train.seed` = seed. A folder whose evaluation exists under the same params is reused, so a
-longer run extends a shorter one. Gradient telemetry is off for fixed-α methods (it does not
-change their objective; it costs time). Prints and writes data/experiment_rounds/rounds.{json,md},
+longer run extends a shorter one. Gradient telemetry is off for fixed-α methods (their
+objective does not use it; it costs time). Prints and writes data/experiment_rounds/rounds.{json,md},
 the experiment's table over `<method>@r<R>`: means and 95% intervals over seeds, and paired
 differences against the first method's last round. An analysis for the README's Experiments
 section.
