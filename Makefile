@@ -7,10 +7,10 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
-export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PREFECT_HOME := $(CURDIR)/.prefect
-export HF_HOME := $(CURDIR)/.hf
+# HF_HOME and HF_HUB_OFFLINE are left to bvpo (src/bvpo/runtime.py): offline with a cache in the
+# project for the embedded model, the user's own cache and network for a hub model.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: run test install repro experiment ui serve bench bench-trl clean help

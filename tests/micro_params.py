@@ -40,7 +40,8 @@ def write_micro_params(path: Path, overrides: dict | None = None) -> Path:
 
 
 # What a fresh clone holds besides the code: the pipeline, its committed inputs, ignore rules.
-PROJECT_FILES = ("dvc.yaml", ".gitignore", "data/champion.json", "data/incoming/README.md")
+PROJECT_FILES = ("dvc.yaml", ".gitignore", "data/champion.json", "data/incoming/README.md", "data/inputs/README.md",
+                 "data/benchmarks/README.md", "data/benchmarks/math500.jsonl", "data/benchmarks/gsm8k_test.jsonl")
 
 
 def make_project(repo: Path, overrides: dict | None = None) -> Path:

@@ -1,59 +1,43 @@
-"""A user's model, built offline: a byte-level BPE tokenizer trained here with `tokenizers`, a
-tiny random Qwen3, and a chat template written like Qwen3's or like DeepSeek-R1-Distill's.
+"""Users' models, built offline the way the real ones are shaped: a byte-level BPE tokenizer
+trained here with `tokenizers`, the chat template as the model ships it (tests/fixtures/templates,
+copied verbatim; SOURCES.md there), and a tiny random model of the real architecture.
 
-The R1-style template opens the think block in the generation prompt (`<think>\\n`), strips
-`<think>…</think>` from assistant turns and uses its own role and end-of-sentence tokens, so a
-pipeline that assumed the embedded model's conventions would break on it. Both templates honour
-`enable_thinking` (thinking off closes an empty think block), as the project requires. The
-model is SFT'd for a few steps by the project's own warmup code so that it writes the format.
+- `qwen3`: Qwen3's template (an `enable_thinking` switch), Qwen3ForCausalLM, Qwen3's special
+  tokens and its two stop tokens (generation_config eos_token_id = [<|im_end|>, <|endoftext|>]).
+- `r1`: DeepSeek-R1-Distill-Qwen's template (the generation prompt always opens `<think>\\n`, no
+  switch; assistant turns lose their trace), Qwen2ForCausalLM (what R1-Distill-Qwen is), its
+  begin/end-of-sentence tokens, pad = eos as it ships.
+- `qwen3-thinking`: Qwen3-*-Thinking-2507's always-open template on Qwen3.
+
+A custom-code reward model (`build_custom_reward_model`) stands in for ArmoRM: its modeling
+file sits next to its config (auto_map), it returns several objectives and a gated `score`.
 """
 
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
-QWEN3_TEMPLATE = (
-    "{%- if messages[0].role == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message.role == 'user' %}"
-    "{{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'assistant' %}"
-    "{%- set content = message.content %}"
-    "{%- if '</think>' in content %}{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
-    "{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
+TEMPLATES = Path(__file__).with_name("fixtures") / "templates"
+CUSTOM_REWARD_MODEL = Path(__file__).with_name("fixtures") / "custom_reward_model"
 
-R1_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{%- if message.role == 'user' %}{{- '<｜User｜>' + message.content }}"
-    "{%- elif message.role == 'assistant' %}"
-    "{%- set content = message.content %}"
-    "{%- if '</think>' in content %}{%- set content = content.split('</think>')[-1] %}{%- endif %}"
-    "{{- '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<｜Assistant｜>' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- else %}{{- '<think>\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
 
+def template(name: str) -> str:
+    return (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+QWEN3_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+R1_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
 STYLES = {
-    "qwen3": {"template": QWEN3_TEMPLATE, "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-              "eos": "<|im_end|>", "pad": "<|endoftext|>", "bos": None},
-    "r1": {"template": R1_TEMPLATE, "specials": ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
-                                                 "<｜Assistant｜>", "<｜▁pad▁｜>"],
-           "eos": "<｜end▁of▁sentence｜>", "pad": "<｜▁pad▁｜>", "bos": "<｜begin▁of▁sentence｜>"},
+    "qwen3": {"template": "qwen3", "arch": "qwen3", "specials": QWEN3_SPECIALS, "eos": "<|im_end|>",
+              "pad": "<|endoftext|>", "bos": None, "stops": ["<|im_end|>", "<|endoftext|>"]},
+    "qwen3-thinking": {"template": "qwen3-thinking-2507", "arch": "qwen3", "specials": QWEN3_SPECIALS,
+                       "eos": "<|im_end|>", "pad": "<|endoftext|>", "bos": None,
+                       "stops": ["<|im_end|>", "<|endoftext|>"]},
+    "r1": {"template": "deepseek-r1-distill-qwen", "arch": "qwen2", "specials": R1_SPECIALS,
+           "eos": "<｜end▁of▁sentence｜>", "pad": "<｜end▁of▁sentence｜>", "bos": "<｜begin▁of▁sentence｜>",
+           "stops": ["<｜end▁of▁sentence｜>"]},
 }
 
 
@@ -77,20 +61,64 @@ def train_tokenizer(style: str, vocab_size: int = 320):
     backend.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=spec["specials"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=spec["eos"], pad_token=spec["pad"],
-                                        bos_token=spec["bos"], chat_template=spec["template"], model_max_length=4096)
+                                        bos_token=spec["bos"], chat_template=template(spec["template"]),
+                                        model_max_length=4096)
     tokenizer.add_tokens(["<think>", "</think>"])
     return tokenizer
 
 
+def tiny_decoder(arch: str, vocab_size: int, max_length: int, seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A tiny random causal LM of a real architecture (GQA: 4 query heads, 2 key/value heads)."""
+    import torch
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
+
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                                 "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    config = config_class(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=hidden // 4, max_position_embeddings=max_length, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return model_class(config)
+
+
 def build_user_model(path: Path, style: str, params) -> Path:
-    """Tokenizer + tiny random Qwen3 + a short SFT (the project's warmup code), saved at `path`."""
-    from bvpo.modeling import build_tiny_model, save_model
+    """Tokenizer + tiny random model of the style's architecture + a short SFT (the project's
+    warmup code), saved at `path` with the real model's stop tokens in its generation config."""
+    from bvpo.modeling import save_model
     from bvpo.warmup import sft
 
+    spec = STYLES[style]
     tokenizer = train_tokenizer(style)
-    m = params.model
-    model = build_tiny_model(tokenizer, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
-                             m.max_length, seed=0)
+    model = tiny_decoder(spec["arch"], len(tokenizer), params.model.max_length)
+    for key in ("bos", "eos", "pad"):
+        setattr(model.config, f"{key}_token_id", tokenizer.convert_tokens_to_ids(spec[key]) if spec[key] else None)
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(spec["stops"])
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     sft(model, tokenizer, params, set(), progress=False)
     save_model(model, tokenizer, path)
+    return path
+
+
+def build_custom_reward_model(path: Path, tokenizer, objectives: int = 3, seed: int = 0) -> Path:
+    """A tiny reward model with its own modeling code, saved like ArmoRM's folder: config.json
+    naming the custom classes (auto_map), the .py files beside it, weights, tokenizer."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path.mkdir(parents=True, exist_ok=True)
+    for source in CUSTOM_REWARD_MODEL.glob("*.py"):
+        shutil.copy(source, path / source.name)
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "tiny_gated_rm", "vocab_size": len(tokenizer), "num_objectives": objectives,
+        "pad_token_id": tokenizer.pad_token_id,
+        "auto_map": {"AutoConfig": "configuration_tiny_gated_rm.TinyGatedRMConfig",
+                     "AutoModelForSequenceClassification": "modeling_tiny_gated_rm.TinyGatedRewardModel"}}))
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path

@@ -41,7 +41,7 @@ def test_jsonl_prompts_keep_extra_columns(tmp_path):
 def test_benchmark_files_may_call_the_prompt_problem(tmp_path):
     path = tmp_path / "math500.jsonl"
     path.write_text(json.dumps({"problem": "Compute $\\frac{1}{2}+\\frac{1}{2}$.", "answer": "1", "level": 2}) + "\n")
-    with pytest.raises(DataError, match="no 'prompt' column"):
+    with pytest.raises(DataError, match="no 'prompt' or 'messages' column"):
         read_prompts_file(path)
     ds = read_prompts_file(path, prompt_columns=("prompt", "problem"))
     assert ds["prompt"] == ["Compute $\\frac{1}{2}+\\frac{1}{2}$."] and ds["level"] == [2]
@@ -56,7 +56,7 @@ def test_benchmark_files_may_call_the_prompt_problem(tmp_path):
     [
         (['{"prompt": "ok"}', "{not json"], r"p\.jsonl, line 2: not valid JSON"),
         (['{"prompt": "ok"}', '{"prompt": "   "}'], r"row 2: field 'prompt' must be non-empty text"),
-        (['{"question": "ok"}'], "no 'prompt' column"),
+        (['{"question": "ok"}'], "no 'prompt' or 'messages' column"),
         (['{"prompt": "ok", "answer": ""}'], r"row 1: field 'answer'"),
         (["[1, 2]"], "line 1: expected a JSON object"),
         ([""], "no rows"),

@@ -78,7 +78,7 @@ def test_model_without_thinking_template_is_refused(tokenizer, tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     loaded.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
                             "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-    with pytest.raises(ModelError, match="does not honour enable_thinking"):
+    with pytest.raises(ModelError, match="neither honours enable_thinking nor opens a think block"):
         check_thinking_template(loaded, "some-model")
     loaded.chat_template = None
     with pytest.raises(ModelError, match="no chat template"):

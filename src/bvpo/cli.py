@@ -1,5 +1,7 @@
 """`bvpo`: run the pipeline, run one stage, browse results, schedule.
 
+    bvpo init --model M      write a params.yaml for a real model from a recipe
+    bvpo check               the preflight: template, prompt lengths, sampling memory
     bvpo run                 the Prefect pipeline flow on params.yaml (DVC decides what is stale)
     bvpo stage NAME          one stage (what dvc.yaml calls)
     bvpo experiment          every method x several seeds (DVC experiments), with 95% intervals
@@ -37,6 +39,26 @@ def _parser() -> argparse.ArgumentParser:
                          "skipped and dvc.lock is kept current.")
     run.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     run.add_argument("--no-dvc", action="store_true", help="run every stage directly, without DVC")
+
+    init = sub.add_parser("init", help="write a params.yaml for a real model from a recipe",
+                          description="Write params.yaml for a real reasoning model from a recipe: every value that "
+                          "is not the embedded default's with a comment saying where it comes from (the paper, a "
+                          "peer's recipe, the model card, or a stated budget choice). Then `bvpo check`, `bvpo run`.")
+    init.add_argument("--model", required=True, help="local model directory or hub id (e.g. Qwen/Qwen3-0.6B)")
+    from .recipes import RECIPES
+
+    init.add_argument("--recipe", required=True, choices=sorted(RECIPES),
+                      help="; ".join(f"{name}: {r.description}" for name, r in RECIPES.items()))
+    init.add_argument("--prompts", help="your prompts file (.jsonl/.parquet; keep it under data/inputs/)")
+    init.add_argument("--reward-model", help="a reward model directory, to rank samples of prompts without answers")
+    init.add_argument("--out", default="params.yaml", help="where to write (default: params.yaml)")
+    init.add_argument("--force", action="store_true", help="replace an existing file")
+
+    check = sub.add_parser("check", help="the preflight: template, prompt lengths, sampling memory",
+                           description="Check before any sampling: the model's chat template runs both modes, "
+                           "prompts plus sample.max_new_tokens fit model.max_length, the sampling batch's KV cache "
+                           "fits this machine's free memory, and the settings that need answers have them.")
+    check.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
 
     from .stages import STAGES
 
@@ -107,7 +129,8 @@ def _run(args) -> int:
     print(f"MLflow parent run {result['mlflow_parent_run_id']}: browse with `bvpo ui`, then open "
           f"{ui_url('http://127.0.0.1:5000', result['mlflow_experiment_id'], result['mlflow_parent_run_id'])}")
     for name, entry in result["eval"].items():
-        print(f"  {name:>12}: thinking {entry['accuracy_think']:.3f}  no-thinking {entry['accuracy_nothink']:.3f}")
+        key = "accuracy" if "accuracy_think" in entry else "reward"
+        print(f"  {name:>12}: {key} thinking {entry[f'{key}_think']:.3f}  no-thinking {entry[f'{key}_nothink']:.3f}")
     return 0
 
 
@@ -128,6 +151,27 @@ def _stage(args) -> int:
         shutil.rmtree(root / PATHS["checkpoints"], ignore_errors=True)
     out = run_stage(args.name, params, root, params_file)
     print(f"bvpo stage {args.name}: wrote {out.relative_to(root) if out.is_relative_to(root) else out}")
+    return 0
+
+
+def _init(args) -> int:
+    from .recipes import write
+
+    root = Path(args.project_dir).resolve()
+    out = write(args.recipe, args.model, root / args.out, args.prompts, args.reward_model, args.force)
+    print(f"bvpo init: wrote {out} ({args.recipe} for {args.model}). Next: `bvpo check`, then `bvpo run`.")
+    return 0
+
+
+def _check(args) -> int:
+    from .config import load_params
+    from .preflight import run
+
+    root = Path(args.project_dir).resolve()
+    params_file = Path(args.params) if Path(args.params).is_absolute() else root / args.params
+    for note in run(load_params(params_file), root):
+        print(f"bvpo check: {note}")
+    print("bvpo check: ok")
     return 0
 
 
@@ -252,7 +296,7 @@ def _serve(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure_environment(args.project_dir)
+    configure_environment(args.project_dir, getattr(args, "params", "params.yaml"))
     from .config import ConfigError
     from .data import DataError
     from .modeling import ModelError
@@ -264,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     from .tracking import RegistryError
 
     handlers = {"run": _run, "stage": _stage, "experiment": _experiment, "ui": _ui, "schedule": _schedule,
-                "serve": _serve}
+                "serve": _serve, "init": _init, "check": _check}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, StageError, ExperimentError, ProjectBusy, PromotionError,

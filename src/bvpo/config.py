@@ -8,6 +8,7 @@ so a typo in params.yaml fails before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,15 +22,26 @@ class ConfigError(ValueError):
     """A parameter is missing, unknown or out of range. The message names the field."""
 
 
+# `pairs.reward_model_output`: a model output field, optionally indexed in its last dimension.
+REWARD_OUTPUT = re.compile(r"(?P<field>[A-Za-z_]\w*)(\[(?P<index>\d+)\])?")
+
+
 @dataclass
 class DataConfig:
     source: str = "synthetic"
     """`synthetic` for the embedded arithmetic task, or a local `.jsonl`/`.parquet` file with a
-    `prompt` column (non-empty text) and, for the verified reward, an `answer` column."""
+    `prompt` column (non-empty text) or a `messages` column (a chat: a list of {role, content}
+    ending with a user turn) and, for the verified reward, an `answer` column. Keep it under
+    data/inputs/: that folder is a DVC dependency of the prepare stage, so editing the file reruns
+    the pipeline from there (a file elsewhere is read, but DVC does not see it change)."""
     test_source: str | None = None
     """Held-out prompts file for evaluation. None: split `test_fraction` off `source`."""
     test_fraction: float = 0.2
     """Share of a user's prompts held out for evaluation when no `test_source` is given."""
+    system_prompt: str | None = None
+    """A system message put before every prompt of a user's file (a chat that already starts
+    with a system message keeps its own). None: none. DeepSeek-R1-Distill's card advises against
+    one (instructions belong in the user turn)."""
     n_train: int = 4096
     """Synthetic task: number of training prompts (the sampling/pairs stage uses them). 1,024
     gave the default base model only ~180 trace pairs, on which DPO overfits."""
@@ -55,8 +67,10 @@ class DataConfig:
 class ModelConfig:
     path: str | None = None
     """None: the embedded tiny Qwen3-architecture model, built and SFT'd by the warmup stage.
-    Otherwise a local directory or hub id of a causal LM whose chat template honours
-    `enable_thinking` (e.g. Qwen3). Hub ids need HF_HUB_OFFLINE=0 and a populated cache."""
+    Otherwise a local directory or a hub id (`Qwen/Qwen3-0.6B`, downloaded into the user's own
+    Hugging Face cache when online) of a reasoning causal LM: its chat template either honours
+    `enable_thinking` (Qwen3) or always opens the think block (DeepSeek-R1-Distill,
+    Qwen3-*-Thinking-2507; thinking off then closes it). `bvpo init` writes a params.yaml for one."""
     hidden_size: int = 128
     """Embedded model: width."""
     num_layers: int = 4
@@ -73,8 +87,10 @@ class ModelConfig:
     """Longest prompt + completion of a no-thinking sequence; None: `max_length`. At most
     `max_length`. No-thinking answers are short, so a tighter limit keeps a runaway answer from
     setting a micro-batch's padded length (it is skipped and counted instead)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights and compute dtype for a real model; the embedded model always runs in float32."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype for inference (sampling, evaluation, analysis) and for storing trained
+    models. `auto`: bfloat16 on a CUDA GPU with bf16, float32 elsewhere. Training always keeps
+    fp32 master weights and computes in `train.mixed_precision`, whatever this says."""
 
     def max_length_for(self, thinking: bool) -> int:
         return self.max_length if thinking or self.max_length_nothink is None else self.max_length_nothink
@@ -107,10 +123,15 @@ class SampleConfig:
     """Sampling temperature; traces must vary, as a real model's do."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Sample from the k likeliest tokens only; 0 = off (Qwen3's card: 20)."""
     max_new_tokens: int = 96
     """Generation budget; a sample that hits it is flagged invalid (truncated)."""
-    batch_size: int = 256
-    """Sequences generated at once (KV-cached, left-padded; `hf` backend)."""
+    batch_size: int | Literal["auto"] = 256
+    """Sequences generated at once (KV-cached, left-padded; `hf` backend). The preflight checks
+    the KV cache it needs (longest prompt + max_new_tokens) against the GPU's free memory and
+    refuses a batch that cannot fit, naming one that does. `auto`: the largest batch (up to 256)
+    that fits, decided on the machine that samples (the samples then depend on its memory)."""
     backend: Literal["hf", "vllm"] = "hf"
     """`hf`: Hugging Face `generate`, sharded over `num_processes`. `vllm`: vLLM's offline
     engine in one process (optional extra, `pip install 'bvpo[vllm]'`; needs a GPU), parallel
@@ -151,6 +172,14 @@ class PairsConfig:
     same path does not rerun the pairs stage (`dvc repro -f -s pairs` does)."""
     reward_batch_size: int = 32
     """Sequences scored at once by the reward model."""
+    reward_model_output: str = "logits"
+    """Which output of the reward model is the score: a field of its output, with `[k]` to pick
+    one of several values per sequence. `logits`: a standard one-output classifier
+    (num_labels=1, e.g. Skywork-Reward). `score`: ArmoRM's preference score. `rewards[k]`: one of
+    ArmoRM's objectives; `logits[k]`: one label of a multi-label classifier."""
+    reward_model_trust_remote_code: bool = False
+    """Run the modeling code shipped with the reward model (ArmoRM's `LlamaForRewardModelWithGating`
+    is custom code). Off by default: it executes the model directory's Python files."""
 
 
 @dataclass
@@ -280,10 +309,15 @@ class EvalConfig:
     """Sampling temperature of the sampled accuracy."""
     benchmarks: dict[str, str] = field(default_factory=dict)
     """Named benchmark files scored like the held-out prompts, in both modes, for every model:
-    `{math500: data/math500.jsonl}`. JSONL or Parquet with `prompt` (or `problem`) and `answer`
-    (checked by math-verify). Results land in eval.json as `<name>/accuracy_*` and their mean
-    over benchmarks as `benchmarks/accuracy_*`. Add the files to the evaluate stage's deps in
-    dvc.yaml so that editing one reruns it."""
+    `{math500: data/benchmarks/math500.jsonl, gsm8k: data/benchmarks/gsm8k_test.jsonl}` (both
+    shipped). JSONL or Parquet with `prompt`, `problem` or `question` and an `answer` (LaTeX as
+    MATH writes it, or GSM8K's `... #### 72`), graded by `rewards.verified_reward`. Results land
+    in eval.json as `<name>/accuracy_*` and their mean over benchmarks as
+    `benchmarks/accuracy_*`. Files under data/benchmarks/ are a DVC dependency of evaluate."""
+    answer_instruction: str | None = "Please reason step by step, and put your final answer within \\boxed{}."
+    """Appended (after a blank line) to every benchmark prompt: the usual instruction of MATH-500
+    and GSM8K evaluations (DeepSeek-R1's and Qwen's), so the final answer can be found. None: the
+    prompts as the file has them. The held-out prompts of `data.source` are never changed."""
     win_rate_prompts: str | None = None
     """A prompts file (JSONL/Parquet, `prompt` column) for the reward-model win rate, the offline
     analogue of AlpacaEval: every trained model and the starting model answer each prompt
@@ -318,9 +352,12 @@ class PromotionConfig:
     flow after evaluation only, so changing it reruns no stage."""
 
     metric: Literal["accuracy_mean", "accuracy_think", "accuracy_nothink", "accuracy_mean_sampled",
-                    "accuracy_think_sampled", "accuracy_nothink_sampled"] = "accuracy_mean"
+                    "accuracy_think_sampled", "accuracy_nothink_sampled", "reward_mean", "reward_think",
+                    "reward_nothink"] = "accuracy_mean"
     """eval.json metric compared on the held-out prompts; `accuracy_mean` is the two-mode average
-    of greedy accuracy. `*_sampled` metrics need `evaluate.n_samples` > 0."""
+    of greedy accuracy. `*_sampled` metrics need `evaluate.n_samples` > 0. `reward_*`: the mean
+    reward-model score of the greedy final answers (`pairs.reward_model`), for held-out prompts
+    without answers."""
     margin: float = 0.0
     """The candidate is promoted when its score minus the champion's exceeds this (accuracy
     units: 0.01 is one point). Negative values promote a candidate that is not much worse."""
@@ -599,7 +636,17 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     _check(e.max_new_tokens >= 1, "evaluate.max_new_tokens", "an integer >= 1", e.max_new_tokens)
     _check(e.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", e.batch_size)
     _check(params.analyze.batch_size >= 1, "analyze.batch_size", "an integer >= 1", params.analyze.batch_size)
-    _check(s.batch_size >= 1, "sample.batch_size", "an integer >= 1", s.batch_size)
+    _check(s.batch_size == "auto" or s.batch_size >= 1, "sample.batch_size", "an integer >= 1 or 'auto'",
+           s.batch_size)
+    _check(s.top_k >= 0, "sample.top_k", "an integer >= 0 (0 = off)", s.top_k)
+    _check(d.system_prompt is None or bool(d.system_prompt.strip()), "data.system_prompt", "null or non-empty text",
+           d.system_prompt)
+    _check(REWARD_OUTPUT.fullmatch(params.pairs.reward_model_output) is not None, "pairs.reward_model_output",
+           "an output field with an optional index, e.g. logits[0], score or rewards[3]",
+           params.pairs.reward_model_output)
+    if params.promotion.metric.startswith("reward"):
+        _check((e.win_rate_reward_model or params.pairs.reward_model) is not None, "pairs.reward_model",
+               f"a reward model directory for promotion.metric {params.promotion.metric}", None)
     w = params.warmup
     _check(w.batch_size >= 2 and w.batch_size % 2 == 0, "warmup.batch_size",
            "an even integer >= 2 (each problem is written in both modes)", w.batch_size)

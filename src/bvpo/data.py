@@ -125,10 +125,46 @@ def warmup_examples(
     return out
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(path: Path, i: int, messages) -> list[dict]:
+    """A chat prompt: a list of {role, content} turns that ends with the user's."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{path}, row {i}: field 'messages' must be a non-empty list of {{role, content}} turns, "
+                        f"got {messages!r}")
+    for turn in messages:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str) \
+                or not turn["content"].strip():
+            raise DataError(f"{path}, row {i}: field 'messages' must hold turns like {{\"role\": \"user\", "
+                            f"\"content\": \"...\"}} (role one of {', '.join(ROLES)}, non-empty content), got {turn!r}")
+    if messages[-1]["role"] != "user":
+        raise DataError(f"{path}, row {i}: field 'messages' must end with a user turn (the model answers it), "
+                        f"ends with {messages[-1]['role']!r}")
+    return [{"role": turn["role"], "content": turn["content"]} for turn in messages]
+
+
+def prompt_key(prompt: str | list[dict]) -> str:
+    """A prompt as a hashable key (a chat is a list), for de-duplication and held-out checks."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def with_system_prompt(prompt: str | list[dict], system_prompt: str | None) -> str | list[dict]:
+    """`prompt` as a chat that starts with `system_prompt` (unless it has a system turn already)."""
+    if system_prompt is None:
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 def _check_row(path: Path, i: int, row: dict) -> dict:
     """Validate one prompts row (1-based `i`); numbers in `answer` become text."""
     prompt = row.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
+    if isinstance(prompt, list):
+        row = {**row, "prompt": _check_messages(path, i, prompt)}
+    elif not isinstance(prompt, str) or not prompt.strip():
         raise DataError(f"{path}, row {i}: field 'prompt' must be non-empty text, got {prompt!r}")
     if "answer" in row:
         answer = row["answer"]
@@ -138,11 +174,12 @@ def _check_row(path: Path, i: int, row: dict) -> dict:
     return row
 
 
-def read_prompts_file(path: str | Path, prompt_columns: tuple[str, ...] = ("prompt",)) -> Dataset:
+def read_prompts_file(path: str | Path, prompt_columns: tuple[str, ...] = ("prompt", "messages")) -> Dataset:
     """Load a user's prompts (.jsonl or .parquet), refusing malformed rows with a clear error.
 
-    Required: `prompt`, non-empty text (or the first of `prompt_columns` present, renamed to
-    `prompt`: benchmark files such as MATH-500 call it `problem`). Optional: `answer` (text or
+    Required: `prompt`, non-empty text, or `messages`, a chat (a list of {role, content} turns
+    ending with the user's); the first of `prompt_columns` present becomes `prompt` (benchmark
+    files such as MATH-500 call it `problem`, GSM8K `question`). Optional: `answer` (text or
     number, used by the verified reward). Other columns are kept as they are.
     """
     path = Path(path)
@@ -210,8 +247,9 @@ def inbox_files(inbox: str | Path) -> list[Path]:
 def read_inbox(inbox: str | Path, test_prompts: set[str], needs_answer: bool) -> tuple[Dataset | None, dict]:
     """Every prompts file dropped into the inbox folder (sorted by name, so the order is
     reproducible), as one dataset of `prompt` (+ `answer`) rows. Prompts that are also held-out
-    test prompts are dropped (evaluation stays clean across rounds) and counted; other files
-    (README, .gitkeep) are ignored. Returns (None, stats) when no prompts arrived."""
+    test prompts (`test_prompts`: their `prompt_key`s) are dropped (evaluation stays clean across
+    rounds) and counted; other files (README, .gitkeep) are ignored. Returns (None, stats) when
+    no prompts arrived."""
     files = inbox_files(inbox)
     rows, dropped = [], 0
     for path in files:
@@ -220,7 +258,7 @@ def read_inbox(inbox: str | Path, test_prompts: set[str], needs_answer: bool) ->
             raise DataError(f"{path}: no 'answer' column; the other training prompts have answers and "
                             f"the verified reward needs one per prompt")
         for row in dataset:
-            if row["prompt"] in test_prompts:
+            if prompt_key(row["prompt"]) in test_prompts:
                 dropped += 1
                 continue
             rows.append({"prompt": row["prompt"], **({"answer": row["answer"]} if needs_answer else {})})

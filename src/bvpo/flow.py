@@ -72,6 +72,15 @@ def _stage_task(stage: str):
 STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
 
 
+@task(name="preflight")
+def preflight(project_dir: str, params_file: str) -> None:
+    """`bvpo check` before the first stage: the template, prompt lengths against the limits, the
+    sampling batch against the device's memory. In a subprocess, so the flow itself never holds
+    GPU memory the sampling stage needs."""
+    _stream([sys.executable, "-m", "bvpo.cli", "check", "--params", params_file], Path(project_dir),
+            get_run_logger())
+
+
 @task(name="champion")
 def resolve_champion(project_dir: str, params_file: str) -> dict:
     """Read `@champion` from the registry into data/champion.json, the round's input. The file
@@ -172,11 +181,12 @@ def results_markdown(results: dict, diagnostics: dict | None, versions: dict[str
             lines += [f"Round {round_result['round']}, started from "
                       + (f"{registered} v{started} (`@champion`)" if started else "the base model")
                       + ". " + rounds.decision_summary(round_result["decision"]) + ".", ""]
-    lines += ["| model | accuracy (thinking) | accuracy (no thinking) | mean length (thinking) | registered |",
+    key = "accuracy" if all("accuracy_think" in entry for entry in results.values()) else "reward"
+    lines += [f"| model | {key} (thinking) | {key} (no thinking) | mean length (thinking) | registered |",
               "|---|---|---|---|---|"]
     for name, entry in results.items():
         version = f"{registered} v{versions[name]}" if versions.get(name) else ""
-        lines.append(f"| {name} | {entry['accuracy_think']:.3f} | {entry['accuracy_nothink']:.3f} | "
+        lines.append(f"| {name} | {entry[f'{key}_think']:.3f} | {entry[f'{key}_nothink']:.3f} | "
                      f"{entry.get('mean_length_think', float('nan')):.1f} | {version} |")
     if diagnostics and diagnostics.get("ratios"):
         lines += ["", "## Thinking ÷ no-thinking (sampled completions)", "", "| statistic | ratio |", "|---|---|"]
@@ -204,6 +214,7 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
     os.environ[tracking.FLOW_RUN_ENV] = str(flow_run.get_id() or "")
     registered = params.tracking.registered_model
     with project_lock(root, f"pipeline flow run {flow_run.get_name() or 'local'}"):
+        preflight(str(root), str(params_path))
         champion = resolve_champion(str(root), str(params_path))
         started = champion["version"]
         logger.info("Round %d starts from %s", champion["round"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -63,12 +64,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_model(tokenizer, hidden_size: int, num_layers: int, num_heads: int,
-                     intermediate_size: int, max_length: int, seed: int):
-    """A Qwen3-architecture causal LM from config, randomly initialised with `seed`."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def tiny_config(tokenizer, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
+                max_length: int):
+    """The embedded model's Qwen3 config: GQA with half as many key/value heads."""
+    from transformers import Qwen3Config
 
-    config = Qwen3Config(
+    return Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -82,6 +83,14 @@ def build_tiny_model(tokenizer, hidden_size: int, num_layers: int, num_heads: in
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def build_tiny_model(tokenizer, hidden_size: int, num_layers: int, num_heads: int,
+                     intermediate_size: int, max_length: int, seed: int):
+    """A Qwen3-architecture causal LM from config, randomly initialised with `seed`."""
+    from transformers import Qwen3ForCausalLM
+
+    config = tiny_config(tokenizer, hidden_size, num_layers, num_heads, intermediate_size, max_length)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -89,35 +98,57 @@ def build_tiny_model(tokenizer, hidden_size: int, num_layers: int, num_heads: in
     return model
 
 
-def render_prompt(tokenizer, prompt: str, thinking: bool) -> str:
-    """The chat-templated prompt, ending where the model starts writing in that mode."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}],
-        tokenize=False,
-        add_generation_prompt=True,
-        enable_thinking=thinking,
-    )
+def as_messages(prompt: str | list[dict]) -> list[dict]:
+    """A prompt as chat messages: a text is one user turn; a conversation is used as it is."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+# The end of a generation prompt whose think block is already open: always-open templates
+# (DeepSeek-R1-Distill, Qwen3-*-Thinking-2507) end with it whatever `enable_thinking` says.
+_OPEN_BLOCK = re.compile(re.escape(THINK_OPEN) + r"\s*$")
+_EMPTY_BLOCK = re.compile(re.escape(THINK_OPEN) + r"\s*" + re.escape(THINK_CLOSE) + r"\s*$")
+
+
+def render_prompt(tokenizer, prompt: str | list[dict], thinking: bool) -> str:
+    """The chat-templated prompt, ending where the model starts writing in that mode.
+
+    Thinking off always ends with a closed, empty think block: a template with an
+    `enable_thinking` switch (Qwen3) writes it itself; a template that always opens the block
+    (DeepSeek-R1-Distill: `...<｜Assistant｜><think>\\n`) gets the block closed here, which is
+    how those models are run without a trace (NoThinking)."""
+    text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=thinking)
+    if not thinking and not _EMPTY_BLOCK.search(text) and _OPEN_BLOCK.search(text):
+        text = _OPEN_BLOCK.sub("", text) + EMPTY_THINK
+    return text
 
 
 def check_thinking_template(tokenizer, where: str) -> None:
-    """Refuse a tokenizer whose chat template ignores `enable_thinking`, or whose thinking-on
-    prompt already closes the think block, or that cannot write the think tags back as text."""
+    """Refuse a tokenizer whose chat template cannot run both modes: thinking off must end the
+    prompt with an empty think block (an `enable_thinking` switch as in Qwen3, or a block the
+    template always opens, as in DeepSeek-R1-Distill, which is then closed), thinking on must not
+    close the block, and the tokenizer must write the think tags back as the same text."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ModelError(f"{where}: the tokenizer has no chat template (expected a Qwen3-style "
-                         "template that honours enable_thinking)")
+        raise ModelError(f"{where}: the tokenizer has no chat template (expected a reasoning model's template: "
+                         "one that honours enable_thinking, like Qwen3's, or opens a think block in its "
+                         "generation prompt, like DeepSeek-R1-Distill's)")
     marker = "Compute 1+2."  # the generation prompt is what follows the user's message
-    on = render_prompt(tokenizer, marker, thinking=True).split(marker, 1)[-1]
-    off = render_prompt(tokenizer, marker, thinking=False).split(marker, 1)[-1]
-    if THINK_OPEN not in off or THINK_CLOSE not in off or on == off:
-        raise ModelError(
-            f"{where}: the chat template does not honour enable_thinking (expected thinking off "
-            f"to end the prompt with an empty '{THINK_OPEN}...{THINK_CLOSE}' block, as Qwen3's does). "
-            "Give the tokenizer a template that does (set `chat_template` in its tokenizer_config.json "
-            "or a chat_template.jinja next to it)"
-        )
+    try:
+        on = render_prompt(tokenizer, marker, thinking=True).split(marker, 1)[-1]
+        off = render_prompt(tokenizer, marker, thinking=False).split(marker, 1)[-1]
+    except Exception as err:  # jinja raises many kinds; all mean the template cannot render a user turn
+        raise ModelError(f"{where}: the chat template cannot render a user message ({type(err).__name__}: "
+                         f"{err})") from None
     if THINK_CLOSE in on:
         raise ModelError(f"{where}: with enable_thinking=True the chat template already closes the think "
                          f"block ('{THINK_CLOSE}' in the generation prompt), so no trace could be sampled")
+    if not _EMPTY_BLOCK.search(off) or on == off:
+        raise ModelError(
+            f"{where}: the chat template neither honours enable_thinking nor opens a think block in its "
+            f"generation prompt, so a trace cannot be turned on and off (expected thinking off to end with an "
+            f"empty '{THINK_OPEN}...{THINK_CLOSE}' block, as Qwen3's does, or the generation prompt to end "
+            f"with '{THINK_OPEN}', as DeepSeek-R1-Distill's does). Is this a reasoning model? Give the "
+            "tokenizer such a template (`chat_template` in tokenizer_config.json or a chat_template.jinja)")
     probe = f"{THINK_OPEN}\n1+1=2\n{THINK_CLOSE}\n\n2"
     if tokenizer.decode(tokenizer(probe, add_special_tokens=False).input_ids) != probe:
         raise ModelError(f"{where}: the tokenizer does not decode '{THINK_OPEN}'/'{THINK_CLOSE}' back to "
@@ -127,7 +158,19 @@ def check_thinking_template(tokenizer, where: str) -> None:
 def opens_think_block(tokenizer) -> bool:
     """True when the thinking-on generation prompt already opens the think block (DeepSeek-R1
     style, '...<think>\\n'): the model's completion then starts inside the trace."""
-    return render_prompt(tokenizer, "x", thinking=True).rstrip().endswith(THINK_OPEN)
+    return bool(_OPEN_BLOCK.search(render_prompt(tokenizer, "x", thinking=True)))
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS and every EOS id of the model's
+    generation config (Qwen3 stops at both <|im_end|> and <|endoftext|>). Both sampling backends
+    and evaluation stop on the same set."""
+    ids = [tokenizer.eos_token_id]
+    config_ids = getattr(generation_config, "eos_token_id", None)
+    for token in (config_ids if isinstance(config_ids, (list, tuple)) else [config_ids]):
+        if token is not None and token not in ids:
+            ids.append(int(token))
+    return ids
 
 
 def completion_text(trace: str | None, answer: str, eos: str, opened: bool = False) -> str:
@@ -151,12 +194,35 @@ def resolve_model_dir(model_dir: str | Path) -> str:
     return str(model_dir)
 
 
+def is_local(path: str) -> bool:
+    """A local directory, as opposed to a hub id such as `Qwen/Qwen3-0.6B`."""
+    return path.startswith((".", "/", "~")) or Path(path).exists()
+
+
+def hub_kwargs(path: str) -> dict:
+    """`from_pretrained` arguments: a local directory never touches the network; a hub id is
+    fetched (or read from the user's HF cache) as the user's environment allows."""
+    return {"local_files_only": True} if is_local(path) else {}
+
+
+def _load_error(path: str, what: str, err: Exception) -> ModelError:
+    hint = ""
+    if not is_local(path):
+        import os
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = (" HF_HUB_OFFLINE is set, so only the local Hugging Face cache is read: unset it (or "
+                "HF_HUB_OFFLINE=0) to download the model once, or set model.path to a local directory"
+                if offline else " (a hub id: check the name, your network and HF_TOKEN for gated models)")
+    return ModelError(f"{path}: cannot load {what} ({type(err).__name__}: {err}).{hint}")
+
+
 def load_tokenizer(model_dir: str | Path):
     path = resolve_model_dir(model_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs(path))
     except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot load a tokenizer ({err})") from None
+        raise _load_error(path, "a tokenizer", err) from None
     check_thinking_template(tokenizer, path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -166,9 +232,9 @@ def load_tokenizer(model_dir: str | Path):
 def load_model(model_dir: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"):
     path = resolve_model_dir(model_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **hub_kwargs(path))
     except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot load a causal LM ({err})") from None
+        raise _load_error(path, "a causal LM", err) from None
     return model.to(device)
 
 
@@ -194,6 +260,17 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
+
+
+def resolve_dtype(setting: str, device: str | torch.device) -> str:
+    """The weights dtype for inference (sampling, evaluation, analysis) and for the saved model:
+    `auto` is bfloat16 on a CUDA GPU with bf16 and float32 elsewhere (on a CPU bf16 inference
+    would change the embedded model's samples). Training always keeps fp32 master weights."""
+    if setting != "auto":
+        return setting
+    device = torch.device(device)
+    return "bfloat16" if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
+        else "float32"
 
 
 def resolve_precision(setting: str, device: torch.device) -> str:

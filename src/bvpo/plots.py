@@ -12,20 +12,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def eval_bar_chart(results: dict[str, dict], out: str | Path) -> None:
-    """Grouped bars: greedy accuracy per model, thinking on and off."""
+    """Grouped bars per model, thinking on and off: greedy accuracy, or (held-out prompts
+    without answers) the reward model's mean score."""
     names = list(results)
+    accuracy = all("accuracy_think" in results[n] for n in names)
+    key, scale = ("accuracy", 100) if accuracy else ("reward", 1)
     width = 0.38
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.6), dpi=120)
     for k, (mode, label) in enumerate((("think", "thinking"), ("nothink", "no thinking"))):
-        values = [100 * results[n][f"accuracy_{mode}"] for n in names]
+        values = [scale * results[n][f"{key}_{mode}"] for n in names]
         xs = [i + (k - 0.5) * width for i in range(len(names))]
         bars = ax.bar(xs, values, width, label=label)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.bar_label(bars, fmt="%.1f" if accuracy else "%.2f", fontsize=7)
     ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("greedy accuracy (%)")
-    ax.set_ylim(0, 105)
+    if accuracy:
+        ax.set_ylabel("greedy accuracy (%)")
+        ax.set_ylim(0, 105)
+        ax.set_title("Held-out accuracy by method")
+    else:
+        ax.set_ylabel("mean reward-model score (greedy)")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title("Held-out reward by method")
     ax.legend(loc="upper right", fontsize=8)
-    ax.set_title("Held-out accuracy by method")
     fig.tight_layout()
     fig.savefig(out, format="png")
     plt.close(fig)

@@ -16,6 +16,10 @@ import re
 
 _INTEGER = re.compile(r"[-+]?\d+")
 _LAST_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# Text wrappers and spacing that do not change an answer written as text (`\text{Evelyn}`, `\$32`).
+_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_SPACING = re.compile(r"\\left|\\right|\\[,;:! ]|\\\$|\$|\s")
 
 
 def _as_int(text: str) -> int | None:
@@ -23,22 +27,67 @@ def _as_int(text: str) -> int | None:
     return int(text) if _INTEGER.fullmatch(text) else None
 
 
+def last_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced; None if none."""
+    found = None
+    for match in _BOXED.finditer(text):
+        depth, start = 1, match.end()
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                found = text[start:i]
+                break
+    return found
+
+
+def final_answer(response: str) -> str:
+    """What a response states as its answer: its last boxed expression when it has one (the
+    usual instruction asks for `\\boxed{}`), else the whole response (the embedded task answers
+    with a bare number)."""
+    boxed = last_boxed(response)
+    return (boxed if boxed is not None else response).strip()
+
+
+def reference_answer(reference: str) -> str:
+    """A data set's reference as the answer alone: GSM8K writes its worked solution, then
+    `#### 72` (thousands separators and all)."""
+    if "####" in reference:
+        return reference.rsplit("####", 1)[1].strip().replace(",", "")
+    return reference.strip()
+
+
+def _plain(text: str) -> str:
+    return _SPACING.sub("", _WRAPPER.sub(r"\1", text)).rstrip(".").lower()
+
+
 def verified_reward(response: str, reference: str) -> float:
-    """1.0 when `response` states the reference answer, else 0.0. Empty responses score 0."""
+    """1.0 when `response` states the reference answer, else 0.0. Empty responses score 0.
+
+    The response's final answer is its last `\\boxed{}` if it has one, else the whole response
+    (so `\\boxed{5}. Check: 5^2 = 25` states 5). An integer reference and an integer answer are
+    compared exactly and fast (the embedded task, GSM8K); everything else goes through
+    math-verify with the reference read as LaTeX, as MATH writes it (`\\dfrac{14}{3}`,
+    `2\\sqrt{3}`, `[-2,7]`, `\\pi`), and a plain-text comparison catches what is no formula
+    (`\\text{Evelyn}`, `\\text{(C)}`)."""
     response = response.strip()
     if not response:
         return 0.0
-    gold = _as_int(reference)
-    if gold is not None:
-        pred = _as_int(response)
-        if pred is None:
-            numbers = _LAST_NUMBER.findall(response)
-            pred = _as_int(numbers[-1]) if numbers else None
+    reference = reference_answer(reference)
+    answer = final_answer(response)
+    gold, pred = _as_int(reference), _as_int(answer)
+    if gold is not None and pred is not None:
         return float(pred == gold)
-    from math_verify import parse, verify
+    if _plain(answer) == _plain(reference):
+        return 1.0
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     try:
-        return float(bool(verify(parse(reference), parse(response))))
+        gold_parsed = parse(f"\\boxed{{{reference}}}", [LatexExtractionConfig(boxed_match_priority=0)])
+        # A boxed answer is parsed alone; otherwise math-verify finds the answer in the text
+        # ("the answer is 72", a last formula).
+        pred_parsed = parse(f"\\boxed{{{answer}}}" if last_boxed(response) is not None else response,
+                            [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()])
+        return float(bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed)))
     except Exception:  # math-verify gives up on unparsable text; that is a wrong answer
         return 0.0
 
@@ -62,24 +111,49 @@ REWARDS = {"verified": verified_reward, "graded": graded_reward}
 
 
 class RewardModel:
-    """A sequence-classification reward model (one output) that scores a prompt and the final
-    answer shown to the user, rendered with the reward model's own chat template when it has one."""
+    """A sequence-classification reward model that scores a prompt and the final answer shown
+    to the user, rendered with the reward model's own chat template when it has one.
 
-    def __init__(self, path: str, device: str = "cpu", dtype: str = "float32", max_length: int = 4096):
+    `output` names the score in the model's output (`pairs.reward_model_output`): `logits`
+    for a standard one-output classifier, `score` for ArmoRM's preference score, `rewards[k]`
+    for one objective of several. `trust_remote_code` runs modeling code shipped in the
+    model's directory (ArmoRM's custom class)."""
+
+    def __init__(self, path: str, device: str = "cpu", dtype: str = "float32", max_length: int = 4096,
+                 output: str = "logits", trust_remote_code: bool = False):
         import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-        from .modeling import ModelError
+        from .config import REWARD_OUTPUT
+        from .modeling import ModelError, hub_kwargs
 
+        spec = REWARD_OUTPUT.fullmatch(output)
+        if spec is None:
+            raise ModelError(f"{path}: reward model output {output!r} is not a field with an optional index "
+                             "(e.g. logits[0], score, rewards[3])")
+        self.field, self.index = spec["field"], None if spec["index"] is None else int(spec["index"])
+        kwargs = {"trust_remote_code": trust_remote_code, **hub_kwargs(path)}
+        custom_code = (f"{path}: this reward model ships its own modeling code (auto_map in config.json), which "
+                       "transformers runs only when allowed; without it a stock class would score with a random "
+                       "head. Review the code, then set pairs.reward_model_trust_remote_code: true")
         try:
-            num_labels = AutoConfig.from_pretrained(path).num_labels
+            config = AutoConfig.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as err:
+            if "trust_remote_code" in str(err):
+                raise ModelError(custom_code) from None
             raise ModelError(f"{path}: cannot load a reward model config ({err})") from None
-        if num_labels != 1:
-            raise ModelError(f"{path}: a reward model has one output (num_labels=1), this one has {num_labels}")
+        custom = bool(getattr(config, "auto_map", None))
+        if custom and not trust_remote_code:
+            raise ModelError(custom_code)
+        if not custom and self.field == "logits" and (self.index is None and config.num_labels != 1
+                                       or self.index is not None and self.index >= config.num_labels):
+            raise ModelError(f"{path}: a reward model has one output (num_labels=1) unless pairs.reward_model_output "
+                             f"names one of several (logits[0]..logits[{config.num_labels - 1}]); this one has "
+                             f"{config.num_labels} and the output is {output!r}")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                                            **kwargs)
         except (OSError, ValueError) as err:
             raise ModelError(f"{path}: cannot load a sequence-classification reward model ({err})") from None
         if self.tokenizer.pad_token is None:
@@ -88,15 +162,40 @@ class RewardModel:
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.tokenizer.padding_side = "right"
         self.model.to(device).eval()
-        self.device, self.max_length = device, max_length
+        self.device, self.max_length, self.path = device, max_length, path
 
-    def render(self, prompt: str, answer: str) -> str:
+    def render(self, prompt, answer: str) -> str:
+        from .modeling import as_messages
+
+        messages = as_messages(prompt) + [{"role": "assistant", "content": answer}]
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=False)
-        return f"{prompt}\n\n{answer}"
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return "\n\n".join(m["content"] for m in messages)
 
-    def score(self, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
+    def _pick(self, outputs) -> list[float]:
+        from .modeling import ModelError
+
+        value = getattr(outputs, self.field, None)
+        if value is None and hasattr(outputs, "get"):
+            value = outputs.get(self.field)
+        if value is None:
+            fields = list(outputs.keys()) if hasattr(outputs, "keys") else []
+            raise ModelError(f"{self.path}: the reward model's output has no {self.field!r} (it has {fields}); "
+                             "set pairs.reward_model_output")
+        value = value.float()
+        if value.dim() == 2 and self.index is None and value.shape[1] == 1:
+            value = value[:, 0]
+        elif value.dim() == 2:
+            if self.index is None or self.index >= value.shape[1]:
+                raise ModelError(f"{self.path}: the reward model's {self.field!r} has {value.shape[1]} values per "
+                                 f"sequence; name one as pairs.reward_model_output: {self.field}[k]")
+            value = value[:, self.index]
+        elif value.dim() != 1:
+            raise ModelError(f"{self.path}: the reward model's {self.field!r} has shape {tuple(value.shape)}; "
+                             "expected one score per sequence")
+        return value.tolist()
+
+    def score(self, prompts: list, answers: list[str], batch_size: int = 32) -> list[float]:
         """One score per (prompt, answer), batched by length so little is padding."""
         import torch
 
@@ -108,10 +207,18 @@ class RewardModel:
                 idx = order[start:start + batch_size]
                 batch = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
                                        max_length=self.max_length, add_special_tokens=False).to(self.device)
-                logits = self.model(**batch).logits[:, 0].float().tolist()
-                for i, value in zip(idx, logits):
+                for i, value in zip(idx, self._pick(self.model(**batch))):
                     scores[i] = value
         return scores
+
+
+def reward_model(path: str, params, device: str) -> RewardModel:
+    """The reward model `params` configure (output field, remote code), in the inference dtype."""
+    from .modeling import resolve_dtype
+
+    p = params.pairs
+    return RewardModel(path, device, resolve_dtype(params.model.dtype, device), output=p.reward_model_output,
+                       trust_remote_code=p.reward_model_trust_remote_code)
 
 
 def combine_verified_and_model(verified: float, model_score: float) -> float:

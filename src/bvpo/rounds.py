@@ -15,7 +15,8 @@ from .experiment import interval
 # What identifies a trained model's weights; summaries with wall times would differ on a rerun.
 FINGERPRINT_FILES = ("config.json", "model.safetensors")
 MEAN_METRICS = {"accuracy_mean": ("accuracy_think", "accuracy_nothink"),
-                "accuracy_mean_sampled": ("accuracy_think_sampled", "accuracy_nothink_sampled")}
+                "accuracy_mean_sampled": ("accuracy_think_sampled", "accuracy_nothink_sampled"),
+                "reward_mean": ("reward_think", "reward_nothink")}
 
 
 class PromotionError(RuntimeError):
@@ -45,8 +46,12 @@ def per_prompt_metric(scores: dict[str, list[float]], metric: str, model: str) -
     parts = MEAN_METRICS.get(metric, (metric,))
     missing = [p for p in parts if p not in scores]
     if missing:
+        hint = ("the held-out prompts have no answers, so evaluation judged them with the reward model: set "
+                "promotion.metric: reward_mean" if metric.startswith("accuracy") and "reward_think" in scores
+                else "sampled metrics need evaluate.n_samples > 0; reward metrics need held-out prompts without "
+                "answers and a reward model")
         raise PromotionError(f"evaluation of {model!r} has no per-prompt {', '.join(missing)} (needed for "
-                             f"promotion.metric {metric}; sampled metrics need evaluate.n_samples > 0)")
+                             f"promotion.metric {metric}; {hint})")
     columns = [scores[p] for p in parts]
     return [sum(values) / len(values) for values in zip(*columns)]
 

@@ -1,7 +1,11 @@
-"""Process environment: offline, no telemetry, caches inside the project.
+"""Process environment: no telemetry, offline unless the run names a hub model, caches inside
+the project.
 
 Set before prefect, mlflow, dvc or huggingface are imported, since they read it at import.
-Values a user already exported win (e.g. HF_HUB_OFFLINE=0 to fetch a hub model once).
+Values a user already exported win. A run on the embedded model (or on local model folders)
+is offline with its Hugging Face cache in the project; a run that names a hub id
+(`model.path: Qwen/Qwen3-0.6B`) keeps the user's own HF_HOME and network settings, so the
+model is downloaded once into the cache the user already has.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ TELEMETRY_OFF = {
     "DVC_NO_ANALYTICS": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "DO_NOT_TRACK": "1",
-    "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "GIT_PYTHON_REFRESH": "quiet",
     # Library bars ("Loading weights", "Saving the dataset") drown ours; ours stay on.
@@ -26,12 +29,30 @@ TELEMETRY_OFF = {
 }
 
 
-def configure_environment(project_dir: str | Path = ".") -> None:
+def hub_models(project_dir: Path, params_file: str = "params.yaml") -> list[str]:
+    """The hub ids (not local folders) that the project's params name as models."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((project_dir / params_file).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []  # load_params reports a broken file with its reason
+    named = []
+    for section, key in (("model", "path"), ("pairs", "reward_model"), ("evaluate", "win_rate_reward_model")):
+        values = raw.get(section) if isinstance(raw, dict) else None
+        named.append(values.get(key) if isinstance(values, dict) else None)
+    return [m for m in named if isinstance(m, str) and not m.startswith((".", "/", "~"))
+            and not (project_dir / m).exists()]
+
+
+def configure_environment(project_dir: str | Path = ".", params_file: str = "params.yaml") -> None:
     root = Path(project_dir).resolve()
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
-    os.environ.setdefault("HF_HOME", str(root / ".hf"))
+    if not hub_models(root, params_file):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_HOME", str(root / ".hf"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 

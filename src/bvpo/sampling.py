@@ -81,14 +81,21 @@ class Sampler(Protocol):
 class HFSampler:
     """Hugging Face `generate`, batched with the KV cache (`sequences.generate`)."""
 
-    def __init__(self, model_dir: Path, params: Params, device):
-        from .modeling import load_model, load_tokenizer
+    def __init__(self, model_dir: Path, params: Params, device, prompts: list):
+        from .modeling import load_model, load_tokenizer, resolve_dtype
+        from .preflight import Sizes, free_memory, prompt_tokens, sampling_batch
 
+        s = params.sample
+        dtype = resolve_dtype(params.model.dtype, device)
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = load_model(model_dir, params.model.dtype, device)
-        self.sample = params.sample
+        self.model = load_model(model_dir, dtype, device)
+        self.sample = s
+        longest = max(max(prompt_tokens(self.tokenizer, prompts, thinking)) for thinking in (True, False))
+        # The weights are loaded: what is free now is what the KV cache can have.
+        self.batch_size = sampling_batch(s.batch_size, Sizes.of(self.model.config), longest + s.max_new_tokens, dtype,
+                                         free_memory(device))
 
-    def __call__(self, prompts: list[str], thinking: bool, seed: int) -> list[Generated]:
+    def __call__(self, prompts: list, thinking: bool, seed: int) -> list[Generated]:
         import torch
 
         from .sequences import generate
@@ -96,62 +103,85 @@ class HFSampler:
         s = self.sample
         torch.manual_seed(seed)
         repeated = [p for p in prompts for _ in range(s.k)]
-        return generate(self.model, self.tokenizer, repeated, thinking, s.max_new_tokens, s.batch_size,
-                        temperature=s.temperature, top_p=s.top_p)
+        return generate(self.model, self.tokenizer, repeated, thinking, s.max_new_tokens, self.batch_size,
+                        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+
+
+def prompt_seed(shard_seed_value: int, position: int) -> int:
+    """The vLLM request seed of the shard's `position`-th prompt: each prompt its own stream."""
+    return int.from_bytes(hashlib.sha256(f"{shard_seed_value}/{position}".encode()).digest()[:4], "little")
+
+
+def vllm_context_length(tokenizer, prompts: list, max_new_tokens: int) -> int:
+    """vLLM's max_model_len: the longest rendered prompt (either mode) plus the generation budget,
+    so no prompt is refused and no KV cache is reserved for lengths that never occur."""
+    from .modeling import render_prompt
+
+    longest = max(len(tokenizer(render_prompt(tokenizer, p, thinking), add_special_tokens=False).input_ids)
+                  for p in prompts for thinking in (True, False))
+    return longest + max_new_tokens
 
 
 class VLLMSampler:
     """vLLM's offline engine. Prompts go in as token ids rendered by the project's tokenizer (so
-    no second BOS is added) and completions come back as token ids decoded by it, so the text is
-    exactly what the HF backend would write for the same tokens."""
+    no second BOS is added) and completions come back as token ids cut by `sequences.finish`, so
+    the text, the stop tokens and the truncation flag are exactly what the HF backend gives for
+    the same tokens. Every prompt has its own seed (`prompt_seed`)."""
 
-    def __init__(self, model_dir: Path, params: Params):
+    def __init__(self, model_dir: Path, params: Params, prompts: list):
         try:
             import vllm
         except ImportError:
             raise SamplingError("sample.backend is vllm, but vLLM is not installed here: install the extra "
                                 "(pip install 'bvpo[vllm]') on a machine with a GPU, or set sample.backend: hf") from None
-        from .modeling import load_tokenizer, resolve_model_dir
+        from transformers import GenerationConfig
+
+        from .modeling import hub_kwargs, load_tokenizer, resolve_dtype, resolve_model_dir, stop_token_ids
 
         s = params.sample
+        path = resolve_model_dir(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
+        try:
+            generation_config = GenerationConfig.from_pretrained(path, **hub_kwargs(path))
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+            generation_config = None
+        self.stop_ids = stop_token_ids(self.tokenizer, generation_config)
         self.sample = s
-        self.llm = vllm.LLM(model=resolve_model_dir(model_dir), dtype=params.model.dtype, seed=params.sample_seed,
+        # generation_config="vllm": vLLM's neutral defaults, not the model's (which would override
+        # top_k/temperature the user set); the stop ids are passed explicitly instead.
+        self.llm = vllm.LLM(model=path, dtype=resolve_dtype(params.model.dtype, "cuda"), seed=params.sample_seed,
                             tensor_parallel_size=s.vllm_tensor_parallel_size,
                             gpu_memory_utilization=s.vllm_gpu_memory_utilization,
-                            max_model_len=params.model.max_length, enable_prefix_caching=True)
+                            max_model_len=vllm_context_length(self.tokenizer, prompts, s.max_new_tokens),
+                            enable_prefix_caching=True, generation_config="vllm")
 
-    def __call__(self, prompts: list[str], thinking: bool, seed: int) -> list[Generated]:
+    def __call__(self, prompts: list, thinking: bool, seed: int) -> list[Generated]:
         from vllm import SamplingParams
 
         from .modeling import render_prompt
+        from .sequences import finish
 
         s, tokenizer = self.sample, self.tokenizer
-        eos = tokenizer.eos_token_id
-        settings = SamplingParams(n=s.k, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                                  seed=seed, stop_token_ids=[eos], skip_special_tokens=False)
+        settings = [SamplingParams(n=s.k, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or -1,
+                                   max_tokens=s.max_new_tokens, seed=prompt_seed(seed, i),
+                                   stop_token_ids=self.stop_ids, skip_special_tokens=False)
+                    for i in range(len(prompts))]
         requests = [{"prompt_token_ids": tokenizer(render_prompt(tokenizer, p, thinking),
                                                    add_special_tokens=False).input_ids} for p in prompts]
         generated = []
         for request in self.llm.generate(requests, settings, use_tqdm=False):
             for completion in request.outputs:
-                tokens = list(completion.token_ids)
-                truncated = completion.finish_reason == "length"
-                if tokens and tokens[-1] == eos:
-                    tokens = tokens[:-1]
-                generated.append(Generated(tokenizer.decode(tokens, skip_special_tokens=False),
-                                           len(tokens) + (0 if truncated else 1), truncated))
+                generated.append(finish(list(completion.token_ids), self.stop_ids, tokenizer))
         return generated
 
 
-def make_sampler(params: Params, model_dir: Path, device) -> Sampler:
+def make_sampler(params: Params, model_dir: Path, device, prompts: list) -> Sampler:
     if params.sample.backend == "vllm":
-        return VLLMSampler(model_dir, params)
-    return HFSampler(model_dir, params, device)
+        return VLLMSampler(model_dir, params, prompts)
+    return HFSampler(model_dir, params, device, prompts)
 
 
-def shard_rows(shard: Shard, generated: list[Generated], prompts: list[str], answers: list[str], k: int,
-               eos_token: str) -> list[dict]:
+def shard_rows(shard: Shard, generated: list[Generated], prompts: list, answers: list[str], k: int) -> list[dict]:
     rows = []
     for j, g in enumerate(generated):
         prompt_id = shard.start + j // k
@@ -161,7 +191,7 @@ def shard_rows(shard: Shard, generated: list[Generated], prompts: list[str], ans
             "prompt": prompts[prompt_id],
             "answer": answers[prompt_id],
             "mode": shard.mode,
-            "completion": g.text + eos_token * (not g.truncated),
+            "completion": g.text + g.stop,
             "trace": parsed.trace or "",
             "response": parsed.answer,
             "n_tokens": g.n_tokens,
@@ -184,13 +214,12 @@ def run_shards(new_sampler: Callable[[], Sampler], params: Params, prompts: list
     if not todo:
         return 0
     sampler = new_sampler()
-    eos_token = sampler.tokenizer.eos_token
     k = params.sample.k
     for shard in tqdm(todo, desc=f"sample (process {rank} of {world})" if world > 1 else "sample",
                       unit="shard", disable=not progress):
         generated = sampler(prompts[shard.start:shard.stop], shard.thinking,
                             shard_seed(params.sample_seed, shard.mode, shard.index))
-        rows = shard_rows(shard, generated, prompts, answers, k, eos_token)
+        rows = shard_rows(shard, generated, prompts, answers, k)
         tmp = shard_dir / f"{shard.file_name}.tmp-{rank}"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, shard_dir / shard.file_name)
@@ -233,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator()
     shard_dir = Path(args.shard_dir)
     work = json.loads((shard_dir / PROMPTS_FILE).read_text())
-    run_shards(lambda: make_sampler(params, Path(args.policy), accelerator.device), params, work["prompts"],
+    run_shards(lambda: make_sampler(params, Path(args.policy), accelerator.device, work["prompts"]), params,
+               work["prompts"],
                work["answers"], shard_dir, accelerator.process_index, accelerator.num_processes,
                progress=accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -241,8 +271,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from .config import ConfigError
+    from .modeling import ModelError
+
     try:
         sys.exit(main())
-    except SamplingError as err:
+    except (SamplingError, ConfigError, ModelError) as err:
         print(f"bvpo sample: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .losses import completion_token_logps, sequence_logps
-from .modeling import SDPA_FP32, THINK_CLOSE, THINK_OPEN, render_prompt
+from .modeling import SDPA_FP32, THINK_CLOSE, THINK_OPEN, render_prompt, stop_token_ids
 
 
 @dataclass
@@ -161,6 +161,9 @@ class Generated:
     text: str
     n_tokens: int
     truncated: bool
+    stop: str = ""
+    """The stop token the model ended with, as text ("" when truncated): appended to `text`, it
+    gives the completion that is scored (Qwen3 may end with <|im_end|> or <|endoftext|>)."""
 
 
 @torch.no_grad()
@@ -175,9 +178,11 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     desc: str | None = None,
+    top_k: int = 0,
 ) -> list[Generated]:
     """One completion per prompt (repeat a prompt to sample it several times), batched with
-    the KV cache. `truncated` marks completions that hit `max_new_tokens` without an EOS."""
+    the KV cache. A completion ends at the first stop token (`modeling.stop_token_ids`);
+    `truncated` marks completions that hit `max_new_tokens` without one."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -185,7 +190,7 @@ def generate(
     # Longest prompts first keeps padding small inside each batch.
     order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i]))
     results: list[Generated | None] = [None] * len(rendered)
-    eos_id = tokenizer.eos_token_id
+    stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -194,29 +199,31 @@ def generate(
             idx = order[b * batch_size:(b + 1) * batch_size]
             enc = tokenizer([rendered[i] for i in idx], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
-            kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+            kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                           pad_token_id=tokenizer.pad_token_id)
             if greedy:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             else:
-                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
             out = model.generate(**enc, **kwargs)
             new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
             for row, i in enumerate(idx):
-                tokens = new_tokens[row]
-                if eos_id in tokens:
-                    tokens = tokens[: tokens.index(eos_id)]
-                    truncated = False
-                else:
-                    tokens = [t for t in tokens if t != tokenizer.pad_token_id]
-                    truncated = True
-                # Special tokens stay in the text: it is re-tokenised and scored as written.
-                text = tokenizer.decode(tokens, skip_special_tokens=False)
-                results[i] = Generated(text, len(tokens) + (0 if truncated else 1), truncated)
+                results[i] = finish(new_tokens[row], stop_ids, tokenizer)
     finally:
         tokenizer.padding_side = saved_side
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def finish(tokens: list[int], stop_ids: list[int], tokenizer) -> Generated:
+    """A generated token list cut at its first stop token. Special tokens stay in the text: it
+    is re-tokenised and scored as written."""
+    end = next((j for j, t in enumerate(tokens) if t in stop_ids), None)
+    if end is None:
+        kept = [t for t in tokens if t != tokenizer.pad_token_id]
+        return Generated(tokenizer.decode(kept, skip_special_tokens=False), len(kept), True)
+    return Generated(tokenizer.decode(tokens[:end], skip_special_tokens=False), end + 1, False,
+                     tokenizer.decode(tokens[end:end + 1], skip_special_tokens=False))
 
 
 @dataclass

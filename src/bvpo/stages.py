@@ -85,7 +85,7 @@ def prepare(params: Params, project_dir: Path | str = ".") -> Path:
     """Prompts as a datasets DatasetDict (train/test) on disk."""
     from datasets import DatasetDict
 
-    from .data import read_prompts_file, synthetic_prompts
+    from .data import read_prompts_file, synthetic_prompts, with_system_prompt
 
     root = _project(project_dir)
     d = params.data
@@ -99,6 +99,9 @@ def prepare(params: Params, project_dir: Path | str = ".") -> Path:
         else:
             split = train.train_test_split(test_size=d.test_fraction, seed=params.seed)
             prompts = DatasetDict(train=split["train"], test=split["test"])
+    if d.system_prompt is not None:
+        prompts = DatasetDict({split: rows.map(lambda row: {"prompt": with_system_prompt(row["prompt"], d.system_prompt)})
+                               for split, rows in prompts.items()})
     out = root / PATHS["prompts"]
     with tracking.stage_run(root, params.tracking.experiment, "prepare", params={"data": params.to_dict()["data"]}):
         with atomic_path(out) as tmp:
@@ -198,20 +201,22 @@ def policy(params: Params, project_dir: Path | str = ".") -> Path:
     return out
 
 
-def _training_prompts(root: Path):
-    """The prepared training prompts plus every prompts file in the inbox (data/incoming)."""
-    from datasets import concatenate_datasets
-
-    from .data import read_inbox
+def _training_prompts(root: Path, system_prompt: str | None) -> tuple[list, list[str], dict]:
+    """The prepared training prompts plus every prompts file in the inbox (data/incoming), with
+    their answers ("" where there are none)."""
+    from .data import prompt_key, read_inbox, with_system_prompt
 
     prompts = _load_prompts(root)
     train = prompts["train"]
     needs_answer = "answer" in train.column_names
-    arrived, stats = read_inbox(root / PATHS["inbox"], set(prompts["test"]["prompt"]), needs_answer)
+    held_out = {prompt_key(p) for p in prompts["test"]["prompt"]}
+    texts = list(train["prompt"])
+    answers = list(train["answer"]) if needs_answer else [""] * len(texts)
+    arrived, stats = read_inbox(root / PATHS["inbox"], held_out, needs_answer)
     if arrived is not None:
-        keep = ["prompt", "answer"] if needs_answer else ["prompt"]
-        train = concatenate_datasets([train.select_columns(keep), arrived.select_columns(keep)])
-    return train, stats
+        texts += [with_system_prompt(p, system_prompt) for p in arrived["prompt"]]
+        answers += list(arrived["answer"]) if needs_answer else [""] * len(arrived)
+    return texts, answers, stats
 
 
 # --------------------------------------------------------------------------------- sample
@@ -228,9 +233,7 @@ def sample(params: Params, project_dir: Path | str = ".", params_file: str | Pat
     root = _project(project_dir)
     s = params.sample
     policy_dir = root / PATHS["policy"]
-    prompts_ds, inbox_stats = _training_prompts(root)
-    prompts = list(prompts_ds["prompt"])
-    answers = list(prompts_ds["answer"]) if "answer" in prompts_ds.column_names else [""] * len(prompts)
+    prompts, answers, inbox_stats = _training_prompts(root, params.data.system_prompt)
     key = sampling.work_key(params, files_digest(policy_dir), prompts, answers)
     shard_dir = root / PATHS["cache"] / f"samples-{key}"
     n_shards = len(sampling.plan(len(prompts), s.shard_prompts))
@@ -253,7 +256,7 @@ def sample(params: Params, project_dir: Path | str = ".", params_file: str | Pat
                     raise StageError(f"sampling failed (exit {result.returncode}); its output is above. The "
                                      f"shards already written in {shard_dir} are reused by a rerun")
             else:
-                sampling.run_shards(lambda: sampling.make_sampler(params, policy_dir, pick_device()), params,
+                sampling.run_shards(lambda: sampling.make_sampler(params, policy_dir, pick_device(), prompts), params,
                                     prompts, answers, shard_dir)
             rows = sampling.merge_shards(shard_dir, len(prompts), params)
         except sampling.SamplingError as err:
@@ -279,7 +282,7 @@ def sample(params: Params, project_dir: Path | str = ".", params_file: str | Pat
 def score_samples(samples: list[dict], params: Params) -> None:
     """Set each sample's `reward` (invalid samples: 0, and they never enter a pair)."""
     from .modeling import pick_device
-    from .rewards import REWARDS, RewardModel, combine_verified_and_model, verified_reward
+    from .rewards import REWARDS, combine_verified_and_model, reward_model, verified_reward
 
     kind = params.pairs.reward
     for r in samples:  # accuracy is reported whatever ranks the samples, when answers exist
@@ -289,7 +292,7 @@ def score_samples(samples: list[dict], params: Params) -> None:
             r["reward"] = REWARDS[kind](r["response"], r["answer"]) if r["valid"] else 0.0
         return
     valid = [r for r in samples if r["valid"]]
-    model = RewardModel(params.pairs.reward_model, str(pick_device()), params.model.dtype)
+    model = reward_model(params.pairs.reward_model, params, str(pick_device()))
     # The prompt and the final answer only: the reward model judges what the user sees.
     scores = model.score([r["prompt"] for r in valid], [r["response"] for r in valid],
                          params.pairs.reward_batch_size)
@@ -459,28 +462,31 @@ def _score_prompts(model, tokenizer, prompts: list[str], answers: list[str], par
     return entry, scores
 
 
-def _final_answers(model, tokenizer, prompts: list[str], params: Params, label: str) -> dict[str, list]:
-    """Greedy final answers (trace removed) in both modes; None where the completion is invalid."""
+def _final_answers(model, tokenizer, prompts: list, params: Params, label: str) -> tuple[dict[str, list], dict]:
+    """Greedy final answers (trace removed) in both modes, None where the completion is invalid;
+    and their mean length and invalid rate per mode."""
     from .sequences import generate, parse_completion
 
-    e, out = params.evaluate, {}
+    e, out, stats = params.evaluate, {}, {}
     for thinking in (True, False):
+        mode = _mode_name(thinking)
         generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens, e.batch_size, greedy=True,
-                             desc=f"win rate {label} ({_mode_name(thinking)})")
+                             desc=f"answers {label} ({mode})")
         parsed = [parse_completion(g.text, thinking) for g in generated]
-        out[_mode_name(thinking)] = [None if g.truncated or p.malformed else p.answer
-                                     for g, p in zip(generated, parsed)]
-    return out
+        out[mode] = [None if g.truncated or p.malformed else p.answer for g, p in zip(generated, parsed)]
+        stats[f"mean_length_{mode}"] = sum(g.n_tokens for g in generated) / len(generated)
+        stats[f"invalid_rate_{mode}"] = sum(a is None for a in out[mode]) / len(generated)
+    return out, stats
 
 
-def win_rates(answers: dict[str, dict[str, list]], prompts: list[str], judge: str,
-              params: Params) -> dict[str, dict[str, float]]:
-    """Each model's reward-model win rate against `base` per mode: the share of prompts where the
-    judge scores its answer above base's (ties half; an invalid answer loses to a valid one)."""
+def judge_answers(answers: dict[str, dict[str, list]], prompts: list, judge: str,
+                  params: Params) -> dict[tuple[str, str], list]:
+    """The reward model's score of every (model, mode) answer to every prompt; None where the
+    answer is invalid (never shown to the judge)."""
     from .modeling import pick_device
-    from .rewards import RewardModel
+    from .rewards import reward_model
 
-    model = RewardModel(judge, str(pick_device()), params.model.dtype)
+    model = reward_model(judge, params, str(pick_device()))
     scores = {}
     for name, by_mode in answers.items():
         for mode, texts in by_mode.items():
@@ -490,40 +496,79 @@ def win_rates(answers: dict[str, dict[str, list]], prompts: list[str], judge: st
             for i, value in zip(valid, judged):
                 column[i] = value
             scores[(name, mode)] = column
+    return scores
+
+
+def win_rates(scores: dict[tuple[str, str], list], models: list[str], prefix: str = "") -> dict[str, dict[str, float]]:
+    """Each model's reward-model win rate against `base` per mode: the share of prompts where the
+    judge scores its answer above base's (ties half; an invalid answer loses to a valid one)."""
 
     def beats(a: float | None, b: float | None) -> float:
         if a is None or b is None:
             return 0.5 if a is None and b is None else float(b is None)
         return 1.0 if a > b else 0.5 if a == b else 0.0
 
-    return {name: {f"win_rate_{mode}": sum(beats(a, b) for a, b in zip(scores[(name, mode)], scores[("base", mode)]))
-                   / len(prompts) for mode in ("think", "nothink")}
-            for name in answers if name != "base"}
+    return {name: {f"{prefix}win_rate_{mode}": sum(beats(a, b) for a, b in zip(scores[(name, mode)], scores[("base", mode)]))
+                   / len(scores[("base", mode)]) for mode in ("think", "nothink")}
+            for name in models if name != "base"}
+
+
+def reward_scores(scores: dict[tuple[str, str], list], models: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per-prompt reward of each model's greedy answers, an invalid answer scored as the worst
+    answer the judge saw in this evaluation (so a model cannot gain by writing nothing)."""
+    seen = [v for column in scores.values() for v in column if v is not None]
+    floor = min(seen, default=0.0)
+    return {name: {f"reward_{mode}": [floor if v is None else v for v in scores[(name, mode)]]
+                   for mode in ("think", "nothink")} for name in models}
+
+
+def with_instruction(prompt, instruction: str | None):
+    """A benchmark prompt with the answer instruction appended to its (last) user turn."""
+    if instruction is None:
+        return prompt
+    if isinstance(prompt, str):
+        return f"{prompt}\n\n{instruction}"
+    return [*prompt[:-1], {**prompt[-1], "content": f"{prompt[-1]['content']}\n\n{instruction}"}]
+
+
+def _benchmarks(root: Path, params: Params) -> dict[str, tuple[list, list[str]]]:
+    """Each benchmark's prompts (system prompt and answer instruction applied) and answers."""
+    from .data import read_prompts_file, with_system_prompt
+
+    out = {}
+    for bench, path in params.evaluate.benchmarks.items():
+        rows = read_prompts_file(root / path, prompt_columns=("prompt", "problem", "question", "messages"))
+        if "answer" not in rows.column_names:
+            raise StageError(f"evaluate.benchmarks.{bench}: {root / path} has no 'answer' column to check against")
+        prompts = [with_system_prompt(with_instruction(p, params.evaluate.answer_instruction),
+                                      params.data.system_prompt) for p in rows["prompt"]]
+        out[bench] = (prompts, list(rows["answer"]))
+    return out
 
 
 def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
-    """Accuracy on held-out prompts, thinking on and off, for the round's starting policy (`base`:
-    the base model, or the champion it started from) and every method: greedy, and
-    (evaluate.n_samples > 0) the mean over sampled completions (pass@1). Per-prompt scores go to
-    data/eval_prompts.json for paired comparisons (the promotion gate). Each file in
-    `evaluate.benchmarks` is scored the same way, as `<name>/accuracy_*` keys, averaged over the
-    benchmarks as `benchmarks/accuracy_*`."""
-    from .data import read_prompts_file
-    from .modeling import load_model, load_tokenizer, pick_device
+    """Held-out prompts, thinking on and off, for the round's starting policy (`base`: the base
+    model, or the champion it started from) and every method. With answers: accuracy, greedy
+    and (evaluate.n_samples > 0) the mean over sampled completions (pass@1). Without: the
+    reward model's mean score of the greedy answers (`reward_*`) and the win rate against
+    `base` (`reward_win_rate_*`). Per-prompt scores go to data/eval_prompts.json for paired
+    comparisons (the promotion gate). Each file in `evaluate.benchmarks` is scored for accuracy
+    too, as `<name>/accuracy_*` keys, averaged over the benchmarks as `benchmarks/accuracy_*`."""
+    from .data import read_prompts_file, with_system_prompt
+    from .modeling import load_model, load_tokenizer, pick_device, resolve_dtype
     from .plots import eval_bar_chart
 
     root = _project(project_dir)
     test = _load_prompts(root)["test"]
-    if "answer" not in test.column_names:
-        raise StageError("evaluate needs an 'answer' column in the held-out prompts")
-    if params.evaluate.n_prompts is not None:
-        test = test.select(range(min(params.evaluate.n_prompts, len(test))))
-    benchmarks = {}
-    for bench, path in params.evaluate.benchmarks.items():
-        rows = read_prompts_file(root / path, prompt_columns=("prompt", "problem"))
-        if "answer" not in rows.column_names:
-            raise StageError(f"evaluate.benchmarks.{bench}: {root / path} has no 'answer' column to check against")
-        benchmarks[bench] = (list(rows["prompt"]), list(rows["answer"]))
+    e = params.evaluate
+    judge_path = e.win_rate_reward_model or params.pairs.reward_model
+    has_answers = "answer" in test.column_names
+    if not has_answers and judge_path is None:
+        raise StageError("the held-out prompts have no 'answer' column, so evaluation needs a reward model to judge "
+                         "the answers: set pairs.reward_model (or evaluate.win_rate_reward_model)")
+    if e.n_prompts is not None:
+        test = test.select(range(min(e.n_prompts, len(test))))
+    benchmarks = _benchmarks(root, params)
     candidates = {"base": root / PATHS["policy"]}
     for name in params.train.methods:
         path = root / PATHS["models"] / name
@@ -532,16 +577,23 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
         candidates[name] = path
     results, per_prompt = {}, {}
     device = pick_device()
-    prompts, answers = list(test["prompt"]), list(test["answer"])
-    e = params.evaluate
-    win_prompts = list(read_prompts_file(root / e.win_rate_prompts)["prompt"]) if e.win_rate_prompts else None
-    answers_for_judge = {}
+    prompts = list(test["prompt"])
+    answers = list(test["answer"]) if has_answers else None
+    win_prompts = None
+    if e.win_rate_prompts:
+        win_prompts = [with_system_prompt(p, params.data.system_prompt)
+                       for p in read_prompts_file(root / e.win_rate_prompts)["prompt"]]
+    held_out_answers, win_answers = {}, {}
     with tracking.stage_run(root, params.tracking.experiment, "evaluate",
                             params={"evaluate": params.to_dict()["evaluate"]}):
         for name, path in candidates.items():
             tokenizer = load_tokenizer(path)
-            model = load_model(path, params.model.dtype, device)
-            entry, per_prompt[name] = _score_prompts(model, tokenizer, prompts, answers, params, name)
+            model = load_model(path, resolve_dtype(params.model.dtype, device), device)
+            if has_answers:
+                entry, per_prompt[name] = _score_prompts(model, tokenizer, prompts, answers, params, name)
+            else:
+                held_out_answers[name], entry = _final_answers(model, tokenizer, prompts, params, name)
+                entry["n_prompts"] = len(prompts)
             per_bench = {}
             for bench, (bench_prompts, bench_answers) in benchmarks.items():
                 per_bench[bench], _ = _score_prompts(model, tokenizer, bench_prompts, bench_answers, params,
@@ -551,15 +603,24 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
                 if key.startswith("accuracy"):
                     entry[f"benchmarks/{key}"] = sum(b[key] for b in per_bench.values()) / len(per_bench)
             if win_prompts:
-                answers_for_judge[name] = _final_answers(model, tokenizer, win_prompts, params, name)
+                win_answers[name], _ = _final_answers(model, tokenizer, win_prompts, params, name)
             results[name] = entry
-            tracking.log_metrics({f"{name}/{k}": v for k, v in entry.items()})
             del model
-        if win_prompts:
-            judge_path = e.win_rate_reward_model or params.pairs.reward_model
-            for name, rates in win_rates(answers_for_judge, win_prompts, judge_path, params).items():
+        if not has_answers:
+            scores = judge_answers(held_out_answers, prompts, judge_path, params)
+            per_prompt = reward_scores(scores, list(candidates))
+            for name, columns in per_prompt.items():
+                for key, values in columns.items():
+                    results[name][key] = sum(values) / len(values)
+                results[name]["reward_mean"] = (results[name]["reward_think"] + results[name]["reward_nothink"]) / 2
+            for name, rates in win_rates(scores, list(candidates), prefix="reward_").items():
                 results[name].update(rates)
-                tracking.log_metrics({f"{name}/{k}": v for k, v in rates.items()})
+        if win_prompts:
+            for name, rates in win_rates(judge_answers(win_answers, win_prompts, judge_path, params),
+                                         list(candidates)).items():
+                results[name].update(rates)
+        for name, entry in results.items():
+            tracking.log_metrics({f"{name}/{k}": v for k, v in entry.items()})
         out = root / PATHS["eval"]
         with atomic_path(out) as tmp:
             _write_json(tmp, results)

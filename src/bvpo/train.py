@@ -39,7 +39,7 @@ from .alpha import alpha_from_statistics, gradient_statistics, step_statistics
 from .config import ConfigError, Params, TrainConfig, load_params
 from .gradients import GradientVector, mixed_variance
 from .losses import bvpo_loss, estimator_loss
-from .modeling import SDPA_FP32, load_model, load_tokenizer, resolve_model_dir, sdpa_in_fp32
+from .modeling import SDPA_FP32, load_model, load_tokenizer, resolve_dtype, resolve_model_dir, sdpa_in_fp32
 from .runtime import files_digest
 from .sequences import Encoded, fits, score_pairs
 from .sequences import encode as encode_sequence
@@ -149,9 +149,10 @@ def cpu_bf16(accelerator) -> bool:
     return accelerator.device.type == "cpu" and str(accelerator.mixed_precision) == "bf16"
 
 
-def load_reference_model(base_dir: str, dtype: str, accelerator):
-    """The frozen reference, with the same parameter numerics as the policy's forward pass."""
-    model = load_model(base_dir, dtype, accelerator.device).eval().requires_grad_(False)
+def load_reference_model(base_dir: str, accelerator):
+    """The frozen reference, with the same parameter numerics as the policy's forward pass: fp32
+    weights (the policy's master weights) under the same autocast, or FSDP's parameter cast."""
+    model = load_model(base_dir, "float32", accelerator.device).eval().requires_grad_(False)
     compute = reference_param_dtype(accelerator)
     if compute is not None:
         for parameter in model.parameters():
@@ -306,9 +307,16 @@ class Recipe:
             mine = rank_part(chunk, accelerator.process_index, accelerator.num_processes)
             model.zero_grad(set_to_none=True)
             self.update_pass(model, mode, mine, size / accelerator.num_processes, accelerator, sync_last=True)
-            draws.append(grad_vector(synced=True))
+            draws.append(grad_vector(synced=True) / loss_scale(accelerator))
         model.zero_grad(set_to_none=True)
         return torch.stack(draws), size
+
+
+def loss_scale(accelerator) -> float:
+    """fp16's GradScaler multiplies the loss, so .grad holds scale × gradient until the step
+    unscales it; gradient statistics divide it out (1.0 without a scaler: bf16, fp32)."""
+    scaler = getattr(accelerator, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None else 1.0
 
 
 # ----------------------------------------------------------------------------------- α
@@ -420,7 +428,9 @@ def setup(name: str, alpha_setting: float | str, params: Params, base_dir: str, 
     accelerator = Accelerator()
     seed = params.train_seed
     torch.manual_seed(seed)
-    model = load_model(base_dir, params.model.dtype)
+    # fp32 master weights whatever model.dtype says: bf16/fp16 are the autocast's compute dtype
+    # (train.mixed_precision), and AdamW's small updates are not lost to bf16 rounding.
+    model = load_model(base_dir, "float32")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     # Not prepared: accelerate's scheduler wrapper steps once per process per call.
@@ -458,6 +468,10 @@ def train_loop(state: TrainState, recipe: Recipe, t: TrainConfig, method_dir: Pa
         if (state.alpha.auto or t.telemetry) and step % t.alpha_every == 0:
             trace, trace_size = recipe.gradient_draws(model, "think", step, state.grad_vector, accelerator)
             empty, empty_size = recipe.gradient_draws(model, "nothink", step, state.grad_vector, accelerator)
+        if (state.alpha.auto or t.telemetry) and step % t.alpha_every == 0 and not (
+                torch.isfinite(trace).all() and torch.isfinite(empty).all()):
+            row["grad/estimate_skipped"] = 1.0  # an fp16 draw overflowed: α keeps its value until the next one
+        elif (state.alpha.auto or t.telemetry) and step % t.alpha_every == 0:
             stats = gradient_statistics(trace, empty)
             state.alpha, logged = update_alpha(
                 state.alpha, {**stats, "trace_draw_size": trace_size, "empty_draw_size": empty_size}, t)
@@ -479,7 +493,7 @@ def train_loop(state: TrainState, recipe: Recipe, t: TrainConfig, method_dir: Pa
             sums = recipe.update_pass(model, mode, mine, per_process, accelerator, sync_last=last, alpha=alpha)
             if t.telemetry and len(active) == 2 and mode == "think":
                 # The step's own g_t: .grad now holds α·g_t (DDP: each process's part, unsynced).
-                trace_vector = state.grad_vector(synced=False) / alpha
+                trace_vector = state.grad_vector(synced=False) / (alpha * loss_scale(accelerator))
             totals = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "sum")
             for key, value in zip(sums, (totals / t.batch_size).tolist()):
                 row[f"{PREFIX[mode]}/{key if key != 'tokens' else 'tokens_per_pair'}"] = value
@@ -487,7 +501,9 @@ def train_loop(state: TrainState, recipe: Recipe, t: TrainConfig, method_dir: Pa
         if trace_vector is not None:
             # ‖g_t‖, ‖g_e‖, cos(g_t, g_e) from ⟨G, G⟩ and ⟨G, g_t⟩ of the mixed G = α·g_t + (1−α)·g_e,
             # so no second parameter-sized vector is built.
+            scale = loss_scale(accelerator)
             mixed_sq, mixed_dot_trace = state.grad_vector.dot_current(trace_vector)
+            mixed_sq, mixed_dot_trace = mixed_sq / scale**2, mixed_dot_trace / scale
             trace_sq = (trace_vector @ trace_vector).item()
             empty_dot_trace = (mixed_dot_trace - alpha * trace_sq) / (1 - alpha)
             empty_sq = max((mixed_sq - 2 * alpha * mixed_dot_trace + alpha**2 * trace_sq) / (1 - alpha) ** 2, 0.0)
@@ -495,13 +511,20 @@ def train_loop(state: TrainState, recipe: Recipe, t: TrainConfig, method_dir: Pa
             row["grad/step_norm_empty"] = empty_sq ** 0.5
             row["grad/step_cos_trace_empty"] = empty_dot_trace / max((trace_sq * empty_sq) ** 0.5, 1e-30)
         row["loss"] = loss_total
+        # Under fp16 this first unscales .grad (accelerate's GradScaler), so the norm is the true one.
         row["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
-        if not torch.isfinite(torch.tensor(row["grad_norm"])):
+        if not torch.isfinite(torch.tensor(row["grad_norm"])) and accelerator.scaler is None:
             raise TrainingError(f"non-finite gradient norm at step {step} of {state.name}; the last good "
                                 "checkpoint is kept. Lower train.lr or train.beta, then rerun the stage")
+        row["lr"] = state.scheduler.get_last_lr()[0]  # the rate this step's update uses
         optimizer.step()
-        state.scheduler.step()
-        row["lr"] = state.scheduler.get_last_lr()[0]
+        if accelerator.optimizer_step_was_skipped:
+            # fp16 overflow: the GradScaler skipped the update and lowered its scale; the schedule
+            # waits too (as in transformers' Trainer), so the run makes `steps − skipped` updates.
+            row["overflow_skipped"] = 1.0
+            row["grad_norm"] = float("nan")
+        else:
+            state.scheduler.step()
         row["alpha"] = alpha
         state.history.append(row)
         if accelerator.is_main_process:
@@ -513,9 +536,9 @@ def train_loop(state: TrainState, recipe: Recipe, t: TrainConfig, method_dir: Pa
                 "alpha_estimated": state.alpha.estimated, "history": state.history})
 
 
-def save_final(state: TrainState, method_dir: Path, tokenizer, summary: dict) -> None:
-    """The trained model, tokenizer, summary and history, moved into place in one rename;
-    the method's checkpoints are then removed."""
+def save_final(state: TrainState, method_dir: Path, tokenizer, summary: dict, dtype: str = "float32") -> None:
+    """The trained model (its fp32 master weights cast to the storage `dtype`), tokenizer,
+    summary and history, moved into place in one rename; the method's checkpoints are then removed."""
     accelerator = state.accelerator
     accelerator.wait_for_everyone()
     # Under FSDP the full weights exist only once gathered; elsewhere the model has them.
@@ -523,7 +546,14 @@ def save_final(state: TrainState, method_dir: Path, tokenizer, summary: dict) ->
     if accelerator.is_main_process:
         tmp = method_dir / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(state.model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        model = accelerator.unwrap_model(state.model)
+        if dtype != "float32":  # the training run ends here: its masters can be cast in place
+            if state_dict is None:
+                model.to(getattr(torch, dtype))
+            else:
+                state_dict = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state_dict.items()}
+                model.config.dtype = dtype
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "train_summary.json").write_text(json.dumps(
             {**summary, "final_alpha": state.alpha.alpha, "final": state.history[-1]}, indent=2) + "\n")
@@ -567,7 +597,7 @@ def train_method(name: str, alpha_setting: float | str, params: Params, base_dir
                "seconds_this_run": time.perf_counter() - started}
     if on_cuda:  # this process's peak while training (model, optimizer, activations), for sizing runs
         summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(state.accelerator.device) / 2**30
-    save_final(state, method_dir, tokenizer, summary)
+    save_final(state, method_dir, tokenizer, summary, resolve_dtype(params.model.dtype, state.accelerator.device))
     history = state.history
     state.accelerator.free_memory()
     del state
@@ -593,6 +623,9 @@ def check_launch(accelerator) -> None:
         raise TrainingError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "
                             "each would train alone. On a CPU-only machine set ACCELERATE_USE_CPU=true")
     kind = accelerator.distributed_type.name
+    if str(accelerator.mixed_precision) == "fp16" and accelerator.scaler is None:
+        raise TrainingError("train.mixed_precision fp16 needs a GPU: on a CPU accelerate runs it without autocast "
+                            "or loss scaling (no GradScaler), i.e. silently in fp32. Use bf16 (or auto) or fp32 here")
     if kind == "DEEPSPEED":
         raise TrainingError("DeepSpeed is not supported: its engine steps the optimizer on every backward, but a "
                             "BVPO step runs several (two estimators, micro-batches, gradient draws) and clips the "
@@ -667,15 +700,15 @@ def main(argv: list[str] | None = None) -> int:
     pairs_digest, base_digest = files_digest(Path(args.pairs)), model_digest(args.base)
     reference = None
     if t.reference == "live":
-        reference = load_reference_model(args.base, params.model.dtype, accelerator)
+        reference = load_reference_model(args.base, accelerator)
         data = {mode: PairSet(c, r, None, None) for mode, (c, r) in encoded.items()}
     else:
         key = "-".join([pairs_digest, base_digest, scoring_code_digest(), str(params.model.max_length),
-                        str(params.model.max_length_nothink), params.model.dtype, str(accelerator.mixed_precision),
+                        str(params.model.max_length_nothink), str(accelerator.mixed_precision),
                         str(reference_param_dtype(accelerator)), str(t.shared_prompt)])
         cache_file = Path(args.cache) / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
         logps = precomputed_reference(cache_file,
-                                      lambda: load_reference_model(args.base, params.model.dtype, accelerator),
+                                      lambda: load_reference_model(args.base, accelerator),
                                       encoded, tokenizer.pad_token_id, accelerator, t.shared_prompt)
         data = {mode: PairSet(c, r, *logps[mode]) for mode, (c, r) in encoded.items()}
     recipes = {name: Recipe(params, data, tokenizer.pad_token_id, reference, method.preference_weight)

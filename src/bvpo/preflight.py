@@ -1,0 +1,212 @@
+"""Preflight: what can be checked before any sampling, for any model.
+
+A real run fails late in three ways this catches in seconds: a chat template that cannot run
+both modes (`modeling.check_thinking_template`), prompts that with `max_new_tokens` do not fit
+`model.max_length` (the samples would be generated, then skipped in training), and a sampling
+batch whose KV cache does not fit the device. It also refuses settings that need answers the
+prompts do not have. `bvpo check` runs it; the flow runs it before the first stage, and the
+sample stage sizes its batch with the same estimate.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, Params
+
+# Sequences generated at once when `sample.batch_size: auto` and memory allows more.
+AUTO_BATCH_CEILING = 256
+# Share of the free memory the sampling batch may plan to use (the rest: activations, allocator slack).
+MEMORY_SHARE = 0.8
+# Where DVC looks for users' files: the prepare stage depends on data/inputs/, evaluate on data/benchmarks/.
+INPUT_FOLDERS = {"prompts": "data/inputs", "benchmarks": "data/benchmarks"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Sizes:
+    """What the memory estimate needs from a model's config."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    context: int | None  # max_position_embeddings
+
+    @classmethod
+    def of(cls, config) -> "Sizes":
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim,
+                   getattr(config, "max_position_embeddings", None))
+
+    def kv_bytes(self, tokens: int, dtype: str) -> int:
+        """Keys and values of every layer for `tokens` cached tokens."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * DTYPE_BYTES[dtype] * tokens
+
+
+def free_memory(device) -> int:
+    """Bytes free on `device` now: the GPU's free memory, or the machine's available RAM."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def sampling_batch(setting: int | str, sizes: Sizes, sequence_tokens: int, dtype: str, free_bytes: int,
+                   where: str = "sample.batch_size") -> int:
+    """The sampling batch: `setting` if its KV cache (each sequence `sequence_tokens` long) fits
+    in MEMORY_SHARE of `free_bytes`, else a clear error naming one that does; for `auto`, the
+    largest that fits (at most AUTO_BATCH_CEILING). Model weights must already be in memory."""
+    per_sequence = sizes.kv_bytes(sequence_tokens, dtype)
+    fits = int(MEMORY_SHARE * free_bytes // per_sequence)
+    if fits < 1:
+        raise ConfigError(f"{where}: not even one sequence of {sequence_tokens} tokens fits: its KV cache needs "
+                          f"{per_sequence / 2**30:.2f} GiB and {free_bytes / 2**30:.1f} GiB are free. Lower "
+                          "sample.max_new_tokens or use a larger GPU")
+    if setting == "auto":
+        return min(AUTO_BATCH_CEILING, fits)
+    if setting > fits:
+        raise ConfigError(f"{where}: {setting} sequences of up to {sequence_tokens} tokens need "
+                          f"{setting * per_sequence / 2**30:.1f} GiB of KV cache ({dtype}), but "
+                          f"{free_bytes / 2**30:.1f} GiB are free here: set sample.batch_size to {fits} or less, "
+                          "or to auto (the largest that fits)")
+    return setting
+
+
+def prompt_tokens(tokenizer, prompts: list, thinking: bool) -> list[int]:
+    """Rendered prompt lengths in tokens in one mode."""
+    from .modeling import render_prompt
+
+    return [len(tokenizer(render_prompt(tokenizer, p, thinking), add_special_tokens=False).input_ids)
+            for p in prompts]
+
+
+def check_fit(lengths: dict[bool, list[int]], params: Params) -> None:
+    """Refuse a run whose prompts plus `sample.max_new_tokens` overflow the mode's length limit
+    for more than `train.max_skipped_fraction` of them (their samples would all be skipped)."""
+    m, s, t = params.model, params.sample, params.train
+    for thinking, values in lengths.items():
+        limit = m.max_length_for(thinking)
+        name = "model.max_length" if thinking or m.max_length_nothink is None else "model.max_length_nothink"
+        over = sum(n + s.max_new_tokens > limit for n in values)
+        if values and over / len(values) > t.max_skipped_fraction:
+            longest = max(values)
+            raise ConfigError(
+                f"{name}: {over} of {len(values)} prompts ({'thinking' if thinking else 'no thinking'}) plus "
+                f"sample.max_new_tokens={s.max_new_tokens} exceed {limit} tokens, more than "
+                f"train.max_skipped_fraction={t.max_skipped_fraction}: their samples would be generated, then "
+                f"skipped in training. Set {name} to at least {longest + s.max_new_tokens} (the longest prompt is "
+                f"{longest} tokens), or lower sample.max_new_tokens")
+
+
+def _user_files(params: Params) -> dict[str, list[str]]:
+    d, e = params.data, params.evaluate
+    prompts = [f for f in (d.source, d.test_source) if f and f != "synthetic"]
+    benchmarks = list(e.benchmarks.values()) + ([e.win_rate_prompts] if e.win_rate_prompts else [])
+    return {"prompts": prompts, "benchmarks": benchmarks}
+
+
+def untracked_inputs(params: Params, root: Path) -> list[str]:
+    """Notes for users' files that DVC does not watch (outside data/inputs/ and data/benchmarks/)."""
+    notes = []
+    for kind, files in _user_files(params).items():
+        folder = (root / INPUT_FOLDERS[kind]).resolve()
+        for name in files:
+            path = (root / name).resolve()
+            if not path.is_relative_to(folder):
+                notes.append(f"{name} is outside {INPUT_FOLDERS[kind]}/: the pipeline reads it, but DVC does not "
+                             f"rerun a stage when it changes. Move it into {INPUT_FOLDERS[kind]}/ for that")
+    return notes
+
+
+def _prompts(params: Params, root: Path) -> tuple[list, bool]:
+    """The training and held-out prompts the run will use (the embedded task: its longest
+    prompt), with the system prompt applied; and whether the held-out ones have answers."""
+    from .data import longest_prompt, read_prompts_file, with_system_prompt
+
+    d = params.data
+    if d.source == "synthetic":
+        return [longest_prompt(d.max_ops)], True
+    rows = read_prompts_file(root / d.source)
+    has_answers = "answer" in rows.column_names
+    prompts = list(rows["prompt"])
+    if d.test_source:
+        test = read_prompts_file(root / d.test_source)
+        has_answers = "answer" in test.column_names
+        prompts += list(test["prompt"])
+    return [with_system_prompt(p, d.system_prompt) for p in prompts], has_answers
+
+
+def check_answers(params: Params, has_answers: bool) -> None:
+    """Settings that need answers (or their absence) against what the prompts have."""
+    if not has_answers and params.pairs.reward in ("verified", "graded", "verified_model"):
+        raise ConfigError(f"pairs.reward: {params.pairs.reward} grades answers against an 'answer' column, which "
+                          f"{params.data.test_source or params.data.source} does not have: set pairs.reward: model "
+                          "(and pairs.reward_model), or add answers")
+    metric = params.promotion.metric
+    if not has_answers and metric.startswith("accuracy"):
+        raise ConfigError(f"promotion.metric: {metric} needs held-out prompts with answers; these have none, so "
+                          "evaluation judges answers with the reward model: set promotion.metric: reward_mean")
+    if has_answers and metric.startswith("reward"):
+        raise ConfigError(f"promotion.metric: {metric} is for held-out prompts without answers; these have "
+                          "answers, so evaluation measures accuracy: use an accuracy_* metric")
+
+
+def run(params: Params, project_dir: Path | str = ".") -> list[str]:
+    """Every check; returns notes to show (nothing wrong), raises ConfigError or ModelError."""
+    from transformers import AutoConfig
+
+    from .modeling import build_tokenizer, hub_kwargs, load_tokenizer, pick_device, resolve_dtype, tiny_config
+
+    root = Path(project_dir).resolve()
+    notes = untracked_inputs(params, root)
+    m, s = params.model, params.sample
+    if m.path is None:
+        tokenizer = build_tokenizer()
+        config = tiny_config(tokenizer, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size, m.max_length)
+    else:
+        local = root / m.path
+        path = str(local.resolve()) if local.exists() else m.path
+        tokenizer = load_tokenizer(path)  # the template check
+        config = AutoConfig.from_pretrained(path, **hub_kwargs(path))
+    prompts, has_answers = _prompts(params, root)
+    check_answers(params, has_answers)
+    lengths = {thinking: prompt_tokens(tokenizer, prompts, thinking) for thinking in (True, False)}
+    check_fit(lengths, params)
+    sizes = Sizes.of(config)
+    longest = max(max(v) for v in lengths.values())
+    if sizes.context is not None and longest + max(s.max_new_tokens, params.evaluate.max_new_tokens) > sizes.context:
+        raise ConfigError(f"sample.max_new_tokens / evaluate.max_new_tokens: the longest prompt ({longest} tokens) plus "
+                          f"{max(s.max_new_tokens, params.evaluate.max_new_tokens)} new tokens exceeds the model's "
+                          f"context of {sizes.context} tokens (max_position_embeddings)")
+    if s.backend == "hf":
+        device = pick_device()
+        dtype = resolve_dtype(m.dtype, device)
+        weights = _weight_bytes(m.path, root, dtype)  # not loaded yet: the batch shares memory with them
+        batch = sampling_batch(s.batch_size, sizes, longest + s.max_new_tokens, dtype,
+                               max(free_memory(device) - weights, 0))
+        notes.append(f"sampling: batch {batch} of up to {longest + s.max_new_tokens} tokens on {device.type} needs "
+                     f"{batch * sizes.kv_bytes(longest + s.max_new_tokens, dtype) / 2**30:.2f} GiB of KV cache ({dtype})")
+    return notes
+
+
+def _weight_bytes(path: str | None, root: Path, dtype: str) -> int:
+    """The model's weights in `dtype`, from its safetensors files (0 where unknown: a hub id)."""
+    if path is None:
+        return 0
+    folder = root / path
+    files = list(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return 0
+    import json
+
+    stored = "float32"
+    config = folder / "config.json"
+    if config.is_file():
+        raw = json.loads(config.read_text())
+        stored = str(raw.get("dtype") or raw.get("torch_dtype") or "float32")
+    return sum(f.stat().st_size for f in files) * DTYPE_BYTES[dtype] // DTYPE_BYTES.get(stored, 4)
