@@ -89,7 +89,7 @@ def run_one(args) -> None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     tokenizer = load_tokenizer(args.base)
     rows = load_pair_rows(Path(args.pairs))
-    reference = load_reference_model(args.base, params.model.dtype, accelerator)
+    reference = load_reference_model(args.base, accelerator)
     data = {}
     for mode in ("think", "nothink"):
         chosen, rejected, _ = encode_pairs(tokenizer, rows[mode], mode == "think", params.model.max_length)

@@ -118,7 +118,7 @@ def run_bvpo(args, params) -> StepClock:
 
     tokenizer, _, chosen, rejected = encoded_think_pairs(params, Path(args.base), Path(args.pairs))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    reference = load_reference_model(args.base, params.model.dtype, accelerator)
+    reference = load_reference_model(args.base, accelerator)
     logps = reference_logps(reference, chosen, rejected, tokenizer.pad_token_id, autocast=accelerator.autocast)
     data = {"think": PairSet(chosen, rejected, *logps), "nothink": PairSet([], [], torch.empty(0), torch.empty(0))}
     del reference
@@ -158,7 +158,7 @@ def run_trl(args, params) -> StepClock:
             disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, seed=params.train_seed,
             bf16=args.trainer == "trl_bf16",
         )
-        trainer = DPOTrainer(model=load_model(args.base, params.model.dtype), args=config, train_dataset=dataset,
+        trainer = DPOTrainer(model=load_model(args.base, "float32"), args=config, train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[Clock()])
         trainer.train()
     return clock
@@ -178,7 +178,7 @@ def run_one(args) -> None:
     _, _, chosen, rejected = encoded_think_pairs(params, Path(args.base), Path(args.pairs))
     tokens_per_pair = sum(len(e.input_ids) for e in chosen + rejected) / len(chosen)
     # What the trainer actually runs: with prefix sharing the prompt once per pair.
-    flops = pair_flops(load_model(args.base, params.model.dtype), chosen, rejected,
+    flops = pair_flops(load_model(args.base, "float32"), chosen, rejected,
                        args.trainer.startswith("bvpo") and params.train.shared_prompt)
     print(json.dumps({"trainer": args.trainer, "pairs_per_s": pairs_per_s, "seconds": seconds,
                       "tokens_per_s": pairs_per_s * tokens_per_pair,

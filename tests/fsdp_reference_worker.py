@@ -50,7 +50,7 @@ def main(model_dir: str, out_path: str) -> None:
     with torch.no_grad(), sdpa_in_fp32(policy, cpu_bf16(accelerator)):
         policy_logps = reference_logps(policy, chosen, rejected, tokenizer.pad_token_id, autocast=accelerator.autocast)
     with torch.no_grad():
-        matched = reference_logps(load_reference_model(model_dir, "float32", accelerator), chosen, rejected,
+        matched = reference_logps(load_reference_model(model_dir, accelerator), chosen, rejected,
                                   tokenizer.pad_token_id, autocast=accelerator.autocast)
         plain = reference_logps(load_model(model_dir).eval(), chosen, rejected, tokenizer.pad_token_id,
                                 autocast=accelerator.autocast)

@@ -90,7 +90,7 @@ def build_user_model(path: Path, style: str, params) -> Path:
 
     spec = STYLES[style]
     tokenizer = train_tokenizer(style)
-    model = tiny_decoder(spec["arch"], len(tokenizer), params.model.max_length)
+    model = tiny_decoder(spec["arch"], len(tokenizer), max_length=1024)
     for key in ("bos", "eos", "pad"):
         setattr(model.config, f"{key}_token_id", tokenizer.convert_tokens_to_ids(spec[key]) if spec[key] else None)
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(spec["stops"])

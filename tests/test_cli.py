@@ -77,7 +77,7 @@ def test_model_without_thinking_template_is_refused_at_warmup(tmp_path, tokenize
     write_micro_params(tmp_path / "params.yaml", {"model": {"path": "./plain"}})
     result = bvpo("stage", "warmup", cwd=tmp_path)
     assert result.returncode == 2
-    assert "does not honour enable_thinking" in result.stderr
+    assert "neither honours enable_thinking nor opens a think block" in result.stderr
     assert not (tmp_path / "data" / "base_model").exists()
 
 

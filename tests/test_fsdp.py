@@ -80,3 +80,31 @@ def test_reference_dtype_follows_the_fsdp_mixed_precision_policy():
     assert reference_param_dtype(accelerator("FSDP", "bf16", fp32_params)) is torch.float32
     fp16_params = MixedPrecisionPolicy(param_dtype=torch.float16)
     assert reference_param_dtype(accelerator("FSDP", "no", fp16_params)) is torch.float16
+
+
+@pytest.mark.parametrize("arch, layer", [("qwen2", "Qwen2DecoderLayer"), ("qwen3", "Qwen3DecoderLayer"),
+                                         ("llama", "LlamaDecoderLayer")])
+def test_the_fsdp_config_wraps_each_decoders_own_layers(arch, layer, monkeypatch):
+    """configs/fsdp.yaml read as `accelerate launch` reads it (its launch parser and environment),
+    then accelerate's FSDP2 wrap policy on a tiny model of each architecture: every decoder layer
+    gets its own FSDP unit. The file used to name Qwen3DecoderLayer, which a Qwen2 (R1-Distill) or
+    Llama model does not have: accelerate refused to start."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from realistic_model import tiny_decoder
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "fsdp.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), "--num_processes", "2", "train.py"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    for key, value in env.items():
+        if key.startswith("FSDP_"):
+            monkeypatch.setenv(key, value)
+    assert env["FSDP_VERSION"] == "2" and "FSDP_TRANSFORMER_CLS_TO_WRAP" not in env
+    model = tiny_decoder(arch, vocab_size=64, max_length=32)
+    policy = fsdp2_prepare_auto_wrap_policy(FullyShardedDataParallelPlugin(), model)
+    wrapped = [name for name, module in model.named_modules() if policy(module)]
+    assert wrapped == [f"model.layers.{i}" for i in range(model.config.num_hidden_layers)]
+    assert {type(model.get_submodule(name)).__name__ for name in wrapped} == {layer}

@@ -203,3 +203,55 @@ def test_scoring_under_activation_checkpointing_matches_plain_scoring(tokenizer)
     torch.testing.assert_close(wrapped[0], plain[0])
     for a, b in zip(wrapped[1], plain[1]):
         torch.testing.assert_close(a, b)
+
+
+def test_auto_dtype_is_bf16_on_a_bf16_gpu_and_fp32_elsewhere(monkeypatch):
+    from bvpo.modeling import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    # No GPU here: what CUDA would answer is stood in, the decision is the real code's.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert resolve_dtype("auto", "cuda") == "bfloat16" and resolve_dtype("float16", "cuda") == "float16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert resolve_dtype("auto", "cuda") == "float32"
+
+
+def environment_for(project, model_path, extra=None):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    (project / "params.yaml").write_text(yaml.safe_dump({"model": {"path": model_path}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | (extra or {})
+    code = ("import json, os; from bvpo.runtime import configure_environment; configure_environment(%r); "
+            "print(json.dumps({k: os.environ.get(k) for k in ('HF_HOME', 'HF_HUB_OFFLINE')}))" % str(project))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def test_a_hub_model_keeps_the_users_hugging_face_settings(tmp_path):
+    """The embedded model (or local folders) runs offline with its cache in the project; a hub id
+    (`Qwen/Qwen3-0.6B`) keeps the user's HF_HOME and network. Both used to be forced offline."""
+    local = tmp_path / "model"
+    local.mkdir()
+    assert environment_for(tmp_path, None) == {"HF_HOME": str(tmp_path / ".hf"), "HF_HUB_OFFLINE": "1"}
+    assert environment_for(tmp_path, str(local)) == {"HF_HOME": str(tmp_path / ".hf"), "HF_HUB_OFFLINE": "1"}
+    assert environment_for(tmp_path, "Qwen/Qwen3-0.6B") == {"HF_HOME": None, "HF_HUB_OFFLINE": None}
+    assert environment_for(tmp_path, "Qwen/Qwen3-0.6B", {"HF_HOME": "/mine"}) == {"HF_HOME": "/mine",
+                                                                                  "HF_HUB_OFFLINE": None}
+    assert environment_for(tmp_path, None, {"HF_HOME": "/mine"})["HF_HOME"] == "/mine"
+
+
+def test_a_hub_id_that_cannot_be_fetched_says_how_to_fix_it(tmp_path, monkeypatch):
+    from bvpo.modeling import hub_kwargs
+
+    assert hub_kwargs(str(tmp_path)) == {"local_files_only": True} and hub_kwargs("Qwen/Qwen3-0.6B") == {}
+    write_model_pointer("Qwen/Qwen3-0.6B", tmp_path / "pointer")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set, so only the local Hugging Face cache is read"):
+        load_tokenizer(tmp_path / "pointer")

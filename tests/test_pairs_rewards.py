@@ -154,3 +154,60 @@ def test_win_rate_against_the_starting_model(reward_model_dir):
     assert set(rates) == {"bvpo"}
     assert rates["bvpo"]["win_rate_think"] == pytest.approx(expected_think)
     assert rates["bvpo"]["win_rate_nothink"] == pytest.approx(expected_nothink)
+
+
+@pytest.fixture(scope="module")
+def custom_reward_model(tmp_path_factory):
+    from realistic_model import build_custom_reward_model, train_tokenizer
+
+    return build_custom_reward_model(tmp_path_factory.mktemp("custom_rm"), train_tokenizer("qwen3"), objectives=3)
+
+
+def test_a_reward_model_with_its_own_code_needs_consent_and_names_its_output(custom_reward_model):
+    """ArmoRM-style: the modeling code ships with the model (auto_map). Without
+    trust_remote_code transformers would not run it (or a stock class would score with a random
+    head); with it, the score is whichever output `pairs.reward_model_output` names."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from bvpo.modeling import ModelError
+    from bvpo.rewards import RewardModel
+
+    with pytest.raises(ModelError, match="ships its own modeling code.*reward_model_trust_remote_code: true"):
+        RewardModel(str(custom_reward_model))
+    with pytest.raises(ModelError, match=r"output has no 'logits' \(it has \['rewards', 'gating_output', 'score'\]\)"):
+        RewardModel(str(custom_reward_model), trust_remote_code=True).score(["Compute 1+2."], ["3"])
+    with pytest.raises(ModelError, match=r"'rewards' has 3 values per sequence; name one .* rewards\[k\]"):
+        RewardModel(str(custom_reward_model), trust_remote_code=True, output="rewards").score(["Compute 1+2."], ["3"])
+    prompts, answers = ["Compute 1+2.", "Compute 10+20+30.", "Hi."], ["3", "60", "Hello there."]
+    judge = RewardModel(str(custom_reward_model), trust_remote_code=True, output="score")
+    objective = RewardModel(str(custom_reward_model), trust_remote_code=True, output="rewards[2]")
+    model = AutoModelForSequenceClassification.from_pretrained(custom_reward_model, trust_remote_code=True).eval()
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        ids = judge.tokenizer(judge.render(prompt, answer), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = model(**ids)
+        # Batched (padded, sorted by length) scores equal each sequence scored alone.
+        assert judge.score(prompts, answers, batch_size=2)[i] == pytest.approx(out.score[0].item(), abs=1e-5)
+        assert objective.score(prompts, answers)[i] == pytest.approx(out.rewards[0, 2].item(), abs=1e-5)
+
+
+def test_a_multi_label_classifier_needs_its_label_named(tmp_path, tokenizer):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+
+    from bvpo.modeling import ModelError
+    from bvpo.rewards import RewardModel
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_labels=3,
+                         pad_token_id=tokenizer.pad_token_id)
+    Qwen3ForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match=r"logits\[0\]..logits\[2\]"):
+        RewardModel(str(tmp_path))
+    picked = RewardModel(str(tmp_path), output="logits[1]")
+    all_logits = picked.model(**picked.tokenizer([picked.render("Compute 1+2.", "3")], return_tensors="pt",
+                                                 add_special_tokens=False)).logits
+    assert picked.score(["Compute 1+2."], ["3"])[0] == pytest.approx(all_logits[0, 1].item(), abs=1e-5)

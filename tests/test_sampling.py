@@ -164,3 +164,70 @@ def test_vllm_with_several_processes_is_refused(tmp_path):
                                                                     "num_processes": 2}})
     with pytest.raises(ConfigError, match="sample.num_processes: expected 1 with sample.backend vllm"):
         load_params(path)
+
+
+@pytest.fixture
+def vllm_standin(monkeypatch):
+    """vLLM's API on the CPU (tests/fixtures/vllm_standin): the VLLMSampler code runs unchanged."""
+    monkeypatch.syspath_prepend(str(Path(__file__).with_name("fixtures") / "vllm_standin"))
+    sys.modules.pop("vllm", None)
+    import vllm
+
+    yield vllm
+    sys.modules.pop("vllm", None)
+
+
+def test_vllm_sampler_context_stops_and_seeds(project, tmp_path, vllm_standin):
+    """What the vLLM backend asks of vLLM: a context of the longest prompt + max_new_tokens (it
+    was model.max_length, which refused longer prompts), the same stop tokens as the HF backend
+    (the generation config's EOS ids too: Qwen3 stops at <|im_end|> and <|endoftext|>), one seed
+    per prompt (every prompt of a shard shared one), and the inference dtype."""
+    from transformers import GenerationConfig
+
+    from bvpo.config import load_params
+    from bvpo.modeling import load_tokenizer, render_prompt
+    from bvpo.sampling import VLLMSampler, prompt_seed
+
+    model = tmp_path / "two-stops"
+    shutil.copytree(project / "data" / "policy", model)
+    tokenizer = load_tokenizer(model)
+    stops = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id).save_pretrained(model)
+    params = load_params(with_sample(project, "standin", backend="vllm"))
+    prompts = ["Compute 12+30.", "Compute 45-7+3.", "Compute 90-1."]
+    sampler = VLLMSampler(model, params, prompts)
+    [engine] = vllm_standin.ENGINES[-1:]
+    longest = max(len(tokenizer(render_prompt(tokenizer, p, t), add_special_tokens=False).input_ids)
+                  for p in prompts for t in (True, False))
+    assert engine.engine_args["max_model_len"] == longest + params.sample.max_new_tokens
+    assert engine.engine_args["dtype"] == "float32"  # auto, on a machine without a CUDA GPU
+    assert engine.engine_args["generation_config"] == "vllm"
+    first = sampler(prompts, thinking=True, seed=1234)
+    requests = engine.requests[-len(prompts):]
+    assert [r[1].stop_token_ids for r in requests] == [stops] * len(prompts)
+    assert [r[1].seed for r in requests] == [prompt_seed(1234, i) for i in range(len(prompts))]
+    assert len({r[1].seed for r in requests}) == len(prompts)
+    assert len(first) == len(prompts) * params.sample.k
+    # Per-prompt seeds: a prompt's samples do not depend on the prompts beside it.
+    again = sampler([prompts[0], "Compute 11+11."], thinking=True, seed=1234)
+    assert [g.text for g in again[:params.sample.k]] == [g.text for g in first[:params.sample.k]]
+    for g in first:
+        assert g.truncated == (g.stop == "") and g.stop in ("", "<|im_end|>", "<|endoftext|>")
+
+
+def test_a_completion_ends_at_whichever_stop_token_the_model_wrote(tokenizer):
+    """Qwen3 stops at <|im_end|> or <|endoftext|>: the completion that is scored keeps the one the
+    model wrote (the tokenizer's EOS was appended whatever it was)."""
+    from bvpo.modeling import stop_token_ids
+    from bvpo.sequences import finish
+    from transformers import GenerationConfig
+
+    im_end, endoftext = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
+    stops = stop_token_ids(tokenizer, GenerationConfig(eos_token_id=[im_end, endoftext]))
+    assert stops == [im_end, endoftext]
+    assert stop_token_ids(tokenizer, None) == [im_end]
+    ids = tokenizer("42", add_special_tokens=False).input_ids
+    ended = finish(ids + [endoftext, im_end], stops, tokenizer)
+    assert (ended.text, ended.stop, ended.truncated, ended.n_tokens) == ("42", "<|endoftext|>", False, len(ids) + 1)
+    cut = finish(ids, stops, tokenizer)
+    assert (cut.text, cut.stop, cut.truncated, cut.n_tokens) == ("42", "", True, len(ids))

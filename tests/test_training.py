@@ -4,8 +4,10 @@ checkpoints, a killed-and-resumed run, `auto` α."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -328,3 +330,67 @@ def test_no_thinking_pairs_have_their_own_length_limit(inputs):
     message = [line for line in result.stderr.splitlines() if line.startswith("bvpo train: error:")]
     assert message and "nothink: 16 of 16 pairs do not fit model.max_length_nothink=20" in message[0], \
         result.stderr[-2000:]
+
+
+def run_fp16(root: Path, tag: str, scaler: dict, train: dict) -> subprocess.CompletedProcess:
+    """The trainer in one process with fp16 autocast and a GradScaler on the CPU (fp16_worker.py)."""
+    params_file = write_micro_params(root / f"params-{tag}.yaml", {
+        "tracking": {"register_method": "bvpo"},
+        "train": {"steps": 4, "batch_size": 4, "micro_batch_size": 2, "warmup_steps": 2, "lr": 1e-3,
+                  "alpha_every": 2, "alpha_draws": 2, "alpha_draw_size": 2, "checkpoint_every": 0,
+                  "methods": {"bvpo": {"alpha": 0.5}}, **train},
+        "model": {"max_length": 96}})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_MIXED_PRECISION": "fp16", "BVPO_TEST_GRAD_SCALER": json.dumps(scaler)}
+    cmd = [sys.executable, str(Path(__file__).with_name("fp16_worker.py")), "--params", str(params_file),
+           "--pairs", str(root / "pairs"), "--base", str(root / "base"), "--work", str(root / f"work-{tag}"),
+           "--cache", str(root / "cache"), "--project-dir", str(root)]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+
+
+def test_fp16_skips_overflow_steps_as_a_grad_scaler_does(inputs):
+    """A loss scale of 2^24 overflows fp16 at step 0: the step is skipped (no update, no
+    schedule step) and the scale drops, then training goes on. It used to stop the run."""
+    result = run_fp16(inputs, "fp16-overflow", {"init_scale": 2.0**24, "backoff_factor": 2.0**-12,
+                                                "growth_interval": 10**6}, {})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = history(inputs, "fp16-overflow", "bvpo")
+    assert [r.get("overflow_skipped", 0.0) for r in rows] == [1.0, 0.0, 0.0, 0.0]
+    assert rows[0].get("grad/estimate_skipped") == 1.0  # the step-0 draws overflowed too: α keeps its value
+    # The schedule waited: step 1 ran at step 0's (first warmup) rate, then it moved on.
+    assert rows[0]["lr"] == rows[1]["lr"] < rows[2]["lr"]
+    base = load_file(inputs / "base" / "model.safetensors")
+    trained = final_weights(inputs, "fp16-overflow", "bvpo")
+    assert max((trained[k] - base[k]).abs().max().item() for k in base) > 1e-4
+
+
+def test_fp16_gradient_statistics_are_unscaled(inputs):
+    """The same run with a loss scale of 2^12 and of 1: gradient telemetry and α* agree (fp16
+    rounds the two differently); read from scaled gradients they differed by 2^24 in variance."""
+    runs = {}
+    for scale in (2.0**12, 1.0):
+        tag = f"fp16-scale{int(scale)}"
+        result = run_fp16(inputs, tag, {"init_scale": scale, "growth_interval": 10**6}, {"steps": 3})
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[scale] = history(inputs, tag, "bvpo")
+    for a, b in zip(runs[2.0**12], runs[1.0]):
+        assert a.get("overflow_skipped", 0.0) == b.get("overflow_skipped", 0.0) == 0.0
+        if "grad/var_trace" in a:
+            for key in ("grad/var_trace", "grad/var_empty", "alpha_star", "grad/step_norm_trace"):
+                assert a[key] == pytest.approx(b[key], rel=0.05), key
+
+
+def test_training_keeps_fp32_masters_and_stores_the_model_dtype(inputs):
+    """model.dtype bfloat16 is the storage and inference dtype: training still runs on fp32
+    master weights (it used to load and update them in pure bf16), and the saved model is their
+    bf16 cast, equal to an fp32 run's weights cast to bf16."""
+    methods = {"methods": {"bvpo": {"alpha": 0.5}}, "mixed_precision": "fp32", "telemetry": False}
+    for tag, dtype in (("store-fp32", "float32"), ("store-bf16", "bfloat16")):
+        result = run_training(inputs, tag, methods, params={"model": {"max_length": 96, "dtype": dtype}})
+        assert result.returncode == 0, result.stderr[-3000:]
+    fp32, bf16 = final_weights(inputs, "store-fp32", "bvpo"), final_weights(inputs, "store-bf16", "bvpo")
+    assert {t.dtype for t in bf16.values()} == {torch.bfloat16}
+    for key in fp32:
+        assert torch.equal(bf16[key], fp32[key].to(torch.bfloat16)), key
+    config = json.loads((inputs / "work-store-bf16" / "bvpo" / "final" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"

@@ -637,13 +637,14 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
 def analyze(params: Params, project_dir: Path | str = ".") -> Path:
     """The paper's trace diagnostics on the sampled completions, under the sampling policy."""
     from .diagnostics import trace_diagnostics
-    from .modeling import THINK_CLOSE, load_model, load_tokenizer, pick_device
+    from .modeling import THINK_CLOSE, load_model, load_tokenizer, pick_device, resolve_dtype
     from .sequences import collate, encode, fits, token_logps
 
     root = _project(project_dir)
     samples = _load_samples(root)
     tokenizer = load_tokenizer(root / PATHS["policy"])
-    model = load_model(root / PATHS["policy"], params.model.dtype, pick_device())
+    device = pick_device()
+    model = load_model(root / PATHS["policy"], resolve_dtype(params.model.dtype, device), device)
     model.eval()
     encoded = [encode(tokenizer, r["prompt"], r["completion"], r["mode"] == "think") for r in samples]
     # A completion is only scored with its whole prompt; samples past their mode's limit are left out.
