@@ -60,6 +60,21 @@ _SINGLE_GPU_TRAIN = {
     "evaluate.benchmarks": ({"math500": "data/benchmarks/math500.jsonl"}, MATH500),
 }
 
+# DeepSeek-R1-Distill-Qwen at any size: the README's sampling settings and an 8k-token budget.
+_R1_DISTILL = {
+    **_SINGLE_GPU_TRAIN,
+    "model.max_length": (9216, "the prompt budget (1,024) + sample.max_new_tokens"),
+    "model.max_length_nothink": (2048, budget("prompt (1,024) + an answer of up to 1,024 tokens")),
+    "data.system_prompt": (None, R1_CARD),
+    "sample.temperature": (0.6, R1_CARD),
+    "sample.top_p": (0.95, R1_CARD),
+    "sample.max_new_tokens": (8192, budget("8,192 new tokens (the README evaluates at 32,768); a longer trace "
+                                           "is flagged truncated and never paired")),
+    "train.micro_batch_size": (1, budget("one pair of up to 9k tokens per forward")),
+    "evaluate.max_new_tokens": (8192, "as sample.max_new_tokens"),
+    "evaluate.batch_size": (32, budget("32 greedy sequences at once")),
+}
+
 RECIPES: dict[str, Recipe] = {
     "qwen3-0.6b": Recipe("Qwen3-0.6B (or any Qwen3 with enable_thinking) on one GPU", {
         **_SINGLE_GPU_TRAIN,
@@ -74,27 +89,9 @@ RECIPES: dict[str, Recipe] = {
         "evaluate.max_new_tokens": (4096, "as sample.max_new_tokens"),
         "evaluate.batch_size": (64, budget("64 greedy sequences at once")),
     }),
-    "r1-distill-qwen-1.5b": Recipe("DeepSeek-R1-Distill-Qwen-1.5B (always-open think block) on one GPU", {
-        **_SINGLE_GPU_TRAIN,
-        "model.max_length": (9216, "the prompt budget (1,024) + sample.max_new_tokens"),
-        "model.max_length_nothink": (2048, budget("prompt (1,024) + an answer of up to 1,024 tokens")),
-        "data.system_prompt": (None, R1_CARD),
-        "sample.temperature": (0.6, R1_CARD),
-        "sample.top_p": (0.95, R1_CARD),
-        "sample.max_new_tokens": (8192, budget("8,192 new tokens (the README evaluates at 32,768); a longer "
-                                               "trace is flagged truncated and never paired")),
-        "train.micro_batch_size": (1, budget("one pair of up to 9k tokens per forward")),
-        "evaluate.max_new_tokens": (8192, "as sample.max_new_tokens"),
-        "evaluate.batch_size": (32, budget("32 greedy sequences at once")),
-    }),
+    "r1-distill-qwen-1.5b": Recipe("DeepSeek-R1-Distill-Qwen-1.5B (always-open think block) on one GPU", _R1_DISTILL),
     "r1-distill-qwen-7b-8gpu": Recipe("DeepSeek-R1-Distill-Qwen-7B on 8 GPUs, FSDP2", {
-        **_SINGLE_GPU_TRAIN,
-        "model.max_length": (9216, "the prompt budget (1,024) + sample.max_new_tokens"),
-        "model.max_length_nothink": (2048, budget("prompt (1,024) + an answer of up to 1,024 tokens")),
-        "data.system_prompt": (None, R1_CARD),
-        "sample.temperature": (0.6, R1_CARD),
-        "sample.top_p": (0.95, R1_CARD),
-        "sample.max_new_tokens": (8192, budget("8,192 new tokens; a longer trace is flagged truncated")),
+        **_R1_DISTILL,
         "sample.num_processes": (8, "one sampling process per GPU (hf backend)"),
         "train.lr": (5e-7, OPENRLHF),
         "train.batch_size": (64, budget("64 pairs per mode per step: 8 per GPU")),
@@ -102,8 +99,6 @@ RECIPES: dict[str, Recipe] = {
         "train.num_processes": (8, "one training process per GPU"),
         "train.accelerate_config": ("configs/fsdp.yaml", "FSDP2: a 7B model's fp32 masters and AdamW state "
                                     "(~112 GB) do not fit one GPU; wraps the model's own decoder layers"),
-        "evaluate.max_new_tokens": (8192, "as sample.max_new_tokens"),
-        "evaluate.batch_size": (32, budget("32 greedy sequences at once")),
     }),
 }
 
