@@ -13,11 +13,12 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 # project for the embedded model, the user's own cache and network for a hub model.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test install repro experiment ui serve bench bench-trl clean help
+.PHONY: run test test-fast install repro experiment ui serve bench bench-trl clean help
 
 help:
 	@echo "make run    - set up .venv, run the whole pipeline on the embedded default"
 	@echo "make test   - set up .venv, run the test suite"
+	@echo "make test-fast - the unit tests only (no training, sampling, flows or DVC runs)"
 	@echo "make repro  - dvc repro (rebuild what params.yaml or the code changed)"
 	@echo "make experiment - every method x 3 seeds as DVC experiments, with 95% intervals"
 	@echo "make ui     - MLflow UI on http://127.0.0.1:5000"
@@ -47,7 +48,10 @@ run: $(STAMP) .dvc/config
 	echo "make run: $$(( $$(date +%s) - start ))s for the pipeline"; exit $$status
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 repro: $(STAMP)
 	$(BIN)/dvc repro

@@ -47,7 +47,7 @@ class Checks:
         """The checks every trained method must pass; returns its history rows, summary and pairs/s."""
         rows = json.loads((model_dir / "history.json").read_text())["history"]
         summary = json.loads((model_dir / "train_summary.json").read_text())
-        trace, empty = rows[0].get("trace/abs_logratio", 0.0), rows[0].get("empty/abs_logratio", 0.0)  # α 0 / 1: one
+        trace, empty = rows[0].get("think/abs_logratio", 0.0), rows[0].get("nothink/abs_logratio", 0.0)  # α 0 / 1: one
         self(f"{method}: step-0 log-ratio ~ 0 under bf16", trace < logratio_limit and empty < logratio_limit,
              f"{trace:.2e} / {empty:.2e}")
         self(f"{method}: finite losses", all(math.isfinite(r["loss"]) for r in rows))

@@ -122,11 +122,11 @@ def main() -> int:
                 trained = check.trained_method(model_dir, method, base_train["batch_size"], 1e-2)
                 rows, summary = trained["rows"], trained["summary"]
                 tokens = sum(base_train["batch_size"] * r[f"{prefix}/tokens_per_pair"]
-                             for r in rows for prefix in ("trace", "empty") if f"{prefix}/tokens_per_pair" in r)
+                             for r in rows for prefix in ("think", "nothink") if f"{prefix}/tokens_per_pair" in r)
                 seconds = summary["seconds_this_run"]
                 print(f"        {method}: {trained['pairs_per_s']:.1f} pairs/s, {tokens / seconds:.0f} scored tokens/s, "
                       f"peak {summary.get('peak_gpu_memory_gib', float('nan')):.1f} GiB, "
-                      f"scored tokens per trace pair {rows[0].get('trace/tokens_per_pair', 0):.0f}", flush=True)
+                      f"scored tokens per trace pair {rows[0].get('think/tokens_per_pair', 0):.0f}", flush=True)
         if not args.no_sampling:
             sampling(project, args)
     return check.exit_code()
@@ -140,7 +140,7 @@ def sampling(project: Path, args) -> None:
 
     base = project / "data" / "policy"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer, model = load_tokenizer(base), load_model(base, "bfloat16", device)
+    tokenizer, model = load_tokenizer(base), load_model(base, "bf16", device)
     prompts = [f"What is {a} + {b}?" for a, b in zip(range(100, 164), range(200, 264))]
     print(f"sampling: {args.new_tokens} new tokens per sequence, T = 1, bf16")
     for thinking in (True, False):

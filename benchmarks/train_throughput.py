@@ -77,7 +77,8 @@ def run_one(args) -> None:
 
     from bvpo.config import load_params
     from bvpo.modeling import load_tokenizer
-    from bvpo.train import (PairSet, Recipe, encode_pairs, load_pair_rows, load_reference_model, reference_logps,
+    from bvpo.reference import load_reference_model, reference_logps
+    from bvpo.train import (PairLoss, PairSet, encode_pairs, load_pair_rows,
                             train_method)
 
     config = CONFIGS[args.config]
@@ -100,13 +101,13 @@ def run_one(args) -> None:
                                                                     autocast=accelerator.autocast))
     if config["reference"] != "live":
         reference = None  # precomputed: no second model in memory while training, as in the trainer
-    recipe = Recipe(params, data, tokenizer.pad_token_id, reference)
+    pair_loss = PairLoss(params, data, tokenizer.pad_token_id, reference)
     with tempfile.TemporaryDirectory() as work:
         start = time.perf_counter()
-        history = train_method("bench", config["alpha"], params, args.base, recipe, tokenizer, Path(work), "bench")
+        history = train_method("bench", config["alpha"], params, args.base, pair_loss, tokenizer, Path(work), "bench")
         seconds = time.perf_counter() - start
     pairs = sum(params.train.batch_size * ((r["alpha"] > 0) + (r["alpha"] < 1)) for r in history)
-    tokens = sum(params.train.batch_size * r.get(f"{p}/tokens_per_pair", 0.0) for r in history for p in ("trace", "empty"))
+    tokens = sum(params.train.batch_size * r.get(f"{p}/tokens_per_pair", 0.0) for r in history for p in ("think", "nothink"))
     if torch.cuda.is_available():
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:

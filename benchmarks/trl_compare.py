@@ -114,7 +114,8 @@ def run_bvpo(args, params) -> StepClock:
     import torch
     from accelerate import Accelerator
 
-    from bvpo.train import PairSet, Recipe, load_reference_model, reference_logps, train_method
+    from bvpo.reference import load_reference_model, reference_logps
+    from bvpo.train import PairLoss, PairSet, train_method
 
     tokenizer, _, chosen, rejected = encoded_think_pairs(params, Path(args.base), Path(args.pairs))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -124,7 +125,7 @@ def run_bvpo(args, params) -> StepClock:
     del reference
     clock = StepClock()
     with tempfile.TemporaryDirectory() as work:
-        train_method("bench", 1.0, params, args.base, Recipe(params, data, tokenizer.pad_token_id), tokenizer,
+        train_method("bench", 1.0, params, args.base, PairLoss(params, data, tokenizer.pad_token_id), tokenizer,
                      Path(work), "bench", logger=clock)
     return clock
 
@@ -158,7 +159,7 @@ def run_trl(args, params) -> StepClock:
             disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, seed=params.train_seed,
             bf16=args.trainer == "trl_bf16",
         )
-        trainer = DPOTrainer(model=load_model(args.base, "float32"), args=config, train_dataset=dataset,
+        trainer = DPOTrainer(model=load_model(args.base, "fp32"), args=config, train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[Clock()])
         trainer.train()
     return clock
@@ -178,7 +179,7 @@ def run_one(args) -> None:
     _, _, chosen, rejected = encoded_think_pairs(params, Path(args.base), Path(args.pairs))
     tokens_per_pair = sum(len(e.input_ids) for e in chosen + rejected) / len(chosen)
     # What the trainer actually runs: with prefix sharing the prompt once per pair.
-    flops = pair_flops(load_model(args.base, "float32"), chosen, rejected,
+    flops = pair_flops(load_model(args.base, "fp32"), chosen, rejected,
                        args.trainer.startswith("bvpo") and params.train.shared_prompt)
     print(json.dumps({"trainer": args.trainer, "pairs_per_s": pairs_per_s, "seconds": seconds,
                       "tokens_per_s": pairs_per_s * tokens_per_pair,

@@ -30,7 +30,7 @@ def main(model_dir: str, out_path: str) -> None:
 
     from bvpo.modeling import completion_text, load_model, load_tokenizer, sdpa_in_fp32
     from bvpo.sequences import encode
-    from bvpo.train import cpu_bf16, load_reference_model, reference_logps
+    from bvpo.reference import cpu_bf16, load_reference_model, reference_logps
 
     dist.init_process_group("gloo")
     tokenizer = load_tokenizer(model_dir)

@@ -1,7 +1,7 @@
 """Gradient draws of the tiny model under real FSDP2 sharding (torch `fully_shard`, gloo, CPU).
 
 Run with `torchrun --nproc_per_node N tests/fsdp_worker.py OUT.json`. accelerate enables FSDP
-only on GPU-class devices, so this drives the trainer's own code (`Recipe.gradient_draws`,
+only on GPU-class devices, so this drives the trainer's own code (`PairLoss.gradient_draws`,
 `GradientVector` on DTensor shards) with torch's FSDP2 directly; the stand-in below is only
 the part of accelerate's interface those functions call.
 """
@@ -43,7 +43,8 @@ def main(out_path: str) -> None:
     from bvpo.gradients import GradientVector
     from bvpo.modeling import build_tiny_model, build_tokenizer, completion_text
     from bvpo.sequences import encode
-    from bvpo.train import PairSet, Recipe, reference_logps
+    from bvpo.reference import reference_logps
+    from bvpo.train import PairLoss, PairSet
 
     dist.init_process_group("gloo")
     world = dist.get_world_size()
@@ -68,10 +69,10 @@ def main(out_path: str) -> None:
     model.train()
     params = Params()
     params.train.alpha_draws, params.train.alpha_draw_size, params.train.micro_batch_size = 3, 4, 2
-    recipe = Recipe(params, data, tokenizer.pad_token_id)
+    pair_loss = PairLoss(params, data, tokenizer.pad_token_id)
     accelerator = FSDPOnCPU(sharded)
     vector = GradientVector(list(model.parameters()), sketch_dim=4096, seed=0, sharded=sharded)
-    draws = {mode: recipe.gradient_draws(model, mode, 7, vector, accelerator)[0] for mode in ("think", "nothink")}
+    draws = {mode: pair_loss.gradient_draws(model, mode, 7, vector, accelerator)[0] for mode in ("think", "nothink")}
     if dist.get_rank() == 0:
         stats = gradient_statistics(draws["think"], draws["nothink"])
         json.dump({"draws": {m: d.tolist() for m, d in draws.items()}, "stats": stats,

@@ -62,7 +62,7 @@ def test_alpha_for_the_steps_batch_matches_the_closed_form():
     estimate is the optimum for a 32-pair step, not for an 8-pair draw (the issue's example:
     per-pair variances 8 and 0.8, squared bias 0.09 → 0.160 for 8-pair means, 0.315 for 32)."""
     from bvpo.config import TrainConfig
-    from bvpo.train import AlphaState, update_alpha
+    from bvpo.alpha import AlphaState, update_alpha
 
     d, draw_size, batch, n_draws = 16, 8, 32, 16
     var_pair_t, var_pair_e, bias_sq = 8.0, 0.8, 0.09
@@ -80,8 +80,8 @@ def test_alpha_for_the_steps_batch_matches_the_closed_form():
         pairs_e = g + b_e + (var_pair_e / d) ** 0.5 * torch.randn(n_draws, draw_size, d, generator=gen,
                                                                   dtype=torch.float64)
         stats = gradient_statistics(pairs_t.mean(1), pairs_e.mean(1))
-        _, logged = update_alpha(AlphaState(0.5, auto=True), {**stats, "trace_draw_size": draw_size,
-                                                             "empty_draw_size": draw_size}, config)
+        _, logged = update_alpha(AlphaState(0.5, auto=True), {**stats, "think_draw_size": draw_size,
+                                                             "nothink_draw_size": draw_size}, config)
         estimates.append(logged["alpha_star"])
         draw_estimates.append(logged["alpha_star_draw"])
     mean = sum(estimates) / len(estimates)
@@ -93,20 +93,20 @@ def test_alpha_for_the_steps_batch_matches_the_closed_form():
 def test_step_statistics_rescale_each_estimator_by_its_own_draw_size():
     from bvpo.alpha import step_statistics
 
-    stats = {"var_trace": 2.0, "var_empty": 1.0, "bias_gap_sq": 0.5}
-    assert step_statistics(stats, 8, 4, 32) == {"var_trace": 0.5, "var_empty": 0.125, "bias_gap_sq": 0.5}
+    stats = {"var_think": 2.0, "var_nothink": 1.0, "bias_gap_sq": 0.5}
+    assert step_statistics(stats, 8, 4, 32) == {"var_think": 0.5, "var_nothink": 0.125, "bias_gap_sq": 0.5}
 
 
 def test_update_alpha_takes_the_first_estimate_then_smooths_and_clips():
     from bvpo.config import TrainConfig
-    from bvpo.train import AlphaState, update_alpha
+    from bvpo.alpha import AlphaState, update_alpha
 
     config = TrainConfig(batch_size=8, alpha_draw_size=8, alpha_ema=0.8, alpha_min=0.1, alpha_max=0.7)
     # Draw size = batch size: α* = (b² + v_e) / (v_t + v_e + b²) = (0.2 + 0.2) / (0.6 + 0.2 + 0.2) = 0.4.
-    stats = {"var_trace": 0.6, "var_empty": 0.2, "bias_gap_sq": 0.2, "trace_draw_size": 8, "empty_draw_size": 8}
+    stats = {"var_think": 0.6, "var_nothink": 0.2, "bias_gap_sq": 0.2, "think_draw_size": 8, "nothink_draw_size": 8}
     first, logged = update_alpha(AlphaState(0.5, auto=True), stats, config)
     assert logged["alpha_star"] == pytest.approx(0.4) and first == AlphaState(pytest.approx(0.4), True, True)
-    high = {**stats, "var_trace": 0.0}  # α* = 1
+    high = {**stats, "var_think": 0.0}  # α* = 1
     second, _ = update_alpha(first, high, config)
     assert second.alpha == pytest.approx(0.8 * 0.4 + 0.2 * 1.0)
     third, _ = update_alpha(AlphaState(0.7, True, True), high, config)

@@ -45,6 +45,7 @@ def test_missing_input_names_the_stage_to_run(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_project_is_refused_naming_the_first(tmp_path):
     from bvpo.runtime import project_lock
 
@@ -87,6 +88,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ui_serves_the_project_store_and_stops_every_server_process(tmp_path):
     import psutil
 

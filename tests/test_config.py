@@ -58,6 +58,10 @@ def test_shipped_params_equal_the_declared_defaults():
         ({"tracking.register_method": "nope"}, "tracking.register_method"),
         ({"warmup.mixed_precision": "fp16"}, "warmup.mixed_precision"),
         ({"warmup.batch_size": 31}, "warmup.batch_size"),
+        ({"train.lr": float("inf")}, "train.lr"),  # `.inf` in YAML passed `lr > 0`
+        ({"train.max_grad_norm": float("nan")}, "train.max_grad_norm"),
+        ({"experiment.methods.bvpo.preference_weight": -1.0}, "experiment.methods.bvpo.preference_weight"),
+        ({"experiment.methods.base": {"alpha": 0.5}}, "experiment.methods.base"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, overrides, field):

@@ -57,6 +57,7 @@ def git(repo: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_two_seed_experiment_end_to_end(tmp_path, prefect_harness, monkeypatch):
     from bvpo.flow import bvpo_experiment
@@ -78,8 +79,12 @@ def test_a_two_seed_experiment_end_to_end(tmp_path, prefect_harness, monkeypatch
     for model in ("bvpo", "dpo_trace"):
         for metric in result["metrics"]:
             assert 0 <= runs["1"][model][metric] <= 1
+    # Mean and 95% t-interval over the two seeds, by hand: t(0.975, 1 df) = 12.706, sd = |a - b| / sqrt(2).
+    a, b = runs["1"]["bvpo"]["accuracy_think"], runs["2"]["bvpo"]["accuracy_think"]
     stats = result["models"]["bvpo"]["accuracy_think"]
-    assert stats["low"] <= stats["mean"] <= stats["high"]
+    half = 12.7062 * abs(a - b) / 2
+    assert (stats["mean"], stats["low"], stats["high"]) == pytest.approx(((a + b) / 2, (a + b) / 2 - half,
+                                                                          (a + b) / 2 + half), abs=1e-4)
     assert ("dvc exp run --temp -n micro-seed1 -S sample.seed=1 -S train.seed=1 -S data.n_test=10 "
             "-S evaluate.n_samples=2") in result["commands"]["1"]
     assert result["models"]["base"]["accuracy_think"]["n"] == 2
@@ -97,8 +102,9 @@ def test_a_two_seed_experiment_end_to_end(tmp_path, prefect_harness, monkeypatch
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = [run.info.run_name for run in children]
     assert {"bvpo/seed1", "bvpo/seed2", "dpo_trace/seed1", "base/seed2"} <= set(names)
-    # Prompts and the base model are shared: the warmup ran once (for the first seed) at most.
-    assert names.count("warmup") <= 1 and names.count("train/bvpo") == 2
+    # Prompts and the base model are shared: the first seed's DVC experiment builds the base model
+    # (a fresh project has none), the second restores it from DVC's run cache; training runs per seed.
+    assert names.count("warmup") == 1 and names.count("train/bvpo") == 2
     seed_run = next(r for r in children if r.info.run_name == "bvpo/seed2")
     assert seed_run.data.tags["seed"] == "2" and seed_run.data.tags["method"] == "bvpo"
     assert seed_run.data.metrics["accuracy_think"] == pytest.approx(runs["2"]["bvpo"]["accuracy_think"])

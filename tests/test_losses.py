@@ -131,7 +131,7 @@ def test_reference_cache_key_follows_the_scoring_code(tmp_path):
     from pathlib import Path
 
     import bvpo.train
-    from bvpo.train import SCORING_MODULES, scoring_code_digest
+    from bvpo.reference import SCORING_MODULES, scoring_code_digest
 
     package = Path(bvpo.train.__file__).parent
     copy = tmp_path / "bvpo"

@@ -208,13 +208,13 @@ def test_scoring_under_activation_checkpointing_matches_plain_scoring(tokenizer)
 def test_auto_dtype_is_bf16_on_a_bf16_gpu_and_fp32_elsewhere(monkeypatch):
     from bvpo.modeling import resolve_dtype
 
-    assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert resolve_dtype("auto", "cpu") == "fp32" and resolve_dtype("bf16", "cpu") == "bf16"
     # No GPU here: what CUDA would answer is stood in, the decision is the real code's.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert resolve_dtype("auto", "cuda") == "bfloat16" and resolve_dtype("float16", "cuda") == "float16"
+    assert resolve_dtype("auto", "cuda") == "bf16" and resolve_dtype("fp16", "cuda") == "fp16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert resolve_dtype("auto", "cuda") == "float32"
+    assert resolve_dtype("auto", "cuda") == "fp32"
 
 
 def environment_for(project, model_path, extra=None):

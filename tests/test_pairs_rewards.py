@@ -135,7 +135,7 @@ def test_reward_model_settings_are_checked(tmp_path, reward_model_dir):
 def test_win_rate_against_the_starting_model(reward_model_dir):
     from bvpo.config import Params
     from bvpo.rewards import RewardModel
-    from bvpo.stages import judge_answers, win_rates
+    from bvpo.evaluation import judge_answers, win_rates
 
     prompts = ["Compute 60+6.", "Compute 9+9.", "Compute 20-5.", "Compute 1+1."]
     answers = {"base": {"think": ["66", "18", None, "2"], "nothink": ["65", None, None, "3"]},

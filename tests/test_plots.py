@@ -9,7 +9,7 @@ from bvpo.plots import gradient_telemetry
 def test_gradient_plot_with_no_positive_bias_gap_writes_png_without_warnings(tmp_path):
     # The noise-corrected bias gap is <= 0 on every step of a short run (seen on an H200 in
     # gpu_scale.py): a log axis then has nothing to show and matplotlib warns.
-    rows = [{"step": s, "alpha": 0.5, "alpha_star": 0.3, "grad/var_trace": 2.0 + s, "grad/var_empty": 1.0,
+    rows = [{"step": s, "alpha": 0.5, "alpha_star": 0.3, "grad/var_think": 2.0 + s, "grad/var_nothink": 1.0,
              "grad/var_mixed": 0.8, "grad/bias_gap_sq": -0.5 - s} for s in range(3)]
     csv_dir = tmp_path / "train"
     csv_dir.mkdir()

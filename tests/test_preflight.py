@@ -31,17 +31,17 @@ def test_kv_cache_estimate_refuses_a_batch_that_does_not_fit_and_names_one_that_
 
     sizes = qwen3_sizes()
     # 256 sequences of a 100-token prompt + 2,048 new tokens in bf16: the ~63 GB of the issue.
-    assert 256 * sizes.kv_bytes(2148, "bfloat16") == pytest.approx(63.06e9, rel=1e-3)
-    assert sampling_batch(256, sizes, 2148, "bfloat16", free_bytes=100 * 2**30) == 256
-    per_sequence = sizes.kv_bytes(2148, "bfloat16")
+    assert 256 * sizes.kv_bytes(2148, "bf16") == pytest.approx(63.06e9, rel=1e-3)
+    assert sampling_batch(256, sizes, 2148, "bf16", free_bytes=100 * 2**30) == 256
+    per_sequence = sizes.kv_bytes(2148, "bf16")
     fits = int(MEMORY_SHARE * 40 * 2**30 // per_sequence)
     with pytest.raises(ConfigError, match=rf"sample.batch_size: 256 sequences .* set sample.batch_size to {fits} "
                                           "or less, or to auto"):
-        sampling_batch(256, sizes, 2148, "bfloat16", free_bytes=40 * 2**30)
-    assert sampling_batch("auto", sizes, 2148, "bfloat16", free_bytes=40 * 2**30) == fits
-    assert sampling_batch("auto", sizes, 2148, "bfloat16", free_bytes=10**13) == 256
+        sampling_batch(256, sizes, 2148, "bf16", free_bytes=40 * 2**30)
+    assert sampling_batch("auto", sizes, 2148, "bf16", free_bytes=40 * 2**30) == fits
+    assert sampling_batch("auto", sizes, 2148, "bf16", free_bytes=10**13) == 256
     with pytest.raises(ConfigError, match="not even one sequence"):
-        sampling_batch("auto", sizes, 2148, "bfloat16", free_bytes=2**20)
+        sampling_batch("auto", sizes, 2148, "bf16", free_bytes=2**20)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import yaml
 
 from micro_params import MICRO, make_project
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

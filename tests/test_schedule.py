@@ -17,7 +17,7 @@ import pytest
 
 from micro_params import make_project
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 DEPLOYMENT = "bvpo-pipeline/micro-rounds"
 CRON = "0 3 1 1 *"  # once a year: no scheduled run fires during the test, the two below are triggered

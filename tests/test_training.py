@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from bvpo.config import load_params
 from bvpo.modeling import completion_text, resolve_precision, save_model
-from bvpo.stages import accelerate_command
+from bvpo.train import accelerate_command
 from bvpo.tracking import tracking_uri
 from micro_params import write_micro_params
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 FIXED = {"bvpo": {"alpha": 0.5}, "dpo_trace": {"alpha": 1.0}, "dpo_empty": {"alpha": 0.0}}
 
 
@@ -169,7 +169,7 @@ def test_auto_alpha_is_the_same_with_one_and_two_processes(uninterrupted, precis
     for a, b in zip(one, two):
         assert b["alpha"] == pytest.approx(a["alpha"], rel=rel / 10, abs=1e-6)
         if "alpha_star" in a:
-            for key in ("alpha_star", "alpha_star_draw", "grad/var_trace", "grad/var_empty", "grad/bias_gap_sq_raw"):
+            for key in ("alpha_star", "alpha_star_draw", "grad/var_think", "grad/var_nothink", "grad/bias_gap_sq_raw"):
                 assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-9), key
     assert len({round(r["alpha"], 6) for r in one}) > 1  # it did move
 
@@ -183,8 +183,8 @@ def test_policy_and_reference_agree_at_step_zero(inputs, precision, reference):
                                         "methods": {"bvpo": {"alpha": 0.5}}})
     assert result.returncode == 0, result.stderr[-3000:]
     first = history(inputs, tag, "bvpo")[0]
-    assert first["trace/abs_logratio"] < 1e-6 and first["empty/abs_logratio"] < 1e-6, first
-    assert abs(first["trace/chosen_reward"]) < 1e-6
+    assert first["think/abs_logratio"] < 1e-6 and first["nothink/abs_logratio"] < 1e-6, first
+    assert abs(first["think/chosen_reward"]) < 1e-6
 
 
 def test_pairs_that_do_not_fit_are_skipped_and_counted(tokenizer):
@@ -224,7 +224,7 @@ def test_empty_empty_trace_pairs_are_a_clear_error(inputs, tmp_path, telemetry, 
                           pairs=tmp_path / "pairs")
     assert result.returncode != 0, result.stderr[-2000:]
     message = [line for line in result.stderr.splitlines() if line.startswith("bvpo train: error:")]
-    assert message and "no usable empty pairs" in message[0] and expected in message[0], result.stderr[-2000:]
+    assert message and "no usable empty-trace pairs" in message[0] and expected in message[0], result.stderr[-2000:]
 
 
 def test_a_trace_only_method_trains_without_empty_pairs(inputs, tmp_path):
@@ -251,8 +251,8 @@ def test_auto_alpha_estimates_logs_and_clips(inputs):
     assert first["alpha"] == pytest.approx(min(max(first["alpha_star"], 0.2), 0.9))
     second = estimates[1]
     assert second["alpha"] == pytest.approx(min(max(0.8 * first["alpha"] + 0.2 * second["alpha_star"], 0.2), 0.9))
-    for key in ("grad/var_trace", "grad/var_empty", "grad/bias_gap_sq", "grad/var_mixed", "alpha_sq",
-                "grad/step_cos_trace_empty", "grad/step_norm_trace"):
+    for key in ("grad/var_think", "grad/var_nothink", "grad/bias_gap_sq", "grad/var_mixed", "alpha_sq",
+                "grad/step_cos_think_nothink", "grad/step_norm_think"):
         assert key in first
     client = mlflow.MlflowClient(tracking_uri(inputs))
     run = client.search_runs([client.get_experiment_by_name("bvpo").experiment_id],
@@ -287,7 +287,8 @@ def test_accumulated_update_gradient_is_the_bvpo_objective_gradient(inputs, toke
 
     from bvpo.losses import bvpo_loss
     from bvpo.sequences import encode
-    from bvpo.train import PairSet, Recipe, load_pair_rows, reference_logps
+    from bvpo.reference import reference_logps
+    from bvpo.train import PairLoss, PairSet, load_pair_rows
 
     params = load_params(write_micro_params(inputs / "params-grad.yaml", {
         "train": {"micro_batch_size": 2, "nll_weight": 0.7, "beta": 1.5}, "model": {"max_length": 96}}))
@@ -299,18 +300,18 @@ def test_accumulated_update_gradient_is_the_bvpo_objective_gradient(inputs, toke
         # A reference that differs from the policy, so the DPO term has a non-trivial gradient.
         ref_chosen, ref_rejected = reference_logps(tiny_model, chosen, rejected, tokenizer.pad_token_id)
         data[mode] = PairSet(chosen, rejected, ref_chosen - 0.3, ref_rejected + 0.2)
-    recipe = Recipe(params, data, tokenizer.pad_token_id)
+    pair_loss = PairLoss(params, data, tokenizer.pad_token_id)
     accelerator = Accelerator(cpu=True)
     model = tiny_model.train()
     alpha, indices = 0.3, [0, 3, 5, 7, 9, 11]
 
     model.zero_grad(set_to_none=True)
-    recipe.update_pass(model, "think", indices, len(indices), accelerator, sync_last=False, alpha=alpha)
-    recipe.update_pass(model, "nothink", indices, len(indices), accelerator, sync_last=True, alpha=alpha)
+    pair_loss.update_pass(model, "think", indices, len(indices), accelerator, sync_last=False, alpha=alpha)
+    pair_loss.update_pass(model, "nothink", indices, len(indices), accelerator, sync_last=True, alpha=alpha)
     accumulated = [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad(set_to_none=True)
-    whole = Recipe(load_params(write_micro_params(inputs / "params-grad1.yaml", {
+    whole = PairLoss(load_params(write_micro_params(inputs / "params-grad1.yaml", {
         "train": {"micro_batch_size": 64, "nll_weight": 0.7, "beta": 1.5}, "model": {"max_length": 96}})),
         data, tokenizer.pad_token_id)
     trace, _, _ = whole.loss(model, "think", indices)
@@ -375,17 +376,17 @@ def test_fp16_gradient_statistics_are_unscaled(inputs):
         runs[scale] = history(inputs, tag, "bvpo")
     for a, b in zip(runs[2.0**12], runs[1.0]):
         assert a.get("overflow_skipped", 0.0) == b.get("overflow_skipped", 0.0) == 0.0
-        if "grad/var_trace" in a:
-            for key in ("grad/var_trace", "grad/var_empty", "alpha_star", "grad/step_norm_trace"):
+        if "grad/var_think" in a:
+            for key in ("grad/var_think", "grad/var_nothink", "alpha_star", "grad/step_norm_think"):
                 assert a[key] == pytest.approx(b[key], rel=0.05), key
 
 
 def test_training_keeps_fp32_masters_and_stores_the_model_dtype(inputs):
-    """model.dtype bfloat16 is the storage and inference dtype: training still runs on fp32
+    """model.dtype bf16 is the storage and inference dtype: training still runs on fp32
     master weights (it used to load and update them in pure bf16), and the saved model is their
     bf16 cast, equal to an fp32 run's weights cast to bf16."""
     methods = {"methods": {"bvpo": {"alpha": 0.5}}, "mixed_precision": "fp32", "telemetry": False}
-    for tag, dtype in (("store-fp32", "float32"), ("store-bf16", "bfloat16")):
+    for tag, dtype in (("store-fp32", "fp32"), ("store-bf16", "bf16")):
         result = run_training(inputs, tag, methods, params={"model": {"max_length": 96, "dtype": dtype}})
         assert result.returncode == 0, result.stderr[-3000:]
     fp32, bf16 = final_weights(inputs, "store-fp32", "bvpo"), final_weights(inputs, "store-bf16", "bvpo")

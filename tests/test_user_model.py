@@ -18,7 +18,7 @@ import yaml
 from micro_params import make_project
 from realistic_model import STYLES, build_custom_reward_model, build_user_model, train_tokenizer
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 CHAT = [[{"role": "user", "content": "Compute 12+30."}],
         [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
          {"role": "user", "content": "Compute 45-7."}],

@@ -1,4 +1,4 @@
-"""The MSE-optimal mixing weight α* (METHOD.md), estimated from gradient samples.
+"""The MSE-optimal mixing weight α* (docs/method.md), estimated from gradient samples.
 
 Model: g_t = g + u with E[u] = 0 (the trace estimator is unbiased for the marginal gradient),
 g_e = g + b_e + v with E[v] = 0 (the empty-trace estimator has bias b_e), u and v independent.
@@ -24,7 +24,11 @@ optimum for 32-pair steps is 0.315: without the rescaling α* is pushed toward 0
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .config import TrainConfig
 
 
 def gradient_statistics(trace_grads: torch.Tensor, empty_grads: torch.Tensor) -> dict[str, float]:
@@ -47,34 +51,65 @@ def gradient_statistics(trace_grads: torch.Tensor, empty_grads: torch.Tensor) ->
     norm_t, norm_e = mean_t.norm().item(), mean_e.norm().item()
     cosine = (mean_t @ mean_e).item() / max(norm_t * norm_e, 1e-30)
     return {
-        "var_trace": var_t,
-        "var_empty": var_e,
+        "var_think": var_t,
+        "var_nothink": var_e,
         "bias_gap_sq": bias_sq,
         "bias_gap_sq_raw": raw_gap,
-        "grad_norm_trace": norm_t,
-        "grad_norm_empty": norm_e,
-        "cos_trace_empty": cosine,
+        "grad_norm_think": norm_t,
+        "grad_norm_nothink": norm_e,
+        "cos_think_nothink": cosine,
     }
 
 
-def alpha_from_statistics(var_trace: float, var_empty: float, bias_gap_sq: float) -> float:
-    numerator = bias_gap_sq + var_empty
-    denominator = var_trace + var_empty + bias_gap_sq
+def alpha_from_statistics(var_think: float, var_nothink: float, bias_gap_sq: float) -> float:
+    numerator = bias_gap_sq + var_nothink
+    denominator = var_think + var_nothink + bias_gap_sq
     if denominator <= 0:
         return 0.5  # both estimators identical and noiseless: any mixture is optimal
     return float(min(max(numerator / denominator, 0.0), 1.0))
 
 
-def step_statistics(stats: dict[str, float], trace_draw_size: int, empty_draw_size: int,
+def step_statistics(stats: dict[str, float], think_draw_size: int, nothink_draw_size: int,
                     batch_size: int) -> dict[str, float]:
     """The variances of the step's `batch_size`-pair means, from those of the draws (pairs per
     draw may differ by estimator when one dataset is smaller than the draw size)."""
-    return {"var_trace": stats["var_trace"] * trace_draw_size / batch_size,
-            "var_empty": stats["var_empty"] * empty_draw_size / batch_size,
+    return {"var_think": stats["var_think"] * think_draw_size / batch_size,
+            "var_nothink": stats["var_nothink"] * nothink_draw_size / batch_size,
             "bias_gap_sq": stats["bias_gap_sq"]}
 
 
 def optimal_alpha(trace_grads: torch.Tensor, empty_grads: torch.Tensor) -> float:
     """Plug-in α* ∈ [0, 1] from [n, d] draws of the trace and empty-trace gradients."""
     stats = gradient_statistics(trace_grads, empty_grads)
-    return alpha_from_statistics(stats["var_trace"], stats["var_empty"], stats["bias_gap_sq"])
+    return alpha_from_statistics(stats["var_think"], stats["var_nothink"], stats["bias_gap_sq"])
+
+
+@dataclass
+class AlphaState:
+    """The method's mixing weight: fixed, or `auto` (re-estimated from gradient draws)."""
+
+    alpha: float
+    auto: bool
+    estimated: bool = False
+
+
+def update_alpha(state: AlphaState, statistics: dict[str, float], config: TrainConfig) -> tuple[AlphaState, dict]:
+    """α* from one estimate's draw statistics (`gradient_statistics` plus the pairs per draw of
+    each estimator, `think_draw_size` and `nothink_draw_size`), and the method's new α state.
+
+    α* is the optimum for the step's batch (`config.batch_size` pairs of each estimator), not
+    for a draw: the draws' variances are rescaled by draw size / batch size after the bias gap
+    was noise-corrected (`alpha.step_statistics`). An `auto` method takes the first estimate as
+    is, then smooths (α ← ema·α + (1−ema)·α*) and clips to [alpha_min, alpha_max]; a fixed
+    method keeps its α and only reports α*. Returns (state, values to log)."""
+    step = step_statistics(statistics, int(statistics["think_draw_size"]), int(statistics["nothink_draw_size"]),
+                           config.batch_size)
+    alpha_star = alpha_from_statistics(step["var_think"], step["var_nothink"], step["bias_gap_sq"])
+    logged = {"alpha_star": alpha_star,
+              "alpha_star_draw": alpha_from_statistics(statistics["var_think"], statistics["var_nothink"],
+                                                       statistics["bias_gap_sq"]),
+              "grad/var_think_step": step["var_think"], "grad/var_nothink_step": step["var_nothink"]}
+    if not state.auto:
+        return state, logged
+    smoothed = alpha_star if not state.estimated else config.alpha_ema * state.alpha + (1 - config.alpha_ema) * alpha_star
+    return AlphaState(min(max(smoothed, config.alpha_min), config.alpha_max), auto=True, estimated=True), logged

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import BvpoError
 from .runtime import configure_environment
 
 EXIT_USAGE = 2
@@ -146,7 +147,7 @@ def _stage(args) -> int:
     if args.fresh:
         import shutil
 
-        from .stages import PATHS
+        from .paths import PATHS
 
         shutil.rmtree(root / PATHS["checkpoints"], ignore_errors=True)
     out = run_stage(args.name, params, root, params_file)
@@ -297,22 +298,11 @@ def _serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_environment(args.project_dir, getattr(args, "params", "params.yaml"))
-    from .config import ConfigError
-    from .data import DataError
-    from .modeling import ModelError
-    from .stages import StageError
-
-    from .experiment import ExperimentError
-    from .rounds import PromotionError
-    from .runtime import ProjectBusy
-    from .tracking import RegistryError
-
     handlers = {"run": _run, "stage": _stage, "experiment": _experiment, "ui": _ui, "schedule": _schedule,
                 "serve": _serve, "init": _init, "check": _check}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, StageError, ExperimentError, ProjectBusy, PromotionError,
-            RegistryError) as err:
+    except BvpoError as err:
         print(f"bvpo: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

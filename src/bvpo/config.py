@@ -8,6 +8,7 @@ so a typo in params.yaml fails before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -17,13 +18,36 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import BvpoError
 
-class ConfigError(ValueError):
+
+class ConfigError(BvpoError, ValueError):
     """A parameter is missing, unknown or out of range. The message names the field."""
 
 
 # `pairs.reward_model_output`: a model output field, optionally indexed in its last dimension.
 REWARD_OUTPUT = re.compile(r"(?P<field>[A-Za-z_]\w*)(\[(?P<index>\d+)\])?")
+
+
+def _check(cond: bool, field_name: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: expected {expected}, got {value!r}")
+
+
+def _local(path: str, base_dir: Path | None) -> Path:
+    """A file named in params.yaml: relative paths are relative to the params file's folder."""
+    local = Path(path)
+    return base_dir / local if base_dir is not None and not local.is_absolute() else local
+
+
+def _is_name(name: str) -> bool:
+    """A name that can key metrics, folders and DVC experiments: letters, digits, '_' and '-'."""
+    return bool(name) and name.replace("_", "").replace("-", "").isalnum()
+
+
+def _check_file(path: str | None, field_name: str, base_dir: Path | None, expected: str = "an existing file") -> None:
+    if path is not None:
+        _check(_local(path, base_dir).is_file(), field_name, expected, str(_local(path, base_dir)))
 
 
 @dataclass
@@ -62,6 +86,25 @@ class DataConfig:
     Those are within reach without a trace, the others mostly are not, so a mix gives both
     modes room to learn (a difficulty mix like a real benchmark's)."""
 
+    def check(self, base_dir: Path | None) -> None:
+        if self.source != "synthetic":
+            _check(Path(self.source).suffix in (".jsonl", ".parquet"), "data.source",
+                   "'synthetic' or a .jsonl/.parquet file", self.source)
+            _check_file(self.source, "data.source", base_dir)
+        _check_file(self.test_source, "data.test_source", base_dir)
+        _check(0 < self.test_fraction < 1, "data.test_fraction", "a fraction in (0, 1)", self.test_fraction)
+        _check(self.system_prompt is None or bool(self.system_prompt.strip()), "data.system_prompt",
+               "null or non-empty text", self.system_prompt)
+        for name in ("n_train", "n_test", "n_warmup", "max_ops"):
+            _check(getattr(self, name) >= 1, f"data.{name}", "an integer >= 1", getattr(self, name))
+        _check(1 <= self.min_ops <= self.max_ops, "data.min_ops", f"an integer in [1, max_ops={self.max_ops}]",
+               self.min_ops)
+        _check(1 <= self.max_operand <= 99, "data.max_operand", "an integer in [1, 99]", self.max_operand)
+        _check(1 <= self.min_operand <= self.max_operand, "data.min_operand",
+               f"an integer in [1, max_operand={self.max_operand}]", self.min_operand)
+        _check(0 <= self.small_operand_fraction <= 1, "data.small_operand_fraction", "a number in [0, 1]",
+               self.small_operand_fraction)
+
 
 @dataclass
 class ModelConfig:
@@ -87,13 +130,28 @@ class ModelConfig:
     """Longest prompt + completion of a no-thinking sequence; None: `max_length`. At most
     `max_length`. No-thinking answers are short, so a tighter limit keeps a runaway answer from
     setting a micro-batch's padded length (it is skipped and counted instead)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights dtype for inference (sampling, evaluation, analysis) and for storing trained
-    models. `auto`: bfloat16 on a CUDA GPU with bf16, float32 elsewhere. Training always keeps
-    fp32 master weights and computes in `train.mixed_precision`, whatever this says."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Weights precision for inference (sampling, evaluation, analysis) and for storing trained
+    models. `auto`: bf16 on a CUDA GPU with bf16, fp32 elsewhere. Training always keeps fp32
+    master weights and computes in `train.mixed_precision`, whatever this says. (One precision
+    vocabulary everywhere: fp32, bf16, fp16, auto.)"""
 
     def max_length_for(self, thinking: bool) -> int:
         return self.max_length if thinking or self.max_length_nothink is None else self.max_length_nothink
+
+    def check(self, base_dir: Path | None) -> None:
+        if self.path is not None:
+            local = _local(self.path, base_dir)
+            if self.path.startswith((".", "/", "~")) or local.exists():  # else a hub id
+                _check(local.is_dir(), "model.path", "an existing model directory", str(local))
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length"):
+            _check(getattr(self, name) >= 1, f"model.{name}", "an integer >= 1", getattr(self, name))
+        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", "a multiple of model.num_heads",
+               self.hidden_size)
+        _check(self.num_heads % 2 == 0, "model.num_heads", "an even number", self.num_heads)
+        if self.max_length_nothink is not None:
+            _check(1 <= self.max_length_nothink <= self.max_length, "model.max_length_nothink",
+                   f"null or an integer in [1, model.max_length={self.max_length}]", self.max_length_nothink)
 
 
 @dataclass
@@ -110,9 +168,17 @@ class WarmupConfig:
     mixed_precision: str = "auto"
     """Autocast of the SFT forward and backward: fp32, bf16, or auto (bf16 where the hardware
     computes it natively: a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX; else fp32).
-    Weights and optimizer stay fp32. On the 2-core default machine bf16 (attention kept in
-    fp32) ends at the same loss 1.6x faster. The base model differs between the two, so with
-    auto it depends on the machine's CPU; warmup_summary.json records which one ran."""
+    Weights and optimizer stay fp32. On a CPU bf16 (attention kept in fp32) reaches the same
+    loss faster (docs/method.md). The base model differs between the two, so with auto it
+    depends on the machine's CPU; warmup_summary.json records which one ran."""
+
+    def check(self, base_dir: Path | None) -> None:
+        _check(self.steps >= 1, "warmup.steps", "an integer >= 1", self.steps)
+        _check(self.batch_size >= 2 and self.batch_size % 2 == 0, "warmup.batch_size",
+               "an even integer >= 2 (each problem is written in both modes)", self.batch_size)
+        _check(self.lr > 0, "warmup.lr", "a number > 0", self.lr)
+        _check(self.mixed_precision in ("auto", "fp32", "bf16"), "warmup.mixed_precision", "one of auto, fp32, bf16",
+               self.mixed_precision)
 
 
 @dataclass
@@ -153,6 +219,25 @@ class SampleConfig:
     """Seed of the sampling RNG; None uses the top-level `seed`. Experiments vary this (and
     `train.seed`) per run while the base model, built from `seed`, stays the same."""
 
+    def check(self, base_dir: Path | None) -> None:
+        _check(self.k >= 2, "sample.k", "an integer >= 2 (a pair needs two samples)", self.k)
+        _check(self.temperature > 0, "sample.temperature", "a number > 0", self.temperature)
+        _check(0 < self.top_p <= 1, "sample.top_p", "a number in (0, 1]", self.top_p)
+        _check(self.top_k >= 0, "sample.top_k", "an integer >= 0 (0 = off)", self.top_k)
+        _check(self.max_new_tokens >= 1, "sample.max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        _check(self.batch_size == "auto" or self.batch_size >= 1, "sample.batch_size", "an integer >= 1 or 'auto'",
+               self.batch_size)
+        _check(self.num_processes >= 1, "sample.num_processes", "an integer >= 1", self.num_processes)
+        _check(self.backend == "hf" or self.num_processes == 1, "sample.num_processes",
+               "1 with sample.backend vllm (vLLM parallelises inside its one process: set "
+               "sample.vllm_tensor_parallel_size)", self.num_processes)
+        _check(self.shard_prompts >= 1, "sample.shard_prompts", "an integer >= 1", self.shard_prompts)
+        _check(self.vllm_tensor_parallel_size >= 1, "sample.vllm_tensor_parallel_size", "an integer >= 1",
+               self.vllm_tensor_parallel_size)
+        _check(0 < self.vllm_gpu_memory_utilization <= 1, "sample.vllm_gpu_memory_utilization",
+               "a fraction in (0, 1]", self.vllm_gpu_memory_utilization)
+        _check(self.seed is None or self.seed >= 0, "sample.seed", "an integer >= 0 or null", self.seed)
+
 
 @dataclass
 class PairsConfig:
@@ -181,6 +266,19 @@ class PairsConfig:
     """Run the modeling code shipped with the reward model (ArmoRM's `LlamaForRewardModelWithGating`
     is custom code). Off by default: it executes the model directory's Python files."""
 
+    def check(self, base_dir: Path | None) -> None:
+        _check(self.max_pairs_per_prompt >= 1, "pairs.max_pairs_per_prompt", "an integer >= 1",
+               self.max_pairs_per_prompt)
+        _check(self.reward_batch_size >= 1, "pairs.reward_batch_size", "an integer >= 1", self.reward_batch_size)
+        _check(REWARD_OUTPUT.fullmatch(self.reward_model_output) is not None, "pairs.reward_model_output",
+               "an output field with an optional index, e.g. logits[0], score or rewards[3]",
+               self.reward_model_output)
+        if self.reward in ("model", "verified_model"):
+            _check(self.reward_model is not None, "pairs.reward_model",
+                   f"a reward model directory (pairs.reward is {self.reward!r})", self.reward_model)
+            _check(_local(self.reward_model, base_dir).is_dir(), "pairs.reward_model",
+                   "an existing local model directory", str(_local(self.reward_model, base_dir)))
+
 
 @dataclass
 class MethodConfig:
@@ -190,11 +288,26 @@ class MethodConfig:
     MSE-optimal α* (bvpo.alpha), re-estimated every `train.alpha_every` steps from gradient
     draws of both estimators, smoothed by `train.alpha_ema` and clipped to
     [`train.alpha_min`, `train.alpha_max`]. It assumes the trace estimator is unbiased for the
-    marginal gradient and the two estimators are independent (METHOD.md)."""
+    marginal gradient and the two estimators are independent (docs/method.md)."""
     preference_weight: float = 1.0
     """Weight of the DPO/IPO term. 0 turns the method into the NLL-only control (fine-tuning on
     the chosen completions with the same data, α and schedule), which a toy that is still
     under-trained needs beside any preference result to be read honestly."""
+
+    def check(self, where: str) -> None:
+        _check(self.alpha == "auto" or 0.0 <= self.alpha <= 1.0, f"{where}.alpha", "a number in [0, 1] or 'auto'",
+               self.alpha)
+        _check(self.preference_weight >= 0, f"{where}.preference_weight", "a number >= 0", self.preference_weight)
+
+
+def _check_methods(methods: dict[str, MethodConfig], where: str, reserved: tuple[str, ...] = ()) -> None:
+    """One check for both method tables (train.methods, experiment.methods)."""
+    _check(len(methods) >= 1, where, "at least one method", methods)
+    for name, method in methods.items():
+        _check(_is_name(name) and name not in reserved, f"{where}.{name}",
+               "a name of letters, digits, '_' or '-'" + (f" other than {', '.join(reserved)}" if reserved else ""),
+               name)
+        method.check(f"{where}.{name}")
 
 
 @dataclass
@@ -211,7 +324,7 @@ class TrainConfig:
     """`sigmoid`: DPO (Rafailov et al.); `ipo`: squared-margin IPO (Azar et al.)."""
     beta: float = 2.0
     """DPO temperature on the trace estimator."""
-    beta_empty: float | None = None
+    beta_nothink: float | None = None
     """DPO temperature on the empty-trace estimator; None uses `beta`."""
     label_smoothing: float = 0.0
     """Conservative DPO: assumed probability that a preference label is flipped, in [0, 0.5)."""
@@ -232,13 +345,12 @@ class TrainConfig:
     """Pairs of each mode per forward pass per process; gradient accumulation fills the rest.
     The step's pairs are sorted longest first before they are cut, so each micro-batch pads
     only to its own longest pair. The gradient does not depend on it (losses are per-pair
-    means). On a CPU small is fast: 8 trains the embedded default 1.25x faster than 32 (less
-    padding, activations that stay in cache); on a GPU raise it as far as memory allows."""
+    means). On a CPU small is fast (less padding, activations that stay in cache; measured in
+    docs/benchmarks.md); on a GPU raise it as far as memory allows."""
     shared_prompt: bool = True
     """Score each pair as one sequence [prompt, chosen, rejected] that runs the prompt once (a
     custom attention mask keeps the rejected completion from seeing the chosen one). Same
-    log-probs, fewer tokens: on the embedded default 24% fewer for trace pairs, 47% for
-    empty-trace pairs. Needs SDPA attention; models
+    log-probs, fewer tokens (how many fewer: docs/benchmarks.md). Needs SDPA attention; models
     with another attention implementation score chosen and rejected separately."""
     max_grad_norm: float = 1.0
     """Gradient clipping threshold on the mixed gradient."""
@@ -283,8 +395,8 @@ class TrainConfig:
     """Autocast of the policy's forward (passed to `accelerate launch`, over any config file;
     fp32 = none; auto = bf16 where the hardware computes it natively, as `warmup.
     mixed_precision`, else fp32). The reference is scored under the same autocast, so the
-    log-ratio is 0 at step 0. bf16 on a CPU keeps the attention in fp32 (faster there): on the
-    default 2-core machine a step is 1.5x faster than fp32."""
+    log-ratio is 0 at step 0. bf16 on a CPU keeps the attention in fp32, which is faster there
+    (docs/method.md)."""
     num_processes: int = 1
     """Processes `accelerate launch` starts (GPUs, or gloo processes on a CPU)."""
     accelerate_config: str | None = None
@@ -292,6 +404,39 @@ class TrainConfig:
     refused: its engine steps on every backward, which is not a BVPO step."""
     seed: int | None = None
     """Seed of the training data order and gradient draws; None uses the top-level `seed`."""
+
+    def check(self, base_dir: Path | None) -> None:
+        _check_methods(self.methods, "train.methods")
+        for name in ("lr", "beta", "max_grad_norm"):
+            _check(getattr(self, name) > 0, f"train.{name}", "a number > 0", getattr(self, name))
+        _check(self.beta_nothink is None or self.beta_nothink > 0, "train.beta_nothink", "null or a number > 0",
+               self.beta_nothink)
+        _check(0 <= self.label_smoothing < 0.5, "train.label_smoothing", "a number in [0, 0.5)", self.label_smoothing)
+        for name in ("nll_weight", "weight_decay"):
+            _check(getattr(self, name) >= 0, f"train.{name}", "a number >= 0", getattr(self, name))
+        for name in ("steps", "num_processes", "alpha_every", "alpha_draw_size"):
+            _check(getattr(self, name) >= 1, f"train.{name}", "an integer >= 1", getattr(self, name))
+        for name in ("warmup_steps", "grad_sketch_dim", "checkpoint_every"):
+            _check(getattr(self, name) >= 0, f"train.{name}", "an integer >= 0", getattr(self, name))
+        _check(self.batch_size >= self.num_processes and self.batch_size % self.num_processes == 0,
+               "train.batch_size", f"a multiple of train.num_processes ({self.num_processes})", self.batch_size)
+        per_process = self.batch_size // self.num_processes
+        _check(1 <= self.micro_batch_size and per_process % min(self.micro_batch_size, per_process) == 0,
+               "train.micro_batch_size", f"a divisor of the per-process batch ({per_process})", self.micro_batch_size)
+        _check(self.alpha_draws >= 2, "train.alpha_draws", "an integer >= 2 (a variance needs two draws)",
+               self.alpha_draws)
+        _check(self.alpha_draw_size % self.num_processes == 0, "train.alpha_draw_size",
+               f"a multiple of train.num_processes ({self.num_processes})", self.alpha_draw_size)
+        _check(0 <= self.alpha_ema < 1, "train.alpha_ema", "a number in [0, 1)", self.alpha_ema)
+        _check(0 <= self.alpha_max <= 1, "train.alpha_max", "a number in [0, 1]", self.alpha_max)
+        _check(0 <= self.alpha_min <= self.alpha_max, "train.alpha_min", f"a number in [0, alpha_max={self.alpha_max}]",
+               self.alpha_min)
+        _check(0 <= self.alpha_init <= 1, "train.alpha_init", "a number in [0, 1]", self.alpha_init)
+        _check(0 <= self.max_skipped_fraction <= 1, "train.max_skipped_fraction", "a fraction in [0, 1]",
+               self.max_skipped_fraction)
+        _check(self.seed is None or self.seed >= 0, "train.seed", "an integer >= 0 or null", self.seed)
+        if self.accelerate_config is not None:
+            _check_accelerate_config(self.accelerate_config, base_dir)
 
 
 @dataclass
@@ -328,11 +473,26 @@ class EvalConfig:
     """Reward model directory for the win rate (one-output sequence classifier); None uses
     `pairs.reward_model`."""
 
+    def check(self, base_dir: Path | None) -> None:
+        _check(self.n_prompts is None or self.n_prompts >= 1, "evaluate.n_prompts", "an integer >= 1 or null (all)",
+               self.n_prompts)
+        for name in ("max_new_tokens", "batch_size"):
+            _check(getattr(self, name) >= 1, f"evaluate.{name}", "an integer >= 1", getattr(self, name))
+        _check(self.n_samples >= 0, "evaluate.n_samples", "an integer >= 0", self.n_samples)
+        _check(self.temperature > 0, "evaluate.temperature", "a number > 0", self.temperature)
+        for bench, path in self.benchmarks.items():
+            _check(_is_name(bench), f"evaluate.benchmarks.{bench}", "a name of letters, digits, '-' and '_'", bench)
+            _check_file(path, f"evaluate.benchmarks.{bench}", base_dir, "an existing .jsonl or .parquet file")
+        _check_file(self.win_rate_prompts, "evaluate.win_rate_prompts", base_dir, "an existing .jsonl or .parquet file")
+
 
 @dataclass
 class AnalyzeConfig:
     batch_size: int = 64
     """Sequences scored at once when computing sample log-probabilities."""
+
+    def check(self, base_dir: Path | None) -> None:
+        _check(self.batch_size >= 1, "analyze.batch_size", "an integer >= 1", self.batch_size)
 
 
 @dataclass
@@ -344,6 +504,10 @@ class TrackingConfig:
     register_method: str = "bvpo"
     """The round's candidate for `@champion` (must be one of `train.methods`). Every trained
     method is registered as a version; only this one can be promoted."""
+
+    def check(self, base_dir: Path | None) -> None:
+        for name in ("experiment", "registered_model"):
+            _check(bool(getattr(self, name).strip()), f"tracking.{name}", "a non-empty name", getattr(self, name))
 
 
 @dataclass
@@ -364,6 +528,10 @@ class PromotionConfig:
     require_interval: bool = False
     """Also require the lower end of the paired 95% interval (per held-out prompt, candidate
     minus champion) to exceed `margin`: promote only on evidence, not on a lucky draw."""
+
+    def check(self, base_dir: Path | None) -> None:
+        _check(-1.0 <= self.margin < 1.0 or self.metric.startswith("reward"), "promotion.margin",
+               "a number in [-1, 1) (accuracy units)", self.margin)
 
 
 def _experiment_methods() -> dict[str, MethodConfig]:
@@ -396,6 +564,16 @@ class ExperimentConfig:
     eval_samples: int = 4
     """Sampled completions per prompt and mode in every run's evaluation (sets
     `evaluate.n_samples`), for the sampled accuracy beside the greedy one."""
+
+    def check(self, base_dir: Path | None) -> None:
+        _check(_is_name(self.name), "experiment.name", "a name of letters, digits, '_' or '-'", self.name)
+        _check(len(self.seeds) >= 2 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
+               "experiment.seeds", "at least 2 distinct integers >= 0 (an interval needs two runs)", self.seeds)
+        _check_methods(self.methods, "experiment.methods", reserved=("base",))
+        _check(self.reference_method in self.methods, "experiment.reference_method",
+               f"one of experiment.methods {sorted(self.methods)}", self.reference_method)
+        _check(self.n_test >= 1, "experiment.n_test", "an integer >= 1", self.n_test)
+        _check(self.eval_samples >= 0, "experiment.eval_samples", "an integer >= 0", self.eval_samples)
 
 
 @dataclass
@@ -471,11 +649,13 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, str):
             try:
-                return float(value)  # YAML reads 5e-5 (no dot) as a string
+                value = float(value)  # YAML reads 5e-5 (no dot) as a string
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .inf and .nan pass every range check
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -499,190 +679,26 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def _check(cond: bool, field_name: str, expected: str, value: Any) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}: expected {expected}, got {value!r}")
-
-
 def validate(params: Params, base_dir: Path | None = None) -> Params:
-    """Range checks that types alone cannot express. Raises ConfigError naming the field."""
-    d, m, s, t = params.data, params.model, params.sample, params.train
-    if d.source != "synthetic":
-        src = Path(d.source)
-        if base_dir is not None and not src.is_absolute():
-            src = base_dir / src
-        _check(src.suffix in (".jsonl", ".parquet"), "data.source",
-               "'synthetic' or a .jsonl/.parquet file", d.source)
-        _check(src.is_file(), "data.source", "an existing file", str(src))
-    if d.test_source is not None:
-        tsrc = Path(d.test_source)
-        if base_dir is not None and not tsrc.is_absolute():
-            tsrc = base_dir / tsrc
-        _check(tsrc.is_file(), "data.test_source", "an existing file", str(tsrc))
-    _check(0 < d.test_fraction < 1, "data.test_fraction", "a fraction in (0, 1)", d.test_fraction)
-    for name in ("n_train", "n_test", "n_warmup"):
-        _check(getattr(d, name) >= 1, f"data.{name}", "an integer >= 1", getattr(d, name))
-    _check(d.max_ops >= 1, "data.max_ops", "an integer >= 1", d.max_ops)
-    _check(0 <= d.small_operand_fraction <= 1, "data.small_operand_fraction", "a number in [0, 1]",
-           d.small_operand_fraction)
-    _check(1 <= d.max_operand <= 99, "data.max_operand", "an integer in [1, 99]", d.max_operand)
-    _check(1 <= d.min_operand <= d.max_operand, "data.min_operand", f"an integer in [1, max_operand={d.max_operand}]",
-           d.min_operand)
-    _check(1 <= d.min_ops <= d.max_ops, "data.min_ops", f"an integer in [1, max_ops={d.max_ops}]", d.min_ops)
-    if m.path is not None:
-        local = Path(m.path)
-        if base_dir is not None and not local.is_absolute():
-            local = base_dir / local
-        looks_local = m.path.startswith((".", "/", "~")) or local.exists()
-        if looks_local:
-            _check(local.is_dir(), "model.path", "an existing model directory", str(local))
-    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length"):
-        _check(getattr(m, name) >= 1, f"model.{name}", "an integer >= 1", getattr(m, name))
-    _check(m.hidden_size % m.num_heads == 0, "model.hidden_size",
-           "a multiple of model.num_heads", m.hidden_size)
-    _check(m.num_heads % 2 == 0, "model.num_heads", "an even number", m.num_heads)
-    _check(params.warmup.steps >= 1, "warmup.steps", "an integer >= 1", params.warmup.steps)
-    _check(s.k >= 2, "sample.k", "an integer >= 2 (a pair needs two samples)", s.k)
-    _check(s.num_processes >= 1, "sample.num_processes", "an integer >= 1", s.num_processes)
-    _check(s.shard_prompts >= 1, "sample.shard_prompts", "an integer >= 1", s.shard_prompts)
-    _check(s.backend == "hf" or s.num_processes == 1, "sample.num_processes",
-           "1 with sample.backend vllm (vLLM parallelises inside its one process: set "
-           "sample.vllm_tensor_parallel_size)", s.num_processes)
-    _check(s.vllm_tensor_parallel_size >= 1, "sample.vllm_tensor_parallel_size", "an integer >= 1",
-           s.vllm_tensor_parallel_size)
-    _check(0 < s.vllm_gpu_memory_utilization <= 1, "sample.vllm_gpu_memory_utilization", "a fraction in (0, 1]",
-           s.vllm_gpu_memory_utilization)
-    if m.max_length_nothink is not None:
-        _check(1 <= m.max_length_nothink <= m.max_length, "model.max_length_nothink",
-               f"null or an integer in [1, model.max_length={m.max_length}]", m.max_length_nothink)
-    _check(s.temperature > 0, "sample.temperature", "a number > 0", s.temperature)
-    _check(0 < s.top_p <= 1, "sample.top_p", "a number in (0, 1]", s.top_p)
-    _check(s.max_new_tokens >= 1, "sample.max_new_tokens", "an integer >= 1", s.max_new_tokens)
-    _check(params.pairs.max_pairs_per_prompt >= 1, "pairs.max_pairs_per_prompt", "an integer >= 1",
-           params.pairs.max_pairs_per_prompt)
-    for bench, bench_path in params.evaluate.benchmarks.items():
-        _check(bench.replace("_", "").replace("-", "").isalnum(), f"evaluate.benchmarks.{bench}",
-               "a name of letters, digits, '-' and '_'", bench)
-        local = Path(bench_path)
-        if base_dir is not None and not local.is_absolute():
-            local = base_dir / local
-        _check(local.is_file(), f"evaluate.benchmarks.{bench}", "an existing .jsonl or .parquet file", str(local))
-    if params.evaluate.win_rate_prompts is not None:
-        local = Path(params.evaluate.win_rate_prompts)
-        if base_dir is not None and not local.is_absolute():
-            local = base_dir / local
-        _check(local.is_file(), "evaluate.win_rate_prompts", "an existing .jsonl or .parquet file", str(local))
-        judge = params.evaluate.win_rate_reward_model or params.pairs.reward_model
-        _check(judge is not None, "evaluate.win_rate_reward_model", "a reward model directory (or "
-               "pairs.reward_model) for evaluate.win_rate_prompts", judge)
-    _check(params.pairs.reward_batch_size >= 1, "pairs.reward_batch_size", "an integer >= 1",
-           params.pairs.reward_batch_size)
-    if params.pairs.reward in ("model", "verified_model"):
-        reward_model = params.pairs.reward_model
-        _check(reward_model is not None, "pairs.reward_model",
-               f"a reward model directory (pairs.reward is {params.pairs.reward!r})", reward_model)
-        local = Path(reward_model)
-        if base_dir is not None and not local.is_absolute():
-            local = base_dir / local
-        _check(local.is_dir(), "pairs.reward_model", "an existing local model directory", str(local))
-    _check(len(t.methods) >= 1, "train.methods", "at least one method", t.methods)
-    for name, method in t.methods.items():
-        _check(name.replace("_", "").replace("-", "").isalnum(), f"train.methods.{name}",
-               "a name of letters, digits, '_' or '-'", name)
-        _check(method.preference_weight >= 0, f"train.methods.{name}.preference_weight", "a number >= 0",
-               method.preference_weight)
-        if method.alpha != "auto":
-            _check(0.0 <= method.alpha <= 1.0, f"train.methods.{name}.alpha", "a number in [0, 1] or 'auto'",
-                   method.alpha)
-    _check(t.alpha_every >= 1, "train.alpha_every", "an integer >= 1", t.alpha_every)
-    _check(t.alpha_draws >= 2, "train.alpha_draws", "an integer >= 2 (a variance needs two draws)",
-           t.alpha_draws)
-    _check(t.alpha_draw_size >= 1, "train.alpha_draw_size", "an integer >= 1", t.alpha_draw_size)
-    _check(0 <= t.alpha_ema < 1, "train.alpha_ema", "a number in [0, 1)", t.alpha_ema)
-    _check(0 <= t.alpha_max <= 1, "train.alpha_max", "a number in [0, 1]", t.alpha_max)
-    _check(0 <= t.alpha_min <= t.alpha_max, "train.alpha_min", f"a number in [0, alpha_max={t.alpha_max}]",
-           t.alpha_min)
-    _check(0 <= t.alpha_init <= 1, "train.alpha_init", "a number in [0, 1]", t.alpha_init)
-    _check(t.grad_sketch_dim >= 0, "train.grad_sketch_dim", "an integer >= 0", t.grad_sketch_dim)
-    _check(t.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0", t.checkpoint_every)
-    _check(t.beta > 0, "train.beta", "a number > 0", t.beta)
-    if t.beta_empty is not None:
-        _check(t.beta_empty > 0, "train.beta_empty", "a number > 0", t.beta_empty)
-    _check(0 <= t.label_smoothing < 0.5, "train.label_smoothing", "a number in [0, 0.5)",
-           t.label_smoothing)
-    _check(t.nll_weight >= 0, "train.nll_weight", "a number >= 0", t.nll_weight)
-    _check(t.lr > 0, "train.lr", "a number > 0", t.lr)
-    _check(t.steps >= 1, "train.steps", "an integer >= 1", t.steps)
-    _check(t.num_processes >= 1, "train.num_processes", "an integer >= 1", t.num_processes)
-    _check(t.batch_size >= t.num_processes and t.batch_size % t.num_processes == 0,
-           "train.batch_size", f"a multiple of train.num_processes ({t.num_processes})",
-           t.batch_size)
-    per_process = t.batch_size // t.num_processes
-    _check(1 <= t.micro_batch_size and per_process % min(t.micro_batch_size, per_process) == 0,
-           "train.micro_batch_size", f"a divisor of the per-process batch ({per_process})",
-           t.micro_batch_size)
-    _check(0 <= t.max_skipped_fraction <= 1, "train.max_skipped_fraction", "a fraction in [0, 1]",
-           t.max_skipped_fraction)
-    _check(t.alpha_draw_size % t.num_processes == 0, "train.alpha_draw_size",
-           f"a multiple of train.num_processes ({t.num_processes})", t.alpha_draw_size)
-    _check(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
-    _check(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
-    _check(t.max_grad_norm > 0, "train.max_grad_norm", "a number > 0", t.max_grad_norm)
-    if t.accelerate_config is not None:
-        _check_accelerate_config(t.accelerate_config, base_dir)
-    e = params.evaluate
-    if e.n_prompts is not None:
-        _check(e.n_prompts >= 1, "evaluate.n_prompts", "an integer >= 1 or null (all)", e.n_prompts)
-    _check(e.max_new_tokens >= 1, "evaluate.max_new_tokens", "an integer >= 1", e.max_new_tokens)
-    _check(e.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", e.batch_size)
-    _check(params.analyze.batch_size >= 1, "analyze.batch_size", "an integer >= 1", params.analyze.batch_size)
-    _check(s.batch_size == "auto" or s.batch_size >= 1, "sample.batch_size", "an integer >= 1 or 'auto'",
-           s.batch_size)
-    _check(s.top_k >= 0, "sample.top_k", "an integer >= 0 (0 = off)", s.top_k)
-    _check(d.system_prompt is None or bool(d.system_prompt.strip()), "data.system_prompt", "null or non-empty text",
-           d.system_prompt)
-    _check(REWARD_OUTPUT.fullmatch(params.pairs.reward_model_output) is not None, "pairs.reward_model_output",
-           "an output field with an optional index, e.g. logits[0], score or rewards[3]",
-           params.pairs.reward_model_output)
-    if params.promotion.metric.startswith("reward"):
-        _check((e.win_rate_reward_model or params.pairs.reward_model) is not None, "pairs.reward_model",
-               f"a reward model directory for promotion.metric {params.promotion.metric}", None)
-    w = params.warmup
-    _check(w.batch_size >= 2 and w.batch_size % 2 == 0, "warmup.batch_size",
-           "an even integer >= 2 (each problem is written in both modes)", w.batch_size)
-    _check(w.lr > 0, "warmup.lr", "a number > 0", w.lr)
-    _check(w.mixed_precision in ("auto", "fp32", "bf16"), "warmup.mixed_precision", "one of auto, fp32, bf16",
-           w.mixed_precision)
+    """Range checks that types alone cannot express: each section checks itself (`check`), then
+    what spans sections. Raises ConfigError naming the field. `base_dir`: the params file's folder,
+    against which relative file names resolve."""
     _check(params.seed >= 0, "seed", "an integer >= 0", params.seed)
-    if d.source == "synthetic" and m.path is None:
+    for section in (params.data, params.model, params.warmup, params.sample, params.pairs, params.train,
+                    params.evaluate, params.analyze, params.tracking, params.promotion, params.experiment):
+        section.check(base_dir)
+    p, e, metric = params.pairs, params.evaluate, params.promotion.metric
+    judge = e.win_rate_reward_model or p.reward_model
+    _check(e.win_rate_prompts is None or judge is not None, "evaluate.win_rate_reward_model",
+           "a reward model directory (or pairs.reward_model) for evaluate.win_rate_prompts", judge)
+    _check(not metric.startswith("reward") or judge is not None, "pairs.reward_model",
+           f"a reward model directory for promotion.metric {metric}", judge)
+    _check(not metric.endswith("_sampled") or e.n_samples > 0, "evaluate.n_samples",
+           f"> 0 for promotion.metric {metric}", e.n_samples)
+    _check(params.tracking.register_method in params.train.methods, "tracking.register_method",
+           f"one of train.methods {sorted(params.train.methods)}", params.tracking.register_method)
+    if params.data.source == "synthetic" and params.model.path is None:
         _check_task_fits(params)
-    _check(e.n_samples >= 0, "evaluate.n_samples", "an integer >= 0", e.n_samples)
-    _check(e.temperature > 0, "evaluate.temperature", "a number > 0", e.temperature)
-    for where, value in (("sample.seed", s.seed), ("train.seed", t.seed)):
-        if value is not None:
-            _check(value >= 0, where, "an integer >= 0 or null", value)
-    x = params.experiment
-    _check(len(x.seeds) >= 2 and len(set(x.seeds)) == len(x.seeds) and min(x.seeds) >= 0, "experiment.seeds",
-           "at least 2 distinct integers >= 0 (an interval needs two runs)", x.seeds)
-    _check(x.name.replace("_", "").replace("-", "").isalnum(), "experiment.name",
-           "a name of letters, digits, '_' or '-'", x.name)
-    for name, method in x.methods.items():
-        _check(name.replace("_", "").replace("-", "").isalnum() and name != "base", f"experiment.methods.{name}",
-               "a name of letters, digits, '_' or '-' other than 'base'", name)
-        if method.alpha != "auto":
-            _check(0.0 <= method.alpha <= 1.0, f"experiment.methods.{name}.alpha", "a number in [0, 1] or 'auto'",
-                   method.alpha)
-    _check(x.n_test >= 1, "experiment.n_test", "an integer >= 1", x.n_test)
-    _check(x.eval_samples >= 0, "experiment.eval_samples", "an integer >= 0", x.eval_samples)
-    _check(x.reference_method in x.methods, "experiment.reference_method", f"one of experiment.methods "
-           f"{sorted(x.methods)}", x.reference_method)
-    if params.promotion.metric.endswith("_sampled"):
-        _check(params.evaluate.n_samples > 0, "evaluate.n_samples",
-               f"> 0 for promotion.metric {params.promotion.metric}", params.evaluate.n_samples)
-    _check(-1.0 <= params.promotion.margin < 1.0, "promotion.margin", "a number in [-1, 1) (accuracy units)",
-           params.promotion.margin)
-    _check(params.tracking.register_method in t.methods, "tracking.register_method",
-           f"one of train.methods {sorted(t.methods)}", params.tracking.register_method)
     return params
 
 

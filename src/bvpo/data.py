@@ -13,6 +13,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
+from .errors import BvpoError
+
 OPENERS = ("", "", "Let me see.", "Step by step.", "OK.")
 STEP_FORMS = ("{a}{op}{b}={r}",)
 CLOSERS = ("", "", "so {ans}", "answer {ans}")
@@ -21,7 +23,7 @@ CLOSERS = ("", "", "so {ans}", "answer {ans}")
 SMALL_OPERANDS = (1, 9)
 
 
-class DataError(ValueError):
+class DataError(BvpoError, ValueError):
     """A prompts file is missing or malformed. The message names the file, row and field."""
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from statistics import fmean, pvariance
 
+from .modes import MODES
+
 
 def _variance(values: list[float]) -> float:
     return pvariance(values) if len(values) > 1 else 0.0
@@ -53,7 +55,7 @@ def mode_statistics(rows: list[dict]) -> dict[str, float]:
 
 def trace_diagnostics(rows: list[dict]) -> dict:
     """{"think": stats, "nothink": stats, "ratios": thinking ÷ no-thinking} over all rows."""
-    by_mode = {mode: [r for r in rows if r["mode"] == mode] for mode in ("think", "nothink")}
+    by_mode = {mode: [r for r in rows if r["mode"] == mode] for mode in MODES}
     result: dict = {mode: mode_statistics(mode_rows) for mode, mode_rows in by_mode.items()}
     ratios = {}
     for key in ("seq_logp_var", "seq_logp_var_within_prompt", "length_var", "mean_length", "nll_per_token"):

@@ -18,12 +18,13 @@ import sys
 from pathlib import Path
 
 from .config import MethodConfig, Params
+from .errors import BvpoError
 
 METRICS = ("accuracy_think", "accuracy_nothink", "accuracy_mean",
            "accuracy_think_sampled", "accuracy_nothink_sampled", "accuracy_mean_sampled")
 
 
-class ExperimentError(RuntimeError):
+class ExperimentError(BvpoError, RuntimeError):
     """An experiment cannot run (no DVC repository, no commit, a failed run)."""
 
 

@@ -21,7 +21,8 @@ from prefect.artifacts import create_markdown_artifact
 from . import rounds, tracking
 from .config import load_params
 from .runtime import project_lock
-from .stages import PATHS, STAGES, StageError
+from .paths import PATHS, atomic_path
+from .stages import STAGES, StageError
 
 RETRIED_STAGES = {"sample": 1, "train": 1}
 
@@ -85,8 +86,6 @@ def preflight(project_dir: str, params_file: str) -> None:
 def resolve_champion(project_dir: str, params_file: str) -> dict:
     """Read `@champion` from the registry into data/champion.json, the round's input. The file
     is rewritten only when the champion changed, so DVC sees an unchanged round as unchanged."""
-    from .stages import atomic_path
-
     params = load_params(params_file)
     root = Path(project_dir)
     name = params.tracking.registered_model
@@ -292,7 +291,6 @@ def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml") ->
 
     from . import experiment
     from .plots import experiment_chart
-    from .stages import atomic_path
 
     root = Path(project_dir).resolve()
     params_path = (root / params_file).resolve()

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from .errors import BvpoError
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 POINTER_FILE = "bvpo_model_ref.json"
@@ -37,7 +39,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class ModelError(ValueError):
+class ModelError(BvpoError, ValueError):
     """A model or tokenizer cannot be used (missing, or no thinking chat template)."""
 
 
@@ -229,10 +231,14 @@ def load_tokenizer(model_dir: str | Path):
     return tokenizer
 
 
-def load_model(model_dir: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"):
+# The project's precision names (params.yaml, metrics) and the torch dtypes they stand for.
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_model(model_dir: str | Path, precision: str = "fp32", device: str | torch.device = "cpu"):
     path = resolve_model_dir(model_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **hub_kwargs(path))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[precision], **hub_kwargs(path))
     except (OSError, ValueError) as err:
         raise _load_error(path, "a causal LM", err) from None
     return model.to(device)
@@ -263,14 +269,13 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_dtype(setting: str, device: str | torch.device) -> str:
-    """The weights dtype for inference (sampling, evaluation, analysis) and for the saved model:
-    `auto` is bfloat16 on a CUDA GPU with bf16 and float32 elsewhere (on a CPU bf16 inference
-    would change the embedded model's samples). Training always keeps fp32 master weights."""
+    """The weights precision (fp32, bf16, fp16) for inference (sampling, evaluation, analysis) and
+    for the saved model: `auto` is bf16 on a CUDA GPU with bf16 and fp32 elsewhere (on a CPU bf16
+    inference would change the embedded model's samples). Training always keeps fp32 masters."""
     if setting != "auto":
         return setting
     device = torch.device(device)
-    return "bfloat16" if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
-        else "float32"
+    return "bf16" if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def resolve_precision(setting: str, device: torch.device) -> str:
@@ -299,9 +304,9 @@ AttentionInterface.register(SDPA_FP32, _sdpa_fp32_attention)
 @contextlib.contextmanager
 def sdpa_in_fp32(model, enabled: bool = True):
     """Run an SDPA model's attention in fp32 inside a bf16 autocast region. On a CPU, bf16
-    speeds the linear layers up 2.2x, but the flash kernel's bf16 backward is 2.6x slower than
-    its fp32 one; with the attention kept in fp32 a warmup step takes 58 ms instead of 93
-    (fp32) or 77 (all bf16). Anything but SDPA is left as it is."""
+    speeds the linear layers up, but the flash kernel's bf16 backward is slower than its fp32
+    one, so this mix beats both all-fp32 and all-bf16 (docs/method.md has the timings).
+    Anything but SDPA is left as it is."""
     switch = enabled and getattr(model.config, "_attn_implementation", None) == "sdpa"
     if switch:
         model.set_attn_implementation(SDPA_FP32)

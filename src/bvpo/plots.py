@@ -73,8 +73,8 @@ def _read_csv(path: Path) -> list[dict[str, float]]:
 
 
 def training_curves(csv_dir: str | Path, out: str | Path,
-                    keys: tuple[str, ...] = ("loss", "trace/dpo", "empty/dpo", "trace/margin", "empty/margin",
-                                             "trace/nll", "empty/nll", "grad_norm", "alpha")) -> None:
+                    keys: tuple[str, ...] = ("loss", "think/dpo", "nothink/dpo", "think/margin", "nothink/margin",
+                                             "think/nll", "nothink/nll", "grad_norm", "alpha")) -> None:
     """One panel per metric, one line per method, from the train stage's per-method CSVs."""
     files = sorted(Path(csv_dir).glob("*.csv"))
     histories = {f.stem: _read_csv(f) for f in files}
@@ -105,11 +105,11 @@ def gradient_telemetry(csv_dir: str | Path, out: str | Path) -> None:
     histories = {f.stem: _read_csv(f) for f in sorted(Path(csv_dir).glob("*.csv"))}
     panels = [
         ("α used (line) and α* (dots)", ["alpha"], ["alpha_star"], False),
-        ("per-draw gradient variance", ["grad/var_trace", "grad/var_empty", "grad/var_mixed"], [], True),
-        ("Var(mixed) ÷ Var(trace) vs α² (dashed)", ["grad/var_ratio_mixed_to_trace"], [], False),
+        ("per-draw gradient variance", ["grad/var_think", "grad/var_nothink", "grad/var_mixed"], [], True),
+        ("Var(mixed) ÷ Var(trace) vs α² (dashed)", ["grad/var_ratio_mixed_to_think"], [], False),
         ("squared bias gap ‖ḡ_e − ḡ_t‖² (noise-corrected)", ["grad/bias_gap_sq"], [], True),
-        ("cos(g_t, g_e) of each step", ["grad/step_cos_trace_empty"], [], False),
-        ("‖g_t‖, ‖g_e‖ of each step", ["grad/step_norm_trace", "grad/step_norm_empty"], [], True),
+        ("cos(g_t, g_e) of each step", ["grad/step_cos_think_nothink"], [], False),
+        ("‖g_t‖, ‖g_e‖ of each step", ["grad/step_norm_think", "grad/step_norm_nothink"], [], True),
     ]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.2), dpi=110)
     for ax, (title, lines, dots, log) in zip(axes.flat, panels):
@@ -125,7 +125,7 @@ def gradient_telemetry(csv_dir: str | Path, out: str | Path) -> None:
                     ax.plot(*zip(*points), "o", markersize=3, label=f"{name} α*")
                 else:
                     ax.plot(*zip(*points), linewidth=1, label=label)
-            if key == "grad/var_ratio_mixed_to_trace":
+            if key == "grad/var_ratio_mixed_to_think":
                 squares = [(r["step"], r["alpha_sq"]) for r in history if "alpha_sq" in r]
                 if squares:
                     ax.plot(*zip(*squares), "--", linewidth=1, label=f"{name} α²")

@@ -22,7 +22,7 @@ AUTO_BATCH_CEILING = 256
 MEMORY_SHARE = 0.8
 # Where DVC looks for users' files: the prepare stage depends on data/inputs/, evaluate on data/benchmarks/.
 INPUT_FOLDERS = {"prompts": "data/inputs", "benchmarks": "data/benchmarks"}
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass
@@ -204,9 +204,9 @@ def _weight_bytes(path: str | None, root: Path, dtype: str) -> int:
         return 0
     import json
 
-    stored = "float32"
+    stored = 4
     config = folder / "config.json"
-    if config.is_file():
+    if config.is_file():  # config.json names the torch dtype
         raw = json.loads(config.read_text())
-        stored = str(raw.get("dtype") or raw.get("torch_dtype") or "float32")
-    return sum(f.stat().st_size for f in files) * DTYPE_BYTES[dtype] // DTYPE_BYTES.get(stored, 4)
+        stored = {"bfloat16": 2, "float16": 2}.get(str(raw.get("dtype") or raw.get("torch_dtype")), 4)
+    return sum(f.stat().st_size for f in files) * DTYPE_BYTES[dtype] // stored

@@ -55,7 +55,7 @@ _SINGLE_GPU_TRAIN = {
     "sample.k": (5, PAPER),
     "sample.batch_size": ("auto", "the largest batch whose KV cache fits the GPU (bvpo check shows it)"),
     "sample.shard_prompts": (32, budget("32 prompts x 5 samples per resumable shard")),
-    "model.dtype": ("bfloat16", BF16),
+    "model.dtype": ("bf16", BF16),
     "analyze.batch_size": (8, budget("8 long sequences per log-prob batch")),
     "evaluate.benchmarks": ({"math500": "data/benchmarks/math500.jsonl"}, MATH500),
 }
@@ -174,7 +174,7 @@ def write(name: str, model: str, out: Path, prompts: str | None = None, reward_m
           force: bool = False) -> Path:
     """Write the recipe's params.yaml to `out` (refusing to replace one unless `force`), checked
     by loading it back; nothing is left behind when it does not load."""
-    from .stages import atomic_path
+    from .paths import atomic_path
 
     if out.exists() and not force:
         raise ConfigError(f"{out} exists: pass --force to replace it (git keeps the old one if it is committed)")

@@ -119,13 +119,12 @@ class RewardModel:
     for one objective of several. `trust_remote_code` runs modeling code shipped in the
     model's directory (ArmoRM's custom class)."""
 
-    def __init__(self, path: str, device: str = "cpu", dtype: str = "float32", max_length: int = 4096,
+    def __init__(self, path: str, device: str = "cpu", precision: str = "fp32", max_length: int = 4096,
                  output: str = "logits", trust_remote_code: bool = False):
-        import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         from .config import REWARD_OUTPUT
-        from .modeling import ModelError, hub_kwargs
+        from .modeling import TORCH_DTYPES, ModelError, hub_kwargs
 
         spec = REWARD_OUTPUT.fullmatch(output)
         if spec is None:
@@ -152,7 +151,7 @@ class RewardModel:
                              f"{config.num_labels} and the output is {output!r}")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype),
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=TORCH_DTYPES[precision],
                                                                             **kwargs)
         except (OSError, ValueError) as err:
             raise ModelError(f"{path}: cannot load a sequence-classification reward model ({err})") from None

@@ -10,6 +10,7 @@ import hashlib
 import math
 from pathlib import Path
 
+from .errors import BvpoError
 from .experiment import interval
 
 # What identifies a trained model's weights; summaries with wall times would differ on a rerun.
@@ -19,7 +20,7 @@ MEAN_METRICS = {"accuracy_mean": ("accuracy_think", "accuracy_nothink"),
                 "reward_mean": ("reward_think", "reward_nothink")}
 
 
-class PromotionError(RuntimeError):
+class PromotionError(BvpoError, RuntimeError):
     """The evaluation needed for a promotion decision is missing or broken: nothing is promoted."""
 
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 from pathlib import Path
+
+from .errors import BvpoError
 
 TELEMETRY_OFF = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -56,7 +59,7 @@ def configure_environment(project_dir: str | Path = ".", params_file: str = "par
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-class ProjectBusy(RuntimeError):
+class ProjectBusy(BvpoError, RuntimeError):
     """Another pipeline or experiment run holds the project."""
 
 
@@ -106,3 +109,31 @@ def files_digest(folder: Path, limit_bytes: int = 1 << 30) -> str:
         else:
             h.update(f"{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def launch_command(module: str, module_args: list[str], num_processes: int, config_file: str | None = None,
+                   mixed_precision: str = "fp32", threads_per_process: int | None = None,
+                   ) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch` of `python -m <module>` on `num_processes` processes. On a CPU-only
+    machine several processes need --multi_gpu plus ACCELERATE_USE_CPU (gloo); `--cpu
+    --num_processes N` silently runs one. accelerate pins each process to ONE OpenMP thread
+    unless told otherwise, so on a CPU the cores are shared out explicitly."""
+    import torch
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    env = dict(os.environ)
+    on_cpu = not torch.cuda.is_available()
+    if config_file:
+        cmd += ["--config_file", config_file, "--num_processes", str(num_processes)]
+    elif num_processes > 1:
+        cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+                "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000)]
+    else:
+        cmd += ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
+    cmd += ["--mixed_precision", "no" if mixed_precision == "fp32" else mixed_precision]
+    if on_cpu:
+        threads = threads_per_process or max(1, (os.cpu_count() or 1) // num_processes)
+        cmd += ["--num_cpu_threads_per_process", str(threads)]
+        # --multi_gpu only spawns the processes; without this each would work alone.
+        env["ACCELERATE_USE_CPU"] = "true"
+    return cmd + ["-m", module, *module_args], env

@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from .config import Params
+from .errors import BvpoError
+from .modes import MODES
 from .sequences import Generated, parse_completion
 
-MODES = (("think", True), ("nothink", False))
 PROMPTS_FILE = "prompts.json"
 
 
-class SamplingError(RuntimeError):
+class SamplingError(BvpoError, RuntimeError):
     """Sampling cannot run as configured, or its shards do not add up. The message says why."""
 
 
@@ -55,7 +56,7 @@ class Shard:
 def plan(n_prompts: int, shard_prompts: int) -> list[Shard]:
     """Every mode's shards, thinking first: the order the merged samples keep."""
     return [Shard(mode, i, start, min(start + shard_prompts, n_prompts))
-            for mode, _ in MODES for i, start in enumerate(range(0, n_prompts, shard_prompts))]
+            for mode in MODES for i, start in enumerate(range(0, n_prompts, shard_prompts))]
 
 
 def shard_seed(seed: int, mode: str, index: int) -> int:
@@ -149,7 +150,8 @@ class VLLMSampler:
         self.sample = s
         # generation_config="vllm": vLLM's neutral defaults, not the model's (which would override
         # top_k/temperature the user set); the stop ids are passed explicitly instead.
-        self.llm = vllm.LLM(model=path, dtype=resolve_dtype(params.model.dtype, "cuda"), seed=params.sample_seed,
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[resolve_dtype(params.model.dtype, "cuda")]
+        self.llm = vllm.LLM(model=path, dtype=dtype, seed=params.sample_seed,
                             tensor_parallel_size=s.vllm_tensor_parallel_size,
                             gpu_memory_utilization=s.vllm_gpu_memory_utilization,
                             max_model_len=vllm_context_length(self.tokenizer, prompts, s.max_new_tokens),
@@ -271,11 +273,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .config import ConfigError
-    from .modeling import ModelError
-
     try:
         sys.exit(main())
-    except (SamplingError, ConfigError, ModelError) as err:
+    except BvpoError as err:
         print(f"bvpo sample: error: {err}", file=sys.stderr)
         sys.exit(2)

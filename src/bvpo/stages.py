@@ -1,83 +1,29 @@
 """The pipeline stages: params + input paths → output paths. DVC and Prefect both call these.
 
-Each stage writes its outputs under a temporary name and renames them at the end, so a failed
-stage leaves nothing that looks finished. Stages record child runs in MLflow (via `tracking`).
+Each stage reads and writes the files `paths.PATHS` names, atomically (`paths.atomic_path`), and
+records a child run in MLflow (via `tracking`). What a stage computes lives in the modules it
+calls (data, sampling, pairs, train, evaluation, diagnostics); a stage is the I/O around it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
-from typing import Iterator
 
 from . import tracking
 from .config import Params
+from .errors import BvpoError
+from .modes import MODES
+from .paths import PATHS, atomic_path, project_root, write_json
 
-# Where each stage reads and writes, relative to the project root; dvc.yaml uses the same.
-PATHS = {
-    "prompts": "data/prompts",
-    "base_model": "data/base_model",
-    "champion": "data/champion.json",
-    "policy": "data/policy",
-    "inbox": "data/incoming",
-    "samples": "data/samples",
-    "pairs": "data/pairs",
-    "models": "data/models",
-    "eval": "metrics/eval.json",
-    "eval_plot": "metrics/eval.png",
-    "eval_prompts": "data/eval_prompts.json",
-    "diagnostics": "metrics/diagnostics.json",
-    "train_plots": "metrics/train",
-    "checkpoints": "data/checkpoints",
-    "cache": "data/cache",
-    "experiment": "metrics/experiment.json",
-    "experiment_plot": "metrics/experiment.png",
-    "experiment_table": "metrics/experiment.md",
-}
 STAGES = ("prepare", "warmup", "policy", "sample", "pairs", "train", "evaluate", "analyze")
 
 
-class StageError(RuntimeError):
+class StageError(BvpoError, RuntimeError):
     """A stage cannot run on its inputs. The message names what is wrong."""
-
-
-@contextlib.contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success it replaces `final`, on failure it vanishes."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        elif final.exists() or final.is_symlink():
-            final.unlink()
-        os.replace(tmp, final)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _project(p: Path | str | None) -> Path:
-    return Path(p or ".").resolve()
-
-
-def _mode_name(thinking: bool) -> str:
-    return "think" if thinking else "nothink"
 
 
 # --------------------------------------------------------------------------------- prepare
@@ -87,7 +33,7 @@ def prepare(params: Params, project_dir: Path | str = ".") -> Path:
 
     from .data import read_prompts_file, synthetic_prompts, with_system_prompt
 
-    root = _project(project_dir)
+    root = project_root(project_dir)
     d = params.data
     if d.source == "synthetic":
         prompts = synthetic_prompts(d.n_train, d.n_test, d.min_ops, d.max_ops, params.seed,
@@ -134,7 +80,7 @@ def warmup(params: Params, project_dir: Path | str = ".") -> Path:
     from .modeling import load_tokenizer, resolve_precision, save_model, write_model_pointer
     from .warmup import sft_tiny_model
 
-    root = _project(project_dir)
+    root = project_root(project_dir)
     out = root / PATHS["base_model"]
     if params.model.path is not None:
         local = root / params.model.path
@@ -150,7 +96,7 @@ def warmup(params: Params, project_dir: Path | str = ".") -> Path:
         with atomic_path(out) as tmp:
             save_model(model, tokenizer, tmp)
             precision = resolve_precision(params.warmup.mixed_precision, next(model.parameters()).device)
-            _write_json(tmp / "warmup_summary.json", {"seconds": seconds, "final_loss": history[-1]["loss"],
+            write_json(tmp / "warmup_summary.json", {"seconds": seconds, "final_loss": history[-1]["loss"],
                                                       "steps": len(history), "mixed_precision": precision})
         tracking.log_history(history)
         tracking.log_metrics({"seconds": seconds, "n_parameters": sum(p.numel() for p in model.parameters())})
@@ -183,7 +129,7 @@ def policy(params: Params, project_dir: Path | str = ".") -> Path:
     that data/champion.json names, fetched from the MLflow registry."""
     from .modeling import load_tokenizer
 
-    root = _project(project_dir)
+    root = project_root(project_dir)
     pointer = read_champion_pointer(root)
     out = root / PATHS["policy"]
     with atomic_path(out) as tmp:
@@ -228,9 +174,9 @@ def sample(params: Params, project_dir: Path | str = ".", params_file: str | Pat
 
     from . import sampling
     from .modeling import pick_device
-    from .runtime import files_digest
+    from .runtime import files_digest, launch_command
 
-    root = _project(project_dir)
+    root = project_root(project_dir)
     s = params.sample
     policy_dir = root / PATHS["policy"]
     prompts, answers, inbox_stats = _training_prompts(root, params.data.system_prompt)
@@ -246,7 +192,7 @@ def sample(params: Params, project_dir: Path | str = ".", params_file: str | Pat
         try:
             if s.num_processes > 1:
                 shard_dir.mkdir(parents=True, exist_ok=True)
-                _write_json(shard_dir / sampling.PROMPTS_FILE, {"prompts": prompts, "answers": answers})
+                write_json(shard_dir / sampling.PROMPTS_FILE, {"prompts": prompts, "answers": answers})
                 params_path = Path(params_file) if Path(params_file).is_absolute() else root / params_file
                 cmd, env = launch_command("bvpo.sampling", ["--params", str(params_path),
                                                             "--policy", str(policy_dir), "--shard-dir", str(shard_dir)],
@@ -270,7 +216,7 @@ def sample(params: Params, project_dir: Path | str = ".", params_file: str | Pat
             shutil.rmtree(stale, ignore_errors=True)
         metrics = {"seconds": seconds, "samples_per_s": len(rows) / seconds, "n_prompts": len(prompts),
                    "shards": n_shards, "shards_reused": reused, **inbox_stats}
-        for mode in ("think", "nothink"):
+        for mode in MODES:
             mine = [r for r in rows if r["mode"] == mode]
             metrics[f"{mode}/valid_rate"] = sum(r["valid"] for r in mine) / len(mine)
             metrics[f"{mode}/mean_tokens"] = sum(r["n_tokens"] for r in mine) / len(mine)
@@ -308,7 +254,7 @@ def pairs(params: Params, project_dir: Path | str = ".") -> Path:
 
     from .pairs import build_pairs
 
-    root = _project(project_dir)
+    root = project_root(project_dir)
     samples = _load_samples(root)
     if params.pairs.reward != "model" and not any(r["answer"] for r in samples):
         raise StageError(f"pairs.reward={params.pairs.reward} needs an 'answer' column in the prompts; "
@@ -316,7 +262,7 @@ def pairs(params: Params, project_dir: Path | str = ".") -> Path:
     score_samples(samples, params)
     built = build_pairs(samples, params.pairs.max_pairs_per_prompt)
     stats = {}
-    for mode in ("think", "nothink"):
+    for mode in MODES:
         mine = [r for r in samples if r["mode"] == mode]
         stats[f"{mode}/n_pairs"] = len(built[mode])
         stats[f"{mode}/sample_accuracy"] = sum(r["correct"] for r in mine) / max(len(mine), 1)
@@ -331,58 +277,21 @@ def pairs(params: Params, project_dir: Path | str = ".") -> Path:
                 dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in columns})
                 # An empty dataset saved with the default 0 shards cannot be loaded back.
                 dataset.save_to_disk(str(tmp / mode), num_shards=None if rows else 1)
-            _write_json(tmp / "stats.json", stats)
+            write_json(tmp / "stats.json", stats)
         tracking.log_metrics(stats)
     return out
 
 
 # --------------------------------------------------------------------------------- train
-def launch_command(module: str, module_args: list[str], num_processes: int, config_file: str | None = None,
-                   mixed_precision: str = "fp32", threads_per_process: int | None = None,
-                   ) -> tuple[list[str], dict[str, str]]:
-    """`accelerate launch` of `python -m <module>` on `num_processes` processes. On a CPU-only
-    machine several processes need --multi_gpu plus ACCELERATE_USE_CPU (gloo); `--cpu
-    --num_processes N` silently runs one. accelerate pins each process to ONE OpenMP thread
-    unless told otherwise, so on a CPU the cores are shared out explicitly."""
-    import torch
-
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    env = dict(os.environ)
-    on_cpu = not torch.cuda.is_available()
-    if config_file:
-        cmd += ["--config_file", config_file, "--num_processes", str(num_processes)]
-    elif num_processes > 1:
-        cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-                "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000)]
-    else:
-        cmd += ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
-    cmd += ["--mixed_precision", "no" if mixed_precision == "fp32" else mixed_precision]
-    if on_cpu:
-        threads = threads_per_process or max(1, (os.cpu_count() or 1) // num_processes)
-        cmd += ["--num_cpu_threads_per_process", str(threads)]
-        # --multi_gpu only spawns the processes; without this each would work alone.
-        env["ACCELERATE_USE_CPU"] = "true"
-    return cmd + ["-m", module, *module_args], env
-
-
-def accelerate_command(params: Params, module_args: list[str],
-                       threads_per_process: int | None = None) -> tuple[list[str], dict[str, str]]:
-    """The train stage's launch: `train.num_processes`, `train.accelerate_config`, `train.mixed_precision`."""
-    from .modeling import pick_device, resolve_precision
-
-    t = params.train
-    return launch_command("bvpo.train", module_args, t.num_processes, t.accelerate_config,
-                          resolve_precision(t.mixed_precision, pick_device()), threads_per_process)
-
-
 def train(params: Params, project_dir: Path | str = ".", params_file: str | Path = "params.yaml") -> Path:
     """Every method in `train.methods`, in one `accelerate launch` subprocess.
 
     Checkpoints and finished methods go to data/checkpoints/ (not a DVC output), so a rerun
     after a crash resumes there; only a complete run is moved into data/models at the end."""
     from .plots import gradient_telemetry, training_curves
+    from .train import accelerate_command
 
-    root = _project(project_dir)
+    root = project_root(project_dir)
     pairs_dir = root / PATHS["pairs"]
     if not pairs_dir.is_dir():
         raise StageError(f"{pairs_dir}: no pairs (run the pairs stage first)")
@@ -413,139 +322,6 @@ def train(params: Params, project_dir: Path | str = ".", params_file: str | Path
 
 
 # --------------------------------------------------------------------------------- evaluate
-def _accuracy(generated: list, answers: list[str], thinking: bool) -> tuple[list[float], int]:
-    """Per prompt, the share of its completions (generated prompt-major: all prompts, then all
-    again) with a verified answer (invalid ones count as wrong); and the number invalid."""
-    from .rewards import verified_reward
-    from .sequences import parse_completion
-
-    correct, invalid = [0.0] * len(answers), 0
-    repeats = len(generated) // len(answers)
-    for i, g in enumerate(generated):
-        parsed = parse_completion(g.text, thinking)
-        if g.truncated or parsed.malformed:
-            invalid += 1
-            continue
-        correct[i % len(answers)] += verified_reward(parsed.answer, answers[i % len(answers)]) / repeats
-    return correct, invalid
-
-
-def _score_prompts(model, tokenizer, prompts: list[str], answers: list[str], params: Params,
-                   label: str) -> tuple[dict, dict]:
-    """Greedy (and, with evaluate.n_samples, sampled) accuracy in both modes: the summary entry
-    and the per-prompt scores."""
-    import torch
-
-    from .sequences import generate
-
-    e = params.evaluate
-    entry, scores = {}, {}
-    for thinking in (True, False):
-        mode = _mode_name(thinking)
-        generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens, e.batch_size, greedy=True,
-                             desc=f"evaluate {label} ({mode})")
-        scores[f"accuracy_{mode}"], invalid = _accuracy(generated, answers, thinking)
-        entry[f"mean_length_{mode}"] = sum(g.n_tokens for g in generated) / len(generated)
-        entry[f"invalid_rate_{mode}"] = invalid / len(generated)
-        if e.n_samples:
-            # The same RNG stream for every model, so models differ by their weights only.
-            torch.manual_seed(params.seed + (0 if thinking else 1))
-            sampled = generate(model, tokenizer, prompts * e.n_samples, thinking, e.max_new_tokens, e.batch_size,
-                               temperature=e.temperature, desc=f"evaluate {label} ({mode}, {e.n_samples} samples)")
-            scores[f"accuracy_{mode}_sampled"], _ = _accuracy(sampled, answers, thinking)
-    for key, values in scores.items():
-        entry[key] = sum(values) / len(values)
-    entry["accuracy_mean"] = (entry["accuracy_think"] + entry["accuracy_nothink"]) / 2
-    if e.n_samples:
-        entry["accuracy_mean_sampled"] = (entry["accuracy_think_sampled"] + entry["accuracy_nothink_sampled"]) / 2
-    entry["n_prompts"] = len(prompts)
-    return entry, scores
-
-
-def _final_answers(model, tokenizer, prompts: list, params: Params, label: str) -> tuple[dict[str, list], dict]:
-    """Greedy final answers (trace removed) in both modes, None where the completion is invalid;
-    and their mean length and invalid rate per mode."""
-    from .sequences import generate, parse_completion
-
-    e, out, stats = params.evaluate, {}, {}
-    for thinking in (True, False):
-        mode = _mode_name(thinking)
-        generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens, e.batch_size, greedy=True,
-                             desc=f"answers {label} ({mode})")
-        parsed = [parse_completion(g.text, thinking) for g in generated]
-        out[mode] = [None if g.truncated or p.malformed else p.answer for g, p in zip(generated, parsed)]
-        stats[f"mean_length_{mode}"] = sum(g.n_tokens for g in generated) / len(generated)
-        stats[f"invalid_rate_{mode}"] = sum(a is None for a in out[mode]) / len(generated)
-    return out, stats
-
-
-def judge_answers(answers: dict[str, dict[str, list]], prompts: list, judge: str,
-                  params: Params) -> dict[tuple[str, str], list]:
-    """The reward model's score of every (model, mode) answer to every prompt; None where the
-    answer is invalid (never shown to the judge)."""
-    from .modeling import pick_device
-    from .rewards import reward_model
-
-    model = reward_model(judge, params, str(pick_device()))
-    scores = {}
-    for name, by_mode in answers.items():
-        for mode, texts in by_mode.items():
-            valid = [i for i, t in enumerate(texts) if t is not None]
-            judged = model.score([prompts[i] for i in valid], [texts[i] for i in valid], params.pairs.reward_batch_size)
-            column = [None] * len(texts)
-            for i, value in zip(valid, judged):
-                column[i] = value
-            scores[(name, mode)] = column
-    return scores
-
-
-def win_rates(scores: dict[tuple[str, str], list], models: list[str], prefix: str = "") -> dict[str, dict[str, float]]:
-    """Each model's reward-model win rate against `base` per mode: the share of prompts where the
-    judge scores its answer above base's (ties half; an invalid answer loses to a valid one)."""
-
-    def beats(a: float | None, b: float | None) -> float:
-        if a is None or b is None:
-            return 0.5 if a is None and b is None else float(b is None)
-        return 1.0 if a > b else 0.5 if a == b else 0.0
-
-    return {name: {f"{prefix}win_rate_{mode}": sum(beats(a, b) for a, b in zip(scores[(name, mode)], scores[("base", mode)]))
-                   / len(scores[("base", mode)]) for mode in ("think", "nothink")}
-            for name in models if name != "base"}
-
-
-def reward_scores(scores: dict[tuple[str, str], list], models: list[str]) -> dict[str, dict[str, list[float]]]:
-    """Per-prompt reward of each model's greedy answers, an invalid answer scored as the worst
-    answer the judge saw in this evaluation (so a model cannot gain by writing nothing)."""
-    seen = [v for column in scores.values() for v in column if v is not None]
-    floor = min(seen, default=0.0)
-    return {name: {f"reward_{mode}": [floor if v is None else v for v in scores[(name, mode)]]
-                   for mode in ("think", "nothink")} for name in models}
-
-
-def with_instruction(prompt, instruction: str | None):
-    """A benchmark prompt with the answer instruction appended to its (last) user turn."""
-    if instruction is None:
-        return prompt
-    if isinstance(prompt, str):
-        return f"{prompt}\n\n{instruction}"
-    return [*prompt[:-1], {**prompt[-1], "content": f"{prompt[-1]['content']}\n\n{instruction}"}]
-
-
-def _benchmarks(root: Path, params: Params) -> dict[str, tuple[list, list[str]]]:
-    """Each benchmark's prompts (system prompt and answer instruction applied) and answers."""
-    from .data import read_prompts_file, with_system_prompt
-
-    out = {}
-    for bench, path in params.evaluate.benchmarks.items():
-        rows = read_prompts_file(root / path, prompt_columns=("prompt", "problem", "question", "messages"))
-        if "answer" not in rows.column_names:
-            raise StageError(f"evaluate.benchmarks.{bench}: {root / path} has no 'answer' column to check against")
-        prompts = [with_system_prompt(with_instruction(p, params.evaluate.answer_instruction),
-                                      params.data.system_prompt) for p in rows["prompt"]]
-        out[bench] = (prompts, list(rows["answer"]))
-    return out
-
-
 def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
     """Held-out prompts, thinking on and off, for the round's starting policy (`base`: the base
     model, or the champion it started from) and every method. With answers: accuracy, greedy
@@ -555,10 +331,11 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
     comparisons (the promotion gate). Each file in `evaluate.benchmarks` is scored for accuracy
     too, as `<name>/accuracy_*` keys, averaged over the benchmarks as `benchmarks/accuracy_*`."""
     from .data import read_prompts_file, with_system_prompt
+    from .evaluation import benchmark_sets, final_answers, judge_answers, reward_scores, score_prompts, win_rates
     from .modeling import load_model, load_tokenizer, pick_device, resolve_dtype
     from .plots import eval_bar_chart
 
-    root = _project(project_dir)
+    root = project_root(project_dir)
     test = _load_prompts(root)["test"]
     e = params.evaluate
     judge_path = e.win_rate_reward_model or params.pairs.reward_model
@@ -568,7 +345,7 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
                          "the answers: set pairs.reward_model (or evaluate.win_rate_reward_model)")
     if e.n_prompts is not None:
         test = test.select(range(min(e.n_prompts, len(test))))
-    benchmarks = _benchmarks(root, params)
+    benchmarks = benchmark_sets(root, params)
     candidates = {"base": root / PATHS["policy"]}
     for name in params.train.methods:
         path = root / PATHS["models"] / name
@@ -590,20 +367,20 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
             tokenizer = load_tokenizer(path)
             model = load_model(path, resolve_dtype(params.model.dtype, device), device)
             if has_answers:
-                entry, per_prompt[name] = _score_prompts(model, tokenizer, prompts, answers, params, name)
+                entry, per_prompt[name] = score_prompts(model, tokenizer, prompts, answers, params, name)
             else:
-                held_out_answers[name], entry = _final_answers(model, tokenizer, prompts, params, name)
+                held_out_answers[name], entry = final_answers(model, tokenizer, prompts, params, name)
                 entry["n_prompts"] = len(prompts)
             per_bench = {}
             for bench, (bench_prompts, bench_answers) in benchmarks.items():
-                per_bench[bench], _ = _score_prompts(model, tokenizer, bench_prompts, bench_answers, params,
+                per_bench[bench], _ = score_prompts(model, tokenizer, bench_prompts, bench_answers, params,
                                                      f"{name} on {bench}")
                 entry.update({f"{bench}/{k}": v for k, v in per_bench[bench].items() if k.startswith("accuracy")})
             for key in (per_bench[next(iter(per_bench))] if per_bench else {}):
                 if key.startswith("accuracy"):
                     entry[f"benchmarks/{key}"] = sum(b[key] for b in per_bench.values()) / len(per_bench)
             if win_prompts:
-                win_answers[name], _ = _final_answers(model, tokenizer, win_prompts, params, name)
+                win_answers[name], _ = final_answers(model, tokenizer, win_prompts, params, name)
             results[name] = entry
             del model
         if not has_answers:
@@ -623,7 +400,7 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
             tracking.log_metrics({f"{name}/{k}": v for k, v in entry.items()})
         out = root / PATHS["eval"]
         with atomic_path(out) as tmp:
-            _write_json(tmp, results)
+            write_json(tmp, results)
         with atomic_path(root / PATHS["eval_prompts"]) as tmp:
             tmp.write_text(json.dumps({"prompts": prompts, "scores": per_prompt}) + "\n")
         with atomic_path(root / PATHS["eval_plot"]) as tmp:
@@ -640,7 +417,7 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
     from .modeling import THINK_CLOSE, load_model, load_tokenizer, pick_device, resolve_dtype
     from .sequences import collate, encode, fits, token_logps
 
-    root = _project(project_dir)
+    root = project_root(project_dir)
     samples = _load_samples(root)
     tokenizer = load_tokenizer(root / PATHS["policy"])
     device = pick_device()
@@ -649,7 +426,7 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
     encoded = [encode(tokenizer, r["prompt"], r["completion"], r["mode"] == "think") for r in samples]
     # A completion is only scored with its whole prompt; samples past their mode's limit are left out.
     kept = [i for i, e in enumerate(encoded) if fits(e, params.model.max_length_for(samples[i]["mode"] == "think"))]
-    skipped = dict.fromkeys(("think", "nothink"), 0)
+    skipped = dict.fromkeys(MODES, 0)
     for i in set(range(len(samples))) - set(kept):
         skipped[samples[i]["mode"]] += 1
     samples, encoded = [samples[i] for i in kept], [encoded[i] for i in kept]
@@ -673,7 +450,7 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
     out = root / PATHS["diagnostics"]
     with tracking.stage_run(root, params.tracking.experiment, "analyze"):
         with atomic_path(out) as tmp:
-            _write_json(tmp, result)
+            write_json(tmp, result)
         tracking.log_metrics({f"{group}/{k}": v for group, stats in result.items() for k, v in stats.items()})
         tracking.log_metrics({f"{mode}/skipped_too_long": n for mode, n in skipped.items()})
         tracking.log_artifact(out)

@@ -16,6 +16,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import BvpoError
+
 PARENT_ENV = "BVPO_PARENT_RUN_ID"
 FLOW_RUN_ENV = "BVPO_PREFECT_FLOW_RUN_ID"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -223,7 +225,7 @@ def log_and_register_model(model_dir: str | Path, registered_model: str, tags: d
 CHAMPION_ALIAS = "champion"
 
 
-class RegistryError(LookupError):
+class RegistryError(BvpoError, LookupError):
     """A registered model or version the project asks for is not in its MLflow store."""
 
 

@@ -1,4 +1,4 @@
-"""The BVPO training recipe, run under `accelerate launch` (1 CPU, 2 gloo processes or N GPUs).
+"""The BVPO training loss, run under `accelerate launch` (1 CPU, 2 gloo processes or N GPUs).
 
 Reads top to bottom: pair setup (encoding, reference log-probs) shared by every method, then
 for each method `setup` (its own Accelerator, model, optimizer, resume), `train_loop`,
@@ -35,24 +35,25 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .alpha import alpha_from_statistics, gradient_statistics, step_statistics
-from .config import ConfigError, Params, TrainConfig, load_params
+from .alpha import AlphaState, gradient_statistics, update_alpha
+from .config import Params, TrainConfig, load_params
+from .errors import BvpoError
 from .gradients import GradientVector, mixed_variance
 from .losses import bvpo_loss, estimator_loss
-from .modeling import SDPA_FP32, load_model, load_tokenizer, resolve_dtype, resolve_model_dir, sdpa_in_fp32
+from .modeling import TORCH_DTYPES, load_model, load_tokenizer, resolve_dtype, sdpa_in_fp32
+from .modes import MODES
+from .reference import cache_file, cpu_bf16, load_reference_model, model_digest, precomputed_reference
 from .runtime import files_digest
 from .sequences import Encoded, fits, score_pairs
 from .sequences import encode as encode_sequence
 from .warmup import cosine_schedule
 
-MODES = ("think", "nothink")
-PREFIX = {"think": "trace", "nothink": "empty"}
+# The estimators as error messages name them (metrics and files say think / nothink: bvpo.modes).
+ESTIMATOR = {"think": "trace", "nothink": "empty-trace"}
 KILL_ENV = "BVPO_KILL_AFTER_CHECKPOINT"  # tests: "METHOD:STEP" dies (SIGKILL) right after that checkpoint
-# The code that turns pairs into scored log-probs: a change to it invalidates cached references.
-SCORING_MODULES = ("sequences.py", "modeling.py", "losses.py")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(BvpoError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss). The message says what happened."""
 
 
@@ -92,109 +93,6 @@ def encode_pairs(tokenizer, rows: list[dict], thinking: bool, max_length: int) -
     return chosen, rejected, skipped
 
 
-def model_digest(model_dir: str | Path) -> str:
-    resolved = resolve_model_dir(model_dir)
-    return files_digest(Path(resolved)) if Path(resolved).is_dir() else hashlib.sha256(resolved.encode()).hexdigest()[:16]
-
-
-def scoring_code_digest(package_dir: Path = Path(__file__).parent) -> str:
-    """Hash of the modules that encode and score sequences, and of the library versions under
-    them: cached reference log-probs are only valid for the code that computed them."""
-    import transformers
-
-    h = hashlib.sha256(f"{torch.__version__}-{transformers.__version__}".encode())
-    for name in SCORING_MODULES:
-        h.update((package_dir / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-@torch.no_grad()
-def reference_logps(model, chosen: list[Encoded], rejected: list[Encoded], pad_id: int, batch_size: int = 32,
-                    autocast=contextlib.nullcontext, shared_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs of every pair under the frozen reference, scored the way the
-    policy's are (same pairing, same autocast), so that the log-ratio is 0 at step 0."""
-    model.eval()
-    out = torch.empty(2, len(chosen))
-    order = sorted(range(len(chosen)), key=lambda i: len(chosen[i].input_ids) + len(rejected[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        with autocast():
-            logps, _ = score_pairs(model, [chosen[i] for i in idx], [rejected[i] for i in idx], pad_id, shared_prompt)
-        out[:, idx] = logps.float().cpu().view(2, len(idx))
-    return out[0], out[1]
-
-
-def reference_param_dtype(accelerator) -> torch.dtype | None:
-    """The dtype FSDP computes the policy's parameters in, or None where they are used as they are.
-    FSDP's mixed precision casts every parameter to bf16/fp16 for the forward pass (its
-    MixedPrecisionPolicy.param_dtype; buffers such as the rotary frequencies stay fp32), so the
-    embeddings and the whole residual stream are low-precision; under DDP autocast casts only
-    matmul inputs. A reference scored the DDP way read 0.51 / 0.15 nats from the FSDP policy at
-    step 0 on 4k-token pairs (H200); with its parameters cast the same way the two agree.
-    A policy given in the accelerate config wins over `mixed_precision` (accelerate keeps a
-    user's policy and fills one in only where there is none), so it is read first."""
-    if accelerator.distributed_type.name != "FSDP":
-        return None
-    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
-    policy = getattr(plugin, "mixed_precision_policy", None)
-    if policy is not None:
-        return policy.param_dtype
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
-
-
-def cpu_bf16(accelerator) -> bool:
-    """bf16 autocast on a CPU: the policy and the reference then both run SDPA's attention in
-    fp32 (`modeling.sdpa_in_fp32`), so their numerics still match and a step is 1.5x faster
-    than in fp32 on the default 2-core machine."""
-    return accelerator.device.type == "cpu" and str(accelerator.mixed_precision) == "bf16"
-
-
-def load_reference_model(base_dir: str, accelerator):
-    """The frozen reference, with the same parameter numerics as the policy's forward pass: fp32
-    weights (the policy's master weights) under the same autocast, or FSDP's parameter cast."""
-    model = load_model(base_dir, "float32", accelerator.device).eval().requires_grad_(False)
-    compute = reference_param_dtype(accelerator)
-    if compute is not None:
-        for parameter in model.parameters():
-            parameter.data = parameter.data.to(compute)
-    if cpu_bf16(accelerator) and model.config._attn_implementation == "sdpa":
-        model.set_attn_implementation(SDPA_FP32)  # scoring only, never saved
-    return model
-
-
-def precomputed_reference(cache_file: Path, load_reference, data: dict[str, tuple], pad_id: int, accelerator,
-                          shared_prompt: bool = True):
-    """Reference log-probs for every pair, computed once and cached on disk. Every process
-    scores its share of the pairs (every N-th of each mode) and the main process writes the
-    merged cache, so N GPUs precompute N times faster than one."""
-    from accelerate.utils import broadcast_object_list, gather_object
-
-    # One decision for all processes: the main process's view of the cache.
-    missing = broadcast_object_list([accelerator.is_main_process and not cache_file.is_file()])[0]
-    if missing:
-        reference = load_reference()
-        rank, world = accelerator.process_index, accelerator.num_processes
-        computed = {}
-        for mode, (chosen, rejected) in data.items():
-            mine = list(range(rank, len(chosen), world))
-            c, r = reference_logps(reference, [chosen[i] for i in mine], [rejected[i] for i in mine], pad_id,
-                                   autocast=accelerator.autocast, shared_prompt=shared_prompt)
-            merged = torch.empty(2, len(chosen))
-            for indices, chosen_logps, rejected_logps in gather_object([(mine, c, r)]):
-                merged[0, indices], merged[1, indices] = chosen_logps, rejected_logps
-            computed[mode] = (merged[0], merged[1])
-            print(f"reference log-probs ({mode}): process {rank} of {world} scored {len(mine)} of "
-                  f"{len(chosen)} pairs", flush=True)
-        del reference
-        if accelerator.is_main_process:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            torch.save(computed, tmp)
-            os.replace(tmp, cache_file)
-    accelerator.wait_for_everyone()
-    return torch.load(cache_file)
-
-
 def step_indices(n: int, step: int, batch: int, seed: int, stream: str) -> list[int]:
     """The `batch` dataset indices used at optimizer step `step`: epochs of seeded permutations."""
     out = []
@@ -216,8 +114,9 @@ def rank_part(indices: list[int], rank: int, world: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------- losses
-class Recipe:
-    """What every pass of one method needs: the data, the loss settings, the reference."""
+class PairLoss:
+    """One method's loss on pairs: its data, loss settings and reference, and the passes that
+    run it (an estimator's forward/backward over a step's pairs, gradient draws for α*)."""
 
     def __init__(self, params: Params, data: dict[str, PairSet], pad_id: int, reference=None,
                  preference_weight: float = 1.0):
@@ -226,7 +125,7 @@ class Recipe:
         self.data = data
         self.pad_id = pad_id
         self.reference = reference  # only for train.reference = live
-        self.betas = {"think": self.t.beta, "nothink": self.t.beta_empty or self.t.beta}
+        self.betas = {"think": self.t.beta, "nothink": self.t.beta_nothink or self.t.beta}
         self.preference_weight = preference_weight
 
     def loss(self, model, mode: str, chunk: list[int], autocast=contextlib.nullcontext):
@@ -244,7 +143,7 @@ class Recipe:
                                 self.t.loss_type, self.betas[mode], self.t.label_smoothing, self.t.nll_weight,
                                 self.preference_weight)
         if not torch.isfinite(result.loss):
-            raise TrainingError(f"non-finite {PREFIX[mode]} loss ({result.loss.item()}); the last good "
+            raise TrainingError(f"non-finite {ESTIMATOR[mode]} loss ({result.loss.item()}); the last good "
                                 "checkpoint is kept. Lower train.lr or train.beta, then rerun the stage")
         return result, n_tokens, (logps.detach().float() - ref.float()).abs()
 
@@ -297,7 +196,7 @@ class Recipe:
         size = min(self.t.alpha_draw_size, n)
         size -= size % accelerator.num_processes
         if size < accelerator.num_processes:
-            raise TrainingError(f"{PREFIX[mode]} pairs: {n} are too few for a gradient draw on "
+            raise TrainingError(f"{ESTIMATOR[mode]} pairs: {n} are too few for a gradient draw on "
                                 f"{accelerator.num_processes} processes; sample more pairs or set train.telemetry: "
                                 "false and use a fixed alpha")
         rng = random.Random(f"{self.seed}-draws-{mode}-{step}")
@@ -317,38 +216,6 @@ def loss_scale(accelerator) -> float:
     unscales it; gradient statistics divide it out (1.0 without a scaler: bf16, fp32)."""
     scaler = getattr(accelerator, "scaler", None)
     return float(scaler.get_scale()) if scaler is not None else 1.0
-
-
-# ----------------------------------------------------------------------------------- α
-@dataclass
-class AlphaState:
-    """The method's mixing weight: fixed, or `auto` (re-estimated from gradient draws)."""
-
-    alpha: float
-    auto: bool
-    estimated: bool = False
-
-
-def update_alpha(state: AlphaState, statistics: dict[str, float], config: TrainConfig) -> tuple[AlphaState, dict]:
-    """α* from one estimate's draw statistics (`gradient_statistics` plus the pairs per draw of
-    each estimator, `trace_draw_size` and `empty_draw_size`), and the method's new α state.
-
-    α* is the optimum for the step's batch (`config.batch_size` pairs of each estimator), not
-    for a draw: the draws' variances are rescaled by draw size / batch size after the bias gap
-    was noise-corrected (`alpha.step_statistics`). An `auto` method takes the first estimate as
-    is, then smooths (α ← ema·α + (1−ema)·α*) and clips to [alpha_min, alpha_max]; a fixed
-    method keeps its α and only reports α*. Returns (state, values to log)."""
-    step = step_statistics(statistics, int(statistics["trace_draw_size"]), int(statistics["empty_draw_size"]),
-                           config.batch_size)
-    alpha_star = alpha_from_statistics(step["var_trace"], step["var_empty"], step["bias_gap_sq"])
-    logged = {"alpha_star": alpha_star,
-              "alpha_star_draw": alpha_from_statistics(statistics["var_trace"], statistics["var_empty"],
-                                                       statistics["bias_gap_sq"]),
-              "grad/var_trace_step": step["var_trace"], "grad/var_empty_step": step["var_empty"]}
-    if not state.auto:
-        return state, logged
-    smoothed = alpha_star if not state.estimated else config.alpha_ema * state.alpha + (1 - config.alpha_ema) * alpha_star
-    return AlphaState(min(max(smoothed, config.alpha_min), config.alpha_max), auto=True, estimated=True), logged
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -430,7 +297,7 @@ def setup(name: str, alpha_setting: float | str, params: Params, base_dir: str, 
     torch.manual_seed(seed)
     # fp32 master weights whatever model.dtype says: bf16/fp16 are the autocast's compute dtype
     # (train.mixed_precision), and AdamW's small updates are not lost to bf16 rounding.
-    model = load_model(base_dir, "float32")
+    model = load_model(base_dir, "fp32")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     # Not prepared: accelerate's scheduler wrapper steps once per process per call.
@@ -455,7 +322,7 @@ def setup(name: str, alpha_setting: float | str, params: Params, base_dir: str, 
     return state
 
 
-def train_loop(state: TrainState, recipe: Recipe, t: TrainConfig, method_dir: Path, logger: MetricLogger) -> None:
+def train_loop(state: TrainState, pair_loss: PairLoss, t: TrainConfig, method_dir: Path, logger: MetricLogger) -> None:
     accelerator, model, optimizer = state.accelerator, state.model, state.optimizer
     world, rank = accelerator.num_processes, accelerator.process_index
     per_process = t.batch_size // world
@@ -466,20 +333,20 @@ def train_loop(state: TrainState, recipe: Recipe, t: TrainConfig, method_dir: Pa
     for step in bar:
         row: dict[str, float] = {"step": step}
         if (state.alpha.auto or t.telemetry) and step % t.alpha_every == 0:
-            trace, trace_size = recipe.gradient_draws(model, "think", step, state.grad_vector, accelerator)
-            empty, empty_size = recipe.gradient_draws(model, "nothink", step, state.grad_vector, accelerator)
+            trace, trace_size = pair_loss.gradient_draws(model, "think", step, state.grad_vector, accelerator)
+            empty, empty_size = pair_loss.gradient_draws(model, "nothink", step, state.grad_vector, accelerator)
         if (state.alpha.auto or t.telemetry) and step % t.alpha_every == 0 and not (
                 torch.isfinite(trace).all() and torch.isfinite(empty).all()):
             row["grad/estimate_skipped"] = 1.0  # an fp16 draw overflowed: α keeps its value until the next one
         elif (state.alpha.auto or t.telemetry) and step % t.alpha_every == 0:
             stats = gradient_statistics(trace, empty)
             state.alpha, logged = update_alpha(
-                state.alpha, {**stats, "trace_draw_size": trace_size, "empty_draw_size": empty_size}, t)
+                state.alpha, {**stats, "think_draw_size": trace_size, "nothink_draw_size": empty_size}, t)
             var_mixed = mixed_variance(trace, empty, state.alpha.alpha)
             row.update({f"grad/{k}": v for k, v in stats.items()})
             row.update(logged)
             row["grad/var_mixed"] = var_mixed
-            row["grad/var_ratio_mixed_to_trace"] = var_mixed / max(stats["var_trace"], 1e-30)
+            row["grad/var_ratio_mixed_to_think"] = var_mixed / max(stats["var_think"], 1e-30)
             row["alpha_sq"] = state.alpha.alpha ** 2
         alpha = state.alpha.alpha
 
@@ -487,17 +354,17 @@ def train_loop(state: TrainState, recipe: Recipe, t: TrainConfig, method_dir: Pa
         optimizer.zero_grad(set_to_none=True)
         loss_total, trace_vector = 0.0, None
         for k, mode in enumerate(active):
-            mine = rank_part(step_indices(len(recipe.data[mode]), step, t.batch_size, recipe.seed, mode),
+            mine = rank_part(step_indices(len(pair_loss.data[mode]), step, t.batch_size, pair_loss.seed, mode),
                              rank, world)
             last = k == len(active) - 1
-            sums = recipe.update_pass(model, mode, mine, per_process, accelerator, sync_last=last, alpha=alpha)
+            sums = pair_loss.update_pass(model, mode, mine, per_process, accelerator, sync_last=last, alpha=alpha)
             if t.telemetry and len(active) == 2 and mode == "think":
                 # The step's own g_t: .grad now holds α·g_t (DDP: each process's part, unsynced).
                 trace_vector = state.grad_vector(synced=False) / (alpha * loss_scale(accelerator))
             totals = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "sum")
             for key, value in zip(sums, (totals / t.batch_size).tolist()):
-                row[f"{PREFIX[mode]}/{key if key != 'tokens' else 'tokens_per_pair'}"] = value
-            loss_total += (alpha if mode == "think" else 1 - alpha) * row[f"{PREFIX[mode]}/loss"]
+                row[f"{mode}/{key if key != 'tokens' else 'tokens_per_pair'}"] = value
+            loss_total += (alpha if mode == "think" else 1 - alpha) * row[f"{mode}/loss"]
         if trace_vector is not None:
             # ‖g_t‖, ‖g_e‖, cos(g_t, g_e) from ⟨G, G⟩ and ⟨G, g_t⟩ of the mixed G = α·g_t + (1−α)·g_e,
             # so no second parameter-sized vector is built.
@@ -507,9 +374,9 @@ def train_loop(state: TrainState, recipe: Recipe, t: TrainConfig, method_dir: Pa
             trace_sq = (trace_vector @ trace_vector).item()
             empty_dot_trace = (mixed_dot_trace - alpha * trace_sq) / (1 - alpha)
             empty_sq = max((mixed_sq - 2 * alpha * mixed_dot_trace + alpha**2 * trace_sq) / (1 - alpha) ** 2, 0.0)
-            row["grad/step_norm_trace"] = trace_sq ** 0.5
-            row["grad/step_norm_empty"] = empty_sq ** 0.5
-            row["grad/step_cos_trace_empty"] = empty_dot_trace / max((trace_sq * empty_sq) ** 0.5, 1e-30)
+            row["grad/step_norm_think"] = trace_sq ** 0.5
+            row["grad/step_norm_nothink"] = empty_sq ** 0.5
+            row["grad/step_cos_think_nothink"] = empty_dot_trace / max((trace_sq * empty_sq) ** 0.5, 1e-30)
         row["loss"] = loss_total
         # Under fp16 this first unscales .grad (accelerate's GradScaler), so the norm is the true one.
         row["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
@@ -536,9 +403,10 @@ def train_loop(state: TrainState, recipe: Recipe, t: TrainConfig, method_dir: Pa
                 "alpha_estimated": state.alpha.estimated, "history": state.history})
 
 
-def save_final(state: TrainState, method_dir: Path, tokenizer, summary: dict, dtype: str = "float32") -> None:
+def save_final(state: TrainState, method_dir: Path, tokenizer, summary: dict, precision: str = "fp32") -> None:
     """The trained model (its fp32 master weights cast to the storage `dtype`), tokenizer,
-    summary and history, moved into place in one rename; the method's checkpoints are then removed."""
+    summary and history, moved into place in one rename; the method's checkpoints are then removed.
+    `precision`: the storage precision (`model.dtype` resolved)."""
     accelerator = state.accelerator
     accelerator.wait_for_everyone()
     # Under FSDP the full weights exist only once gathered; elsewhere the model has them.
@@ -547,11 +415,12 @@ def save_final(state: TrainState, method_dir: Path, tokenizer, summary: dict, dt
         tmp = method_dir / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model = accelerator.unwrap_model(state.model)
-        if dtype != "float32":  # the training run ends here: its masters can be cast in place
+        if precision != "fp32":  # the training run ends here: its masters can be cast in place
+            dtype = TORCH_DTYPES[precision]
             if state_dict is None:
-                model.to(getattr(torch, dtype))
+                model.to(dtype)
             else:
-                state_dict = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state_dict.items()}
+                state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
                 model.config.dtype = dtype
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -574,7 +443,7 @@ def finished_history(method_dir: Path, fingerprint: str) -> list[dict] | None:
     return None
 
 
-def train_method(name: str, alpha_setting: float | str, params: Params, base_dir: str, recipe: Recipe,
+def train_method(name: str, alpha_setting: float | str, params: Params, base_dir: str, pair_loss: PairLoss,
                  tokenizer, work_dir: Path, fingerprint: str, logger: MetricLogger | None = None) -> list[dict]:
     """setup → train_loop → save_final for one method; its model and optimizer are freed after."""
     logger = logger or MetricLogger(enabled=False)
@@ -592,7 +461,7 @@ def train_method(name: str, alpha_setting: float | str, params: Params, base_dir
         torch.cuda.reset_peak_memory_stats(state.accelerator.device)
     started = time.perf_counter()
     with sdpa_in_fp32(state.accelerator.unwrap_model(state.model), cpu_bf16(state.accelerator)):
-        train_loop(state, recipe, params.train, method_dir, logger)
+        train_loop(state, pair_loss, params.train, method_dir, logger)
     summary = {"method": name, "alpha": alpha_setting, "steps": params.train.steps,
                "seconds_this_run": time.perf_counter() - started}
     if on_cuda:  # this process's peak while training (model, optimizer, activations), for sizing runs
@@ -616,6 +485,17 @@ def write_history_csv(history: list[dict], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- main
+def accelerate_command(params: Params, module_args: list[str],
+                       threads_per_process: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """The train stage's launch: `train.num_processes`, `train.accelerate_config`, `train.mixed_precision`."""
+    from .modeling import pick_device, resolve_precision
+    from .runtime import launch_command
+
+    t = params.train
+    return launch_command("bvpo.train", module_args, t.num_processes, t.accelerate_config,
+                          resolve_precision(t.mixed_precision, pick_device()), threads_per_process)
+
+
 def check_launch(accelerator) -> None:
     """Refuse set-ups that would silently train something other than the BVPO objective."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -653,7 +533,7 @@ def needed_modes(t: TrainConfig) -> dict[str, str]:
     return needed
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="python -m bvpo.train", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--pairs", required=True, help="pairs stage output (think/ and nothink/)")
@@ -661,22 +541,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True, help="checkpoints and finished models, one folder per method")
     parser.add_argument("--cache", required=True, help="folder for cached reference log-probs")
     parser.add_argument("--project-dir", default=".", help="where the MLflow store lives")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from accelerate import Accelerator
 
-    from . import tracking
+@dataclass
+class SharedSetup:
+    """What every method trains on: the encoded pairs with their reference log-probs."""
 
-    params = load_params(args.params)
+    tokenizer: object
+    data: dict[str, PairSet]
+    skipped: dict[str, int]
+    reference: torch.nn.Module | None  # train.reference = live only
+    pairs_digest: str
+    base_digest: str
+    precision: str  # the autocast `mixed_precision: auto` resolved to
+
+
+def setup_pairs(args, params: Params, accelerator) -> SharedSetup:
+    """Encode every pair that fits its mode's length limit (skipping and counting the rest), then
+    reference log-probs once per (pairs, model, code): precomputed and cached, or a live model."""
     t = params.train
-    accelerator = Accelerator()  # for the shared setup; each method gets its own in `setup`
-    check_launch(accelerator)
-    main_process = accelerator.is_main_process
-    work_dir = Path(args.work)
     tokenizer = load_tokenizer(args.base)
     rows = load_pair_rows(Path(args.pairs))
-
-    # Setup: encode every pair that fits; reference log-probs once per (pairs, model, code).
     encoded, skipped = {}, {}
     for mode in MODES:
         limit = params.model.max_length_for(mode == "think")
@@ -689,12 +575,12 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{limit_name}={limit} tokens (prompt + completion); more than "
                                 f"train.max_skipped_fraction={t.max_skipped_fraction}. Raise {limit_name} "
                                 "or lower sample.max_new_tokens")
-        if skipped[mode] and main_process:
+        if skipped[mode] and accelerator.is_main_process:
             print(f"train: skipped {skipped[mode]} of {len(rows[mode])} {mode} pairs longer than {limit_name}="
                   f"{limit}", flush=True)
     for mode, reason in needed_modes(t).items():
         if not encoded[mode][0]:
-            raise TrainingError(f"{args.pairs}/{mode}: no usable {PREFIX[mode]} pairs, but {reason} needs them. "
+            raise TrainingError(f"{args.pairs}/{mode}: no usable {ESTIMATOR[mode]} pairs, but {reason} needs them. "
                                 "Every prompt's samples tied or were invalid (or too long): sample more (sample.k) "
                                 "or from more prompts")
     pairs_digest, base_digest = files_digest(Path(args.pairs)), model_digest(args.base)
@@ -703,36 +589,52 @@ def main(argv: list[str] | None = None) -> int:
         reference = load_reference_model(args.base, accelerator)
         data = {mode: PairSet(c, r, None, None) for mode, (c, r) in encoded.items()}
     else:
-        key = "-".join([pairs_digest, base_digest, scoring_code_digest(), str(params.model.max_length),
-                        str(params.model.max_length_nothink), str(accelerator.mixed_precision),
-                        str(reference_param_dtype(accelerator)), str(t.shared_prompt)])
-        cache_file = Path(args.cache) / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
-        logps = precomputed_reference(cache_file,
+        logps = precomputed_reference(cache_file(Path(args.cache), pairs_digest, base_digest, params, accelerator),
                                       lambda: load_reference_model(args.base, accelerator),
                                       encoded, tokenizer.pad_token_id, accelerator, t.shared_prompt)
         data = {mode: PairSet(c, r, *logps[mode]) for mode, (c, r) in encoded.items()}
-    recipes = {name: Recipe(params, data, tokenizer.pad_token_id, reference, method.preference_weight)
-               for name, method in t.methods.items()}
+    precision = {"no": "fp32"}.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision))
+    return SharedSetup(tokenizer, data, skipped, reference, pairs_digest, base_digest, precision)
 
+
+def method_fingerprint(name: str, method, params: Params, shared: SharedSetup) -> str:
+    """Everything that decides a method's weights: a checkpoint made with other settings, pairs or
+    base model is never resumed, nor a finished method reused."""
     train_config = {k: v for k, v in params.to_dict()["train"].items() if k not in ("methods", "num_processes")}
-    precision = {"no": "fp32"}.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision))  # auto resolved
-    for name, method in t.methods.items():
-        # Everything that decides the weights: a checkpoint from other settings is never resumed.
-        fingerprint = hashlib.sha256(json.dumps(
-            [name, method.alpha, method.preference_weight, train_config, params.seed, params.model.max_length,
-             params.model.max_length_nothink, params.model.dtype, pairs_digest, base_digest, precision],
-            sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(
+        [name, method.alpha, method.preference_weight, train_config, params.seed, params.model.max_length,
+         params.model.max_length_nothink, params.model.dtype, shared.pairs_digest, shared.base_digest,
+         shared.precision], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, set up the pairs every method shares, then per method: setup → train → save, each
+    in its own MLflow child run; a method an interrupted run already finished is reused."""
+    from accelerate import Accelerator
+
+    from . import tracking
+
+    args = parse_args(argv)
+    params = load_params(args.params)
+    accelerator = Accelerator()  # for the shared setup; each method gets its own in `setup`
+    check_launch(accelerator)
+    shared = setup_pairs(args, params, accelerator)
+    main_process, work_dir = accelerator.is_main_process, Path(args.work)
+    train_config = {k: v for k, v in params.to_dict()["train"].items() if k not in ("methods", "num_processes")}
+    for name, method in params.train.methods.items():
+        pair_loss = PairLoss(params, shared.data, shared.tokenizer.pad_token_id, shared.reference,
+                             method.preference_weight)
         run = tracking.stage_run(args.project_dir, params.tracking.experiment, f"train/{name}",
                                  params={"method": name, "alpha": method.alpha,
                                          "preference_weight": method.preference_weight, **train_config},
-                                 tags={"method": name, "mixed_precision": precision}) \
+                                 tags={"method": name, "mixed_precision": shared.precision}) \
             if main_process else contextlib.nullcontext()
         with run:
             logger = MetricLogger(enabled=main_process)
             if main_process:
-                tracking.log_metrics({f"{mode}/skipped_too_long": n for mode, n in skipped.items()})
-            history = train_method(name, method.alpha, params, args.base, recipes[name], tokenizer, work_dir,
-                                   fingerprint, logger)
+                tracking.log_metrics({f"{mode}/skipped_too_long": n for mode, n in shared.skipped.items()})
+            history = train_method(name, method.alpha, params, args.base, pair_loss, shared.tokenizer, work_dir,
+                                   method_fingerprint(name, method, params, shared), logger)
             logger.flush()
         if main_process:
             write_history_csv(history, work_dir / name / "final" / "history.csv")
@@ -742,6 +644,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, TrainingError, ValueError) as err:
+    except (BvpoError, ValueError) as err:
         print(f"bvpo train: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,146 @@
+"""Scoring models on held-out prompts and benchmarks: accuracy in both modes, greedy and
+sampled, and the reward-model judgements (mean score, win rate against the starting model).
+
+Pure functions of a loaded model and its prompts; the evaluate stage (`stages.evaluate`) loads
+the models, calls these and writes the files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import Params
+from .modes import MODES, mode_name
+
+
+def accuracy(generated: list, answers: list[str], thinking: bool) -> tuple[list[float], int]:
+    """Per prompt, the share of its completions (generated prompt-major: all prompts, then all
+    again) with a verified answer (invalid ones count as wrong); and the number invalid."""
+    from .rewards import verified_reward
+    from .sequences import parse_completion
+
+    correct, invalid = [0.0] * len(answers), 0
+    repeats = len(generated) // len(answers)
+    for i, g in enumerate(generated):
+        parsed = parse_completion(g.text, thinking)
+        if g.truncated or parsed.malformed:
+            invalid += 1
+            continue
+        correct[i % len(answers)] += verified_reward(parsed.answer, answers[i % len(answers)]) / repeats
+    return correct, invalid
+
+
+def score_prompts(model, tokenizer, prompts: list[str], answers: list[str], params: Params,
+                   label: str) -> tuple[dict, dict]:
+    """Greedy (and, with evaluate.n_samples, sampled) accuracy in both modes: the summary entry
+    and the per-prompt scores."""
+    import torch
+
+    from .sequences import generate
+
+    e = params.evaluate
+    entry, scores = {}, {}
+    for thinking in (True, False):
+        mode = mode_name(thinking)
+        generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens, e.batch_size, greedy=True,
+                             desc=f"evaluate {label} ({mode})")
+        scores[f"accuracy_{mode}"], invalid = accuracy(generated, answers, thinking)
+        entry[f"mean_length_{mode}"] = sum(g.n_tokens for g in generated) / len(generated)
+        entry[f"invalid_rate_{mode}"] = invalid / len(generated)
+        if e.n_samples:
+            # The same RNG stream for every model, so models differ by their weights only.
+            torch.manual_seed(params.seed + (0 if thinking else 1))
+            sampled = generate(model, tokenizer, prompts * e.n_samples, thinking, e.max_new_tokens, e.batch_size,
+                               temperature=e.temperature, desc=f"evaluate {label} ({mode}, {e.n_samples} samples)")
+            scores[f"accuracy_{mode}_sampled"], _ = accuracy(sampled, answers, thinking)
+    for key, values in scores.items():
+        entry[key] = sum(values) / len(values)
+    entry["accuracy_mean"] = (entry["accuracy_think"] + entry["accuracy_nothink"]) / 2
+    if e.n_samples:
+        entry["accuracy_mean_sampled"] = (entry["accuracy_think_sampled"] + entry["accuracy_nothink_sampled"]) / 2
+    entry["n_prompts"] = len(prompts)
+    return entry, scores
+
+
+def final_answers(model, tokenizer, prompts: list, params: Params, label: str) -> tuple[dict[str, list], dict]:
+    """Greedy final answers (trace removed) in both modes, None where the completion is invalid;
+    and their mean length and invalid rate per mode."""
+    from .sequences import generate, parse_completion
+
+    e, out, stats = params.evaluate, {}, {}
+    for thinking in (True, False):
+        mode = mode_name(thinking)
+        generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens, e.batch_size, greedy=True,
+                             desc=f"answers {label} ({mode})")
+        parsed = [parse_completion(g.text, thinking) for g in generated]
+        out[mode] = [None if g.truncated or p.malformed else p.answer for g, p in zip(generated, parsed)]
+        stats[f"mean_length_{mode}"] = sum(g.n_tokens for g in generated) / len(generated)
+        stats[f"invalid_rate_{mode}"] = sum(a is None for a in out[mode]) / len(generated)
+    return out, stats
+
+
+def judge_answers(answers: dict[str, dict[str, list]], prompts: list, judge: str,
+                  params: Params) -> dict[tuple[str, str], list]:
+    """The reward model's score of every (model, mode) answer to every prompt; None where the
+    answer is invalid (never shown to the judge)."""
+    from .modeling import pick_device
+    from .rewards import reward_model
+
+    model = reward_model(judge, params, str(pick_device()))
+    scores = {}
+    for name, by_mode in answers.items():
+        for mode, texts in by_mode.items():
+            valid = [i for i, t in enumerate(texts) if t is not None]
+            judged = model.score([prompts[i] for i in valid], [texts[i] for i in valid], params.pairs.reward_batch_size)
+            column = [None] * len(texts)
+            for i, value in zip(valid, judged):
+                column[i] = value
+            scores[(name, mode)] = column
+    return scores
+
+
+def win_rates(scores: dict[tuple[str, str], list], models: list[str], prefix: str = "") -> dict[str, dict[str, float]]:
+    """Each model's reward-model win rate against `base` per mode: the share of prompts where the
+    judge scores its answer above base's (ties half; an invalid answer loses to a valid one)."""
+
+    def beats(a: float | None, b: float | None) -> float:
+        if a is None or b is None:
+            return 0.5 if a is None and b is None else float(b is None)
+        return 1.0 if a > b else 0.5 if a == b else 0.0
+
+    return {name: {f"{prefix}win_rate_{mode}": sum(beats(a, b) for a, b in zip(scores[(name, mode)], scores[("base", mode)]))
+                   / len(scores[("base", mode)]) for mode in MODES}
+            for name in models if name != "base"}
+
+
+def reward_scores(scores: dict[tuple[str, str], list], models: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per-prompt reward of each model's greedy answers, an invalid answer scored as the worst
+    answer the judge saw in this evaluation (so a model cannot gain by writing nothing)."""
+    seen = [v for column in scores.values() for v in column if v is not None]
+    floor = min(seen, default=0.0)
+    return {name: {f"reward_{mode}": [floor if v is None else v for v in scores[(name, mode)]]
+                   for mode in MODES} for name in models}
+
+
+def with_instruction(prompt, instruction: str | None):
+    """A benchmark prompt with the answer instruction appended to its (last) user turn."""
+    if instruction is None:
+        return prompt
+    if isinstance(prompt, str):
+        return f"{prompt}\n\n{instruction}"
+    return [*prompt[:-1], {**prompt[-1], "content": f"{prompt[-1]['content']}\n\n{instruction}"}]
+
+
+def benchmark_sets(root: Path, params: Params) -> dict[str, tuple[list, list[str]]]:
+    """Each benchmark's prompts (system prompt and answer instruction applied) and answers."""
+    from .data import DataError, read_prompts_file, with_system_prompt
+
+    out = {}
+    for bench, path in params.evaluate.benchmarks.items():
+        rows = read_prompts_file(root / path, prompt_columns=("prompt", "problem", "question", "messages"))
+        if "answer" not in rows.column_names:
+            raise DataError(f"evaluate.benchmarks.{bench}: {root / path} has no 'answer' column to check against")
+        prompts = [with_system_prompt(with_instruction(p, params.evaluate.answer_instruction),
+                                      params.data.system_prompt) for p in rows["prompt"]]
+        out[bench] = (prompts, list(rows["answer"]))
+    return out

@@ -1,0 +1,67 @@
+"""Where the pipeline's files live, and how they are written: atomically.
+
+`PATHS` is the one list of the project's data and metrics locations, relative to the project
+root (dvc.yaml names the same paths). Every output is written under a temporary name and moved
+into place at the end (`atomic_path`), so a failed stage leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+PATHS = {
+    "prompts": "data/prompts",
+    "base_model": "data/base_model",
+    "champion": "data/champion.json",
+    "policy": "data/policy",
+    "inbox": "data/incoming",
+    "samples": "data/samples",
+    "pairs": "data/pairs",
+    "models": "data/models",
+    "eval": "metrics/eval.json",
+    "eval_plot": "metrics/eval.png",
+    "eval_prompts": "data/eval_prompts.json",
+    "diagnostics": "metrics/diagnostics.json",
+    "train_plots": "metrics/train",
+    "checkpoints": "data/checkpoints",
+    "cache": "data/cache",
+    "experiment": "metrics/experiment.json",
+    "experiment_plot": "metrics/experiment.png",
+    "experiment_table": "metrics/experiment.md",
+}
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces `final`, on failure it vanishes."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        elif final.exists() or final.is_symlink():
+            final.unlink()
+        os.replace(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, obj) -> None:
+    """Sorted, indented JSON with a final newline (what metrics files and DVC diffs read best)."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def project_root(p: Path | str | None) -> Path:
+    """The project folder, absolute (the current directory when none is given)."""
+    return Path(p or ".").resolve()
