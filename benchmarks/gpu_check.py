@@ -46,7 +46,9 @@ class Checks:
     def trained_method(self, model_dir: Path, method: str, batch_size: int, logratio_limit: float) -> dict:
         """The checks every trained method must pass; returns its history rows, summary and pairs/s."""
         rows = json.loads((model_dir / "history.json").read_text())["history"]
-        summary = json.loads((model_dir / "train_summary.json").read_text())
+        # Wall time and peak memory: the run's facts, kept outside the model (data/cache/run_facts).
+        project = model_dir.parents[2]
+        summary = json.loads((project / "data" / "cache" / "run_facts" / f"train-{method}.json").read_text())
         trace, empty = rows[0].get("think/abs_logratio", 0.0), rows[0].get("nothink/abs_logratio", 0.0)  # α 0 / 1: one
         self(f"{method}: step-0 log-ratio ~ 0 under bf16", trace < logratio_limit and empty < logratio_limit,
              f"{trace:.2e} / {empty:.2e}")

@@ -67,8 +67,14 @@ def test_a_two_seed_experiment_end_to_end(tmp_path, prefect_harness, monkeypatch
         "experiment": {"name": "micro", "seeds": [1, 2], "reference_method": "bvpo", "n_test": 10,
                        "eval_samples": 2, "methods": {"bvpo": {"alpha": 0.5}, "dpo_trace": {"alpha": 1.0}}}})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(repo))
+    # A round promoted version 7 (this store has none): experiments still start from the base
+    # model. They used to take the pointer into every `dvc exp run` and fail on a missing version.
+    pointer = '{\n  "registered_model": "bvpo",\n  "version": "7"\n}\n'
+    (repo / "data/champion.json").write_text(pointer)
+    subprocess.run(["git", "commit", "-qam", "a promoted round"], cwd=repo, check=True)
 
     out = bvpo_experiment(project_dir=str(repo))
+    assert (repo / "data/champion.json").read_text() == pointer  # the round's pointer is back
 
     result = json.loads((repo / "metrics/experiment.json").read_text())
     assert result["seeds"] == [1, 2] and set(result["models"]) == {"base", "bvpo", "dpo_trace"}

@@ -5,6 +5,7 @@
     bvpo run                 the Prefect pipeline flow on params.yaml (DVC decides what is stale)
     bvpo stage NAME          one stage (what dvc.yaml calls)
     bvpo experiment          every method x several seeds (DVC experiments), with 95% intervals
+    bvpo champion show|history|set   the registered @champion: show it, its history, roll it back
     bvpo ui                  the MLflow UI over the project's store, on 127.0.0.1
     bvpo schedule --cron C   serve the round flow on a schedule (needs a Prefect server)
     bvpo serve               start a loopback Prefect server and serve the schedule, one command
@@ -79,6 +80,20 @@ def _parser() -> argparse.ArgumentParser:
         "project with a git commit.")
     experiment.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
 
+    champion = sub.add_parser("champion", help="show, list or set the registered @champion",
+                              description="The registered model's @champion alias, which every round starts "
+                              "from: `show` it, list its `history` (each round's decision, each change by hand), or "
+                              "`set` it to another version (or `base`) with a reason, recorded on the versions.")
+    actions = champion.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("show", "the current @champion and its tags"),
+                         ("history", "each round's promotion decision and each change made by hand"),
+                         ("set", "point @champion at VERSION (or 'base'), recording why")):
+        command = actions.add_parser(action, help=text, description=text)
+        command.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+        if action == "set":
+            command.add_argument("version", help="a registered version number, or 'base' to start from the base model")
+            command.add_argument("--reason", required=True, help="why (recorded on the versions)")
+
     ui = sub.add_parser("ui", help="serve the MLflow UI over the project's store",
                         description="Serve the MLflow UI on 127.0.0.1 over mlruns/mlflow.db.")
     ui.add_argument("--port", type=int, default=5000)
@@ -113,17 +128,33 @@ def _tracking_experiment(root: Path) -> str:
         return "bvpo"
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (and SIGHUP) unwind like Ctrl-C: the flow's stage processes and the temporary
+    Prefect server are stopped on the way out instead of being orphaned. (Prefect's own handler,
+    active while a flow runs, hands the signal back to this one after its bookkeeping.)"""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+
+
 def _run(args) -> int:
     from .flow import bvpo_pipeline
     from .rounds import decision_summary
     from .tracking import ui_url
 
+    _stop_on_sigterm()
     root = Path(args.project_dir).resolve()
     use_dvc = False if args.no_dvc else None
     result = bvpo_pipeline(project_dir=str(root), params_file=args.params, use_dvc=use_dvc)
     print("\nDone. Results: metrics/eval.json, metrics/eval.png, metrics/diagnostics.json, metrics/train/")
     if result["decision"] is not None:
         print(f"Round {result['round']}: {decision_summary(result['decision'])}")
+    elif result["finished_promotion"]:
+        print(f"Version {result['finished_promotion']} was promoted by an earlier run stopped before @champion moved: "
+              "moved it now.")
     else:
         print("The candidate equals a version already registered (same weights and config): no promotion decision.")
     print(f"@champion: {'version ' + result['champion'] if result['champion'] else 'none yet (the base model)'}")
@@ -176,9 +207,50 @@ def _check(args) -> int:
     return 0
 
 
+def _champion(args) -> int:
+    from .config import load_params
+    from .flow import champion_history_rows
+    from .tracking import champion_version, model_versions, set_champion_by_hand
+
+    root = Path(args.project_dir).resolve()
+    name = load_params(root / args.params).tracking.registered_model
+    versions = {tags["version"]: tags for tags in model_versions(root, name)}
+    if args.action == "set":
+        version = None if args.version == "base" else args.version
+        previous = set_champion_by_hand(root, name, version, args.reason)
+        print(f"@champion: {'version ' + version if version else 'removed (rounds start from the base model)'} "
+              f"(was {'version ' + previous if previous else 'the base model'}); recorded on the versions")
+        return 0
+    current = champion_version(root, name)
+    if args.action == "show":
+        if current is None:
+            print(f"{name}: no @champion (rounds start from the base model)")
+            return 0
+        tags = versions.get(current, {})
+        print(f"{name} @champion: version {current}")
+        for key in sorted(tags):
+            if key != "version":
+                print(f"  {key}: {tags[key]}")
+        return 0
+    rows = champion_history_rows(root, name)
+    print(f"{name}: @champion is {'version ' + current if current else 'unset (the base model)'}")
+    if rows:
+        print(f"{'round':>5} {'version':>7}  {'decision':<13} {'candidate':>9} {'champion':>9}  95% interval")
+    for row in sorted(rows, key=lambda r: r["round"]):
+        print(f"{row['round']:>5} {row['version']:>7}  {'promoted' if row['promoted'] else 'not promoted':<13} "
+              f"{row['candidate_score']:>9.4f} {row['champion_score']:>9.4f}  "
+              f"[{row['interval_low']:+.4f}, {row['interval_high']:+.4f}]")
+    for version, tags in sorted(versions.items(), key=lambda item: item[1].get("champion_set_at", "")):
+        if "champion_set_at" in tags:
+            print(f"set by hand at {tags['champion_set_at']}: version {version} (was {tags['champion_set_from']}): "
+                  f"{tags['champion_set_reason']}")
+    return 0
+
+
 def _experiment(args) -> int:
     from .flow import bvpo_experiment
 
+    _stop_on_sigterm()
     root = Path(args.project_dir).resolve()
     result = bvpo_experiment(project_dir=str(root), params_file=args.params)
     print("\n" + result["markdown"])
@@ -215,12 +287,7 @@ def _start_server_group(cmd: list[str]) -> subprocess.Popen:
     caller's `finally: _stop_process_group(...)` runs however this command is stopped: no
     server outlives it."""
     server = subprocess.Popen(cmd, start_new_session=True)
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, stop)
+    _stop_on_sigterm()
     return server
 
 
@@ -299,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_environment(args.project_dir, getattr(args, "params", "params.yaml"))
     handlers = {"run": _run, "stage": _stage, "experiment": _experiment, "ui": _ui, "schedule": _schedule,
-                "serve": _serve, "init": _init, "check": _check}
+                "serve": _serve, "init": _init, "check": _check, "champion": _champion}
     try:
         return handlers[args.command](args)
     except BvpoError as err:

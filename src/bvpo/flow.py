@@ -8,6 +8,7 @@ through `bvpo stage <name>`. Only paths cross task boundaries, never tensors or 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from . import rounds, tracking
 from .config import load_params
-from .runtime import project_lock
+from .runtime import project_lock, stop_process_tree
 from .paths import PATHS, atomic_path
 from .stages import STAGES, StageError
 
@@ -36,21 +37,29 @@ def _subprocess_env() -> dict[str, str]:
 
 
 def _stream(cmd: list[str], cwd: Path, logger) -> None:
-    """Run a stage command, passing its output through as it comes (progress bars included)."""
+    """Run a stage command, passing its output through as it comes (progress bars included).
+    Whatever ends the flow while the stage runs (a cancellation, Ctrl-C, an error) ends the
+    stage's whole process tree too (dvc, bvpo stage, accelerate launch and its workers), so no
+    training outlives the run that owns the project lock."""
     logger.info("$ %s", " ".join(cmd))
     process = subprocess.Popen(cmd, cwd=cwd, env=_subprocess_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT)
     assert process.stdout is not None
     tail = b""
     binary = getattr(sys.stdout, "buffer", None)
-    while chunk := process.stdout.read1(65536):
-        if binary is not None:
-            binary.write(chunk)
-        else:
-            sys.stdout.write(chunk.decode(errors="replace"))
-        sys.stdout.flush()
-        tail = (tail + chunk)[-4000:]
-    if process.wait() != 0:
+    try:
+        while chunk := process.stdout.read1(65536):
+            if binary is not None:
+                binary.write(chunk)
+            else:
+                sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+            tail = (tail + chunk)[-4000:]
+        process.wait()
+    except BaseException:
+        stop_process_tree(process.pid)
+        raise
+    if process.returncode != 0:
         lines = tail.decode(errors="replace").replace("\r", "\n").splitlines()[-15:]
         raise StageError(f"`{' '.join(cmd)}` failed (exit {process.returncode}):\n" + "\n".join(lines))
 
@@ -82,20 +91,36 @@ def preflight(project_dir: str, params_file: str) -> None:
             get_run_logger())
 
 
-@task(name="champion")
-def resolve_champion(project_dir: str, params_file: str) -> dict:
-    """Read `@champion` from the registry into data/champion.json, the round's input. The file
-    is rewritten only when the champion changed, so DVC sees an unchanged round as unchanged."""
-    params = load_params(params_file)
-    root = Path(project_dir)
-    name = params.tracking.registered_model
-    pointer = {"registered_model": name, "version": tracking.champion_version(root, name)}
+def write_champion_pointer(root: Path, registered_model: str, version: str | None) -> None:
+    """data/champion.json, rewritten only when it changes, so DVC sees an unchanged round as unchanged."""
     path = root / PATHS["champion"]
-    text = json.dumps(pointer, indent=2, sort_keys=True) + "\n"
+    text = json.dumps({"registered_model": registered_model, "version": version}, indent=2, sort_keys=True) + "\n"
     if not path.is_file() or path.read_text() != text:
         with atomic_path(path) as tmp:
             tmp.write_text(text)
-    return {**pointer, "round": rounds.next_round(tracking.model_versions(root, name))}
+
+
+@task(name="champion")
+def resolve_champion(project_dir: str, params_file: str) -> dict:
+    """Read `@champion` from the registry into data/champion.json, the round's input. A champion
+    trained from another base model or task than params.yaml's now names (`base_identity`
+    tags: the model was replaced, or the prompts) is not this lineage's: the round starts from
+    the new base model, and `lineage_reset` says why."""
+    params = load_params(params_file)
+    root = Path(project_dir)
+    name = params.tracking.registered_model
+    versions = tracking.model_versions(root, name)
+    version, reset = tracking.champion_version(root, name), None
+    identity = rounds.base_identity(params)
+    if version is not None:
+        registered = next((tags for tags in versions if tags["version"] == version), {})
+        if registered.get("base_identity") != identity:
+            reset = (f"@champion (version {version}) was trained from another base model or task than params.yaml "
+                     "names now: this round starts from the base model")
+            version = None
+    write_champion_pointer(root, name, version)
+    return {"registered_model": name, "version": version, "round": rounds.next_round(versions),
+            "lineage_reset": reset}
 
 
 def round_inputs(root: Path, champion: dict) -> dict:
@@ -116,49 +141,51 @@ def register_and_promote(project_dir: str, params_file: str, pipeline_run_id: st
     """Register every trained method as a version carrying its lineage, then promote the
     candidate (`tracking.register_method`) to `@champion` only if it beats the round's starting
     model by `promotion.margin` on the held-out prompts. Models already registered (the same
-    weights: the round's inputs did not change) are not registered again, and nothing moves."""
+    weights: the round's inputs did not change) are not registered again.
+
+    Crash-safe by ordering: the decision is made before anything is written; each version is
+    created with all its tags at once (the candidate's with its decision, and first); the alias
+    moves last. A rerun after a kill at any point registers what is missing and applies a
+    promotion that was decided but not applied (`rounds.pending_promotion`)."""
     params = load_params(params_file)
     root = Path(project_dir)
     name, candidate = params.tracking.registered_model, params.tracking.register_method
     fingerprints = {m: rounds.model_fingerprint(root / PATHS["models"] / m) for m in params.train.methods}
-    registered = {tags.get("fingerprint"): tags for tags in tracking.model_versions(root, name)}
-    known = {fingerprint: tags["version"] for fingerprint, tags in registered.items()}
-    # A candidate registered by a run killed before its decision is decided now.
-    undecided = "promotion_decision" not in registered.get(fingerprints[candidate], {})
-    if all(f in known for f in fingerprints.values()) and not undecided:
-        return {"round": None, "versions": {m: known[f] for m, f in fingerprints.items()}, "decision": None,
-                "new_versions": []}
+    registered = {tags["fingerprint"]: tags for tags in tracking.model_versions(root, name) if "fingerprint" in tags}
     decision = None
-    if undecided:  # else only other methods changed: nothing to decide
+    if fingerprints[candidate] not in registered:
         scores = json.loads((root / PATHS["eval_prompts"]).read_text())["scores"]
         p = params.promotion
         decision = rounds.decide(scores, candidate, p.metric, p.margin, p.require_interval)
     lineage = {"round": str(champion["round"]), "started_from_version": champion["version"] or "base",
-               "pipeline_run_id": pipeline_run_id, **tracking.provenance_tags(root)}
-    versions, new_versions = {}, []
-    with tracking.stage_run(root, params.tracking.experiment, "register", tags={"round": lineage["round"]}):
-        for method, fingerprint in fingerprints.items():
-            if fingerprint in known:
-                versions[method] = known[fingerprint]
-                continue
-            versions[method] = tracking.log_and_register_model(
-                root / PATHS["models"] / method, name,
-                {"method": method, "fingerprint": fingerprint, **lineage})
-            new_versions.append(versions[method])
-        if decision is not None:
-            tracking.set_version_tags(root, name, versions[candidate], {
-                "promotion_decision": "promoted" if decision["promoted"] else "not promoted",
-                **{f"promotion_{k}": v for k, v in decision.items() if k not in ("candidate", "promoted")}})
-            if decision["promoted"]:
-                tracking.set_champion(root, name, versions[candidate])
-    return {"round": champion["round"], "versions": versions, "decision": decision, "new_versions": new_versions}
+               "base_identity": rounds.base_identity(params), "pipeline_run_id": pipeline_run_id,
+               **tracking.provenance_tags(root)}
+    versions = {m: registered[f]["version"] for m, f in fingerprints.items() if f in registered}
+    candidate_tags = registered.get(fingerprints[candidate])
+    new_versions = []
+    missing = sorted((m for m in fingerprints if m not in versions), key=lambda m: m != candidate)
+    if missing:
+        with tracking.stage_run(root, params.tracking.experiment, "register", tags={"round": lineage["round"]}):
+            for method in missing:
+                tags = {"method": method, "fingerprint": fingerprints[method], **lineage}
+                if method == candidate:
+                    tags.update(rounds.decision_tags(decision))
+                    candidate_tags = tags
+                versions[method] = tracking.log_and_register_model(root / PATHS["models"] / method, name, tags)
+                new_versions.append(versions[method])
+    promoted = rounds.pending_promotion(candidate_tags, tracking.champion_version(root, name), versions[candidate])
+    if promoted:
+        tracking.set_champion(root, name, versions[candidate])
+    return {"round": champion["round"] if decision or new_versions else None, "versions": versions, "decision": decision,
+            "new_versions": new_versions, "finished_promotion": versions[candidate] if promoted and not decision
+            else None}
 
 
 def champion_history_rows(project_dir: Path, registered_model: str) -> list[dict]:
     """One row per round that decided a promotion, from the candidates' version tags."""
     rows = []
     for tags in tracking.model_versions(project_dir, registered_model):
-        if "promotion_decision" not in tags:
+        if "promotion_decision" not in tags or "round" not in tags:  # not a candidate (or registered by old code)
             continue
         rows.append({"round": int(tags["round"]), "version": tags["version"],
                      "promoted": tags["promotion_decision"] == "promoted",
@@ -216,12 +243,15 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
         preflight(str(root), str(params_path))
         champion = resolve_champion(str(root), str(params_path))
         started = champion["version"]
+        if champion["lineage_reset"]:
+            logger.warning(champion["lineage_reset"])
         logger.info("Round %d starts from %s", champion["round"],
                     f"{registered} v{started} (@champion)" if started else "the base model")
         with tracking.pipeline_run(root, params.tracking.experiment, params.to_dict(),
                                    run_name=f"round-{champion['round']}-{flow_run.get_name() or 'local'}",
-                                   tags={"round": str(champion["round"]),
-                                         "started_from_version": started or "base"}) as parent_id:
+                                   tags={"round": str(champion["round"]), "started_from_version": started or "base",
+                                         **({"lineage_reset": champion["lineage_reset"]}
+                                            if champion["lineage_reset"] else {})}) as parent_id:
             logger.info("MLflow parent run %s (store %s)", parent_id, tracking.tracking_uri(root))
             for stage in STAGES:
                 STAGE_TASKS[stage](str(root), use_dvc, str(params_path))
@@ -233,7 +263,12 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
             tracking.log_metrics({f"diagnostics/{group}/{k}": v for group, stats in diagnostics.items()
                                   for k, v in stats.items()})
             tracking.log_dict(round_inputs(root, champion), "round_inputs.json")
-            if decision is None:
+            if registration["finished_promotion"]:
+                tracking.set_tags({"round_outcome": "finished an interrupted promotion",
+                                   "champion_after": registration["finished_promotion"]})
+                logger.info("An earlier run decided to promote version %s and was stopped before @champion moved: "
+                            "moved it now", registration["finished_promotion"])
+            elif decision is None:
                 tracking.set_tags({"round_outcome": "no new inputs"})
                 logger.info("The candidate equals a registered version (same weights and config): no promotion "
                             "decision, @champion unchanged (%d new versions)", len(registration["new_versions"]))
@@ -263,9 +298,28 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
     return {"eval": results, "diagnostics_ratios": diagnostics.get("ratios", {}),
             "versions": registration["versions"], "new_versions": registration["new_versions"],
             "round": registration["round"], "started_from_version": started,
-            "decision": decision, "champion": tracking.champion_version(root, registered),
+            "decision": decision, "finished_promotion": registration["finished_promotion"],
+            "champion": tracking.champion_version(root, registered),
             "mlflow_parent_run_id": parent_id,
             "mlflow_experiment_id": tracking.find_experiment_id(root, params.tracking.experiment)}
+
+
+@contextlib.contextmanager
+def starting_from_base(root: Path, registered_model: str):
+    """Experiments compare methods from the base model, whatever `@champion` is: while they run,
+    data/champion.json (an input that `dvc exp run --temp` copies into each experiment) names no
+    version; the round's pointer is restored after."""
+    path = root / PATHS["champion"]
+    original = path.read_text() if path.is_file() else None
+    write_champion_pointer(root, registered_model, None)
+    try:
+        yield
+    finally:
+        if original is None:
+            path.unlink(missing_ok=True)
+        elif path.read_text() != original:
+            with atomic_path(path) as tmp:
+                tmp.write_text(original)
 
 
 @task(name="experiment-seed")
@@ -303,7 +357,8 @@ def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml") ->
     with project_lock(root, f"experiment {x.name}"), \
             tracking.pipeline_run(root, params.tracking.experiment, {"experiment": params.to_dict()["experiment"]},
                                   run_name=f"experiment-{x.name}", kind="experiment") as parent_id:
-        per_seed = {seed: run_experiment_seed(str(root), str(params_path), seed) for seed in x.seeds}
+        with starting_from_base(root, params.tracking.registered_model):
+            per_seed = {seed: run_experiment_seed(str(root), str(params_path), seed) for seed in x.seeds}
         result = experiment.aggregate(per_seed, x.reference_method)
         result["commands"] = {str(seed): " ".join(experiment.seed_command(params, seed)) for seed in x.seeds}
         markdown = experiment.markdown_table(result, x.name)

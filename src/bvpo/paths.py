@@ -31,6 +31,7 @@ PATHS = {
     "train_plots": "metrics/train",
     "checkpoints": "data/checkpoints",
     "cache": "data/cache",
+    "run_facts": "data/cache/run_facts",
     "experiment": "metrics/experiment.json",
     "experiment_plot": "metrics/experiment.png",
     "experiment_table": "metrics/experiment.md",
@@ -55,6 +56,15 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def record_run_facts(root: Path, name: str, facts: dict) -> Path:
+    """Facts of this run that are not results (wall times, peak memory): under data/cache, never
+    inside a DVC output, so rebuilding a stage gives the same output hashes. MLflow has them too."""
+    path = root / PATHS["run_facts"] / f"{name}.json"
+    with atomic_path(path) as tmp:
+        write_json(tmp, facts)
+    return path
 
 
 def write_json(path: Path, obj) -> None:

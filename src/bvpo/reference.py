@@ -29,15 +29,29 @@ def model_digest(model_dir: str | Path) -> str:
     return files_digest(Path(resolved)) if Path(resolved).is_dir() else hashlib.sha256(resolved.encode()).hexdigest()[:16]
 
 
+def code_digest(modules: tuple[str, ...], package_dir: Path = Path(__file__).parent) -> str:
+    """Hash of these modules of the package and of the library versions under them."""
+    import accelerate
+    import transformers
+
+    h = hashlib.sha256(f"{torch.__version__}-{transformers.__version__}-{accelerate.__version__}".encode())
+    for name in modules:
+        h.update((package_dir / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def scoring_code_digest(package_dir: Path = Path(__file__).parent) -> str:
     """Hash of the modules that encode and score sequences, and of the library versions under
     them: cached reference log-probs are only valid for the code that computed them."""
-    import transformers
+    return code_digest(SCORING_MODULES, package_dir)
 
-    h = hashlib.sha256(f"{torch.__version__}-{transformers.__version__}".encode())
-    for name in SCORING_MODULES:
-        h.update((package_dir / name).read_bytes())
-    return h.hexdigest()[:16]
+
+def attention_implementation() -> str:
+    """Which SDPA kernels torch may pick here: a reference scored with another kernel differs in
+    its last bits, so the cache key names them."""
+    backends = torch.backends.cuda
+    return "sdpa-" + "".join(str(int(f())) for f in (backends.flash_sdp_enabled, backends.mem_efficient_sdp_enabled,
+                                                        backends.math_sdp_enabled))
 
 
 @torch.no_grad()
@@ -133,5 +147,6 @@ def cache_file(cache_dir: Path, pairs_digest: str, base_digest: str, params, acc
     autocast, FSDP's parameter cast, prompt sharing)."""
     key = "-".join([pairs_digest, base_digest, scoring_code_digest(), str(params.model.max_length),
                     str(params.model.max_length_nothink), str(accelerator.mixed_precision),
-                    str(reference_param_dtype(accelerator)), str(params.train.shared_prompt)])
+                    str(reference_param_dtype(accelerator)), str(params.train.shared_prompt),
+                    accelerator.device.type, attention_implementation()])
     return cache_dir / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"

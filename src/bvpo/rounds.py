@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import BvpoError
 from .experiment import interval
+from .tracking import REPLACED_TAG
 
 # What identifies a trained model's weights; summaries with wall times would differ on a rerun.
 FINGERPRINT_FILES = ("config.json", "model.safetensors")
@@ -90,6 +91,39 @@ def decide(per_prompt: dict[str, dict[str, list[float]]], candidate: str, metric
         "require_interval": require_interval,
         "promoted": beats,
     }
+
+
+def base_identity(params) -> str:
+    """What a lineage of rounds is built on: the base model (a path or hub id, or the embedded
+    model's shape, warmup and seed) and the task (the prompts file, or the embedded task's
+    settings). A champion registered under another identity is not this lineage's."""
+    import json
+
+    d, m = params.to_dict()["data"], params.to_dict()["model"]
+    model = m["path"] if m["path"] is not None else {
+        "embedded": {k: m[k] for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length")},
+        "warmup": params.to_dict()["warmup"], "seed": params.seed}
+    task = d["source"] if d["source"] != "synthetic" else {
+        k: d[k] for k in ("min_ops", "max_ops", "min_operand", "max_operand", "small_operand_fraction")}
+    return hashlib.sha256(json.dumps([model, task], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def decision_tags(decision: dict) -> dict[str, str]:
+    """A candidate version's tags recording its promotion decision."""
+    return {"promotion_decision": "promoted" if decision["promoted"] else "not promoted",
+            **{f"promotion_{k}": str(v) for k, v in decision.items() if k not in ("candidate", "promoted")}}
+
+
+def pending_promotion(candidate_tags: dict | None, champion: str | None, candidate_version: str) -> bool:
+    """Whether `@champion` should move to the candidate now: its round decided to promote it,
+    and the alias still points at the model that round started from (a run killed between the
+    decision and the alias move leaves it there). Once the alias moved on (a later round, or a
+    rollback that replaced this candidate) nothing moves."""
+    if not candidate_tags or candidate_tags.get("promotion_decision") != "promoted":
+        return False
+    if REPLACED_TAG in candidate_tags or champion == candidate_version:
+        return False
+    return (champion or "base") == candidate_tags.get("started_from_version")
 
 
 def decision_summary(decision: dict) -> str:

@@ -126,8 +126,11 @@ def launch_command(module: str, module_args: list[str], num_processes: int, conf
     if config_file:
         cmd += ["--config_file", config_file, "--num_processes", str(num_processes)]
     elif num_processes > 1:
+        # One machine: the processes meet over loopback. (torch's TCPStore still listens on every
+        # interface; it has no bind address to give.)
         cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-                "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000)]
+                "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+                "--main_process_port", str(29500 + os.getpid() % 1000)]
     else:
         cmd += ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
     cmd += ["--mixed_precision", "no" if mixed_precision == "fp32" else mixed_precision]
@@ -137,3 +140,24 @@ def launch_command(module: str, module_args: list[str], num_processes: int, conf
         # --multi_gpu only spawns the processes; without this each would work alone.
         env["ACCELERATE_USE_CPU"] = "true"
     return cmd + ["-m", module, *module_args], env
+
+
+def stop_process_tree(pid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM a process and all its descendants, then SIGKILL what is left after `grace_s`.
+    Descendants are listed first: a launcher's workers often run in sessions of their own, out of
+    reach of a signal to the launcher's process group."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=grace_s)

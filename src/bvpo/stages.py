@@ -17,7 +17,7 @@ from . import tracking
 from .config import Params
 from .errors import BvpoError
 from .modes import MODES
-from .paths import PATHS, atomic_path, project_root, write_json
+from .paths import PATHS, atomic_path, project_root, record_run_facts, write_json
 
 STAGES = ("prepare", "warmup", "policy", "sample", "pairs", "train", "evaluate", "analyze")
 
@@ -96,8 +96,9 @@ def warmup(params: Params, project_dir: Path | str = ".") -> Path:
         with atomic_path(out) as tmp:
             save_model(model, tokenizer, tmp)
             precision = resolve_precision(params.warmup.mixed_precision, next(model.parameters()).device)
-            write_json(tmp / "warmup_summary.json", {"seconds": seconds, "final_loss": history[-1]["loss"],
-                                                      "steps": len(history), "mixed_precision": precision})
+            write_json(tmp / "warmup_summary.json", {"final_loss": history[-1]["loss"], "steps": len(history),
+                                                      "mixed_precision": precision})
+        record_run_facts(root, "warmup", {"seconds": seconds})
         tracking.log_history(history)
         tracking.log_metrics({"seconds": seconds, "n_parameters": sum(p.numel() for p in model.parameters())})
         tracking.set_tags({"mixed_precision": precision})

@@ -188,8 +188,9 @@ def log_dict(obj: dict, artifact_file: str) -> None:
 
 
 def log_and_register_model(model_dir: str | Path, registered_model: str, tags: dict[str, str]) -> str:
-    """Log a saved HF model with the transformers flavour and register a new version (the
-    champion alias is moved separately, by `set_champion`, after the promotion decision)."""
+    """Log a saved HF model with the transformers flavour and register a new version carrying
+    all of `tags` from its creation (one registry write: a version is never seen half-tagged).
+    The champion alias is moved separately, by `set_champion`, after the version exists."""
     import logging
 
     import mlflow
@@ -212,17 +213,15 @@ def log_and_register_model(model_dir: str | Path, registered_model: str, tags: d
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                           f"transformers=={transformers.__version__}",
                           f"accelerate=={accelerate.__version__}"],
-        registered_model_name=registered_model,
     )
-    client = mlflow.MlflowClient()
-    version = str(info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(registered_model, version, key, value)
-    return version
+    version = mlflow.register_model(info.model_uri, registered_model, tags={k: str(v) for k, v in tags.items()})
+    return str(version.version)
 
 
 # ----------------------------------------------------------------------------- the registry, for rounds
 CHAMPION_ALIAS = "champion"
+# A version whose promotion `bvpo champion set` undid: a rerun of its round never promotes it again.
+REPLACED_TAG = "champion_replaced_by"
 
 
 class RegistryError(BvpoError, LookupError):
@@ -248,7 +247,39 @@ def champion_version(project_dir: str | Path, registered_model: str) -> str | No
 
 
 def set_champion(project_dir: str | Path, registered_model: str, version: str) -> None:
-    _client(project_dir).set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
+    """Point `@champion` at `version` (idempotent: setting it again changes nothing)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(project_dir)
+    try:
+        client.get_model_version(registered_model, version)
+    except MlflowException:
+        raise RegistryError(f"registered model {registered_model!r} has no version {version}") from None
+    client.set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
+
+
+def set_champion_by_hand(project_dir: str | Path, registered_model: str, version: str | None, reason: str) -> str | None:
+    """`bvpo champion set`: point `@champion` at `version` (None: remove it, so rounds start from
+    the base model again) and record the event as tags: on the new champion who set it from what
+    and why; on the one it replaces `champion_replaced_by`, so a rerun of that one's round never
+    promotes it again. Tags first, alias last: repeating the command finishes a killed one.
+    Returns the champion it replaced (None: the base model)."""
+    import datetime
+
+    client = _client(project_dir)
+    previous = champion_version(project_dir, registered_model)
+    if version is not None:
+        set_version_tags(project_dir, registered_model, version, {
+            "champion_set_reason": reason, "champion_set_from": previous or "base",
+            "champion_set_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    if previous is not None and previous != version:
+        set_version_tags(project_dir, registered_model, previous, {REPLACED_TAG: version or "base"})
+    if version is None:
+        if previous is not None:
+            client.delete_registered_model_alias(registered_model, CHAMPION_ALIAS)
+    else:
+        set_champion(project_dir, registered_model, version)
+    return previous
 
 
 def model_versions(project_dir: str | Path, registered_model: str) -> list[dict[str, str]]:
@@ -260,7 +291,13 @@ def model_versions(project_dir: str | Path, registered_model: str) -> list[dict[
 
 
 def set_version_tags(project_dir: str | Path, registered_model: str, version: str, tags: dict[str, str]) -> None:
+    from mlflow.exceptions import MlflowException
+
     client = _client(project_dir)
+    try:
+        client.get_model_version(registered_model, version)
+    except MlflowException:
+        raise RegistryError(f"registered model {registered_model!r} has no version {version}") from None
     for key, value in tags.items():
         client.set_model_version_tag(registered_model, version, key, str(value))
 

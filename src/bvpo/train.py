@@ -42,7 +42,8 @@ from .gradients import GradientVector, mixed_variance
 from .losses import bvpo_loss, estimator_loss
 from .modeling import TORCH_DTYPES, load_model, load_tokenizer, resolve_dtype, sdpa_in_fp32
 from .modes import MODES
-from .reference import cache_file, cpu_bf16, load_reference_model, model_digest, precomputed_reference
+from .paths import record_run_facts
+from .reference import cache_file, code_digest, cpu_bf16, load_reference_model, model_digest, precomputed_reference
 from .runtime import files_digest
 from .sequences import Encoded, fits, score_pairs
 from .sequences import encode as encode_sequence
@@ -51,6 +52,11 @@ from .warmup import cosine_schedule
 # The estimators as error messages name them (metrics and files say think / nothink: bvpo.modes).
 ESTIMATOR = {"think": "trace", "nothink": "empty-trace"}
 KILL_ENV = "BVPO_KILL_AFTER_CHECKPOINT"  # tests: "METHOD:STEP" dies (SIGKILL) right after that checkpoint
+RUN_FACTS = "run_facts.json"  # a method's wall time and peak memory, in its work folder
+# The code that decides a method's weights: a change to it (or to the libraries) makes a finished
+# method or a checkpoint of the old code stale.
+TRAINING_MODULES = ("train.py", "losses.py", "sequences.py", "modeling.py", "alpha.py", "gradients.py",
+                    "reference.py", "warmup.py")
 
 
 class TrainingError(BvpoError, RuntimeError):
@@ -284,7 +290,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def setup(name: str, alpha_setting: float | str, params: Params, base_dir: str, method_dir: Path,
+def setup(name: str, alpha: float | str, params: Params, base_dir: str, method_dir: Path,
           fingerprint: str) -> TrainState:
     """A fresh Accelerator, the policy, AdamW and the schedule for one method, resumed from its
     latest checkpoint when one matches `fingerprint`. Its own Accelerator means a checkpoint
@@ -307,9 +313,9 @@ def setup(name: str, alpha_setting: float | str, params: Params, base_dir: str, 
     sharded = accelerator.distributed_type.name == "FSDP"
     grad_vector = GradientVector(list(model.parameters() if sharded else accelerator.unwrap_model(model).parameters()),
                                  t.grad_sketch_dim, seed, sharded=sharded)
-    auto = alpha_setting == "auto"
+    auto = alpha == "auto"
     state = TrainState(name, fingerprint, accelerator, model, optimizer, scheduler, grad_vector,
-                       AlphaState(t.alpha_init if auto else float(alpha_setting), auto))
+                       AlphaState(t.alpha_init if auto else float(alpha), auto))
     checkpoint = latest_checkpoint(method_dir, fingerprint)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -443,7 +449,7 @@ def finished_history(method_dir: Path, fingerprint: str) -> list[dict] | None:
     return None
 
 
-def train_method(name: str, alpha_setting: float | str, params: Params, base_dir: str, pair_loss: PairLoss,
+def train_method(name: str, alpha: float | str, params: Params, base_dir: str, pair_loss: PairLoss,
                  tokenizer, work_dir: Path, fingerprint: str, logger: MetricLogger | None = None) -> list[dict]:
     """setup → train_loop → save_final for one method; its model and optimizer are freed after."""
     logger = logger or MetricLogger(enabled=False)
@@ -455,17 +461,22 @@ def train_method(name: str, alpha_setting: float | str, params: Params, base_dir
         for row in history:
             logger.log(row)
         return history
-    state = setup(name, alpha_setting, params, base_dir, method_dir, fingerprint)
+    state = setup(name, alpha, params, base_dir, method_dir, fingerprint)
     on_cuda = state.accelerator.device.type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(state.accelerator.device)
     started = time.perf_counter()
     with sdpa_in_fp32(state.accelerator.unwrap_model(state.model), cpu_bf16(state.accelerator)):
         train_loop(state, pair_loss, params.train, method_dir, logger)
-    summary = {"method": name, "alpha": alpha_setting, "steps": params.train.steps,
-               "seconds_this_run": time.perf_counter() - started}
+    # Timings and memory go beside the checkpoints (RUN_FACTS), not into the saved model: a
+    # retrained model is then byte-identical, and so is its DVC hash.
+    facts = {"seconds_this_run": time.perf_counter() - started}
     if on_cuda:  # this process's peak while training (model, optimizer, activations), for sizing runs
-        summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(state.accelerator.device) / 2**30
+        facts["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(state.accelerator.device) / 2**30
+    if state.accelerator.is_main_process:
+        method_dir.mkdir(parents=True, exist_ok=True)
+        (method_dir / RUN_FACTS).write_text(json.dumps(facts) + "\n")
+    summary = {"method": name, "alpha": alpha, "steps": params.train.steps}
     save_final(state, method_dir, tokenizer, summary, resolve_dtype(params.model.dtype, state.accelerator.device))
     history = state.history
     state.accelerator.free_memory()
@@ -604,7 +615,7 @@ def method_fingerprint(name: str, method, params: Params, shared: SharedSetup) -
     return hashlib.sha256(json.dumps(
         [name, method.alpha, method.preference_weight, train_config, params.seed, params.model.max_length,
          params.model.max_length_nothink, params.model.dtype, shared.pairs_digest, shared.base_digest,
-         shared.precision], sort_keys=True, default=str).encode()).hexdigest()[:16]
+         shared.precision, code_digest(TRAINING_MODULES)], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -636,6 +647,10 @@ def main(argv: list[str] | None = None) -> int:
             history = train_method(name, method.alpha, params, args.base, pair_loss, shared.tokenizer, work_dir,
                                    method_fingerprint(name, method, params, shared), logger)
             logger.flush()
+            facts = work_dir / name / RUN_FACTS
+            if main_process and facts.is_file():  # absent for a method reused from an interrupted run
+                tracking.log_metrics(json.loads(facts.read_text()))
+                record_run_facts(Path(args.project_dir).resolve(), f"train-{name}", json.loads(facts.read_text()))
         if main_process:
             write_history_csv(history, work_dir / name / "final" / "history.csv")
     return 0
