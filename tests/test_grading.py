@@ -76,6 +76,10 @@ def test_every_gsm8k_answer_grades_right_boxed_or_stated_and_the_next_problems_w
     ("\\boxed{1,000}", "#### 1,000", 1.0),
     ("\\boxed{10\\%}", "10\\%", 1.0),
     ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    # Without a box only a stated answer counts, never a number that merely appears.
+    ("5. Check: 2 × 5 = 10", "10", 0.0),
+    ("It is 7 or 10", "10", 0.0),
+    ("Answer: 42", "42", 1.0),
     # The embedded task: a bare number, compared exactly.
     ("42", "42", 1.0),
     ("41", "42", 0.0),

@@ -18,6 +18,14 @@ from micro_params import make_project
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
+def command_line(process: psutil.Process) -> str:
+    """A process's command line; "" for one that already exited (a zombie until reaped)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def test_stopping_a_run_stops_its_training_processes(tmp_path):
     project = make_project(tmp_path / "project", {
         "train": {"steps": 2000, "batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "lr": 1.0e-3,
@@ -33,14 +41,14 @@ def test_stopping_a_run_stops_its_training_processes(tmp_path):
     while time.time() < deadline and not trainers:
         time.sleep(1)
         assert run.poll() is None, "the run ended before training started"
-        trainers = [p for p in tree.children(recursive=True) if "bvpo.train" in " ".join(p.cmdline())]
+        trainers = [p for p in tree.children(recursive=True) if "bvpo.train" in command_line(p)]
     assert trainers, "training never started"
     time.sleep(3)  # well inside the 2,000 steps
     descendants = tree.children(recursive=True)
     run.send_signal(signal.SIGTERM)
     run.wait(timeout=120)
     gone, alive = psutil.wait_procs(descendants, timeout=30)
-    assert not alive, [" ".join(p.cmdline())[:200] for p in alive]
+    assert not alive, [command_line(p)[:200] for p in alive]
     # The lock went with the run: a second one may start (and is refused only for other reasons).
     check = subprocess.run([sys.executable, "-m", "bvpo.cli", "check"], cwd=project, env=env, capture_output=True,
                            text=True)

@@ -253,5 +253,6 @@ def test_a_hub_id_that_cannot_be_fetched_says_how_to_fix_it(tmp_path, monkeypatc
     write_model_pointer("Qwen/Qwen3-0.6B", tmp_path / "pointer")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
-    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set, so only the local Hugging Face cache is read"):
-        load_tokenizer(tmp_path / "pointer")
+    for given in (tmp_path / "pointer", "Qwen/Qwen3-0.6B"):  # through the warmup's pointer, or as model.path
+        with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set, so only the local Hugging Face cache is read"):
+            load_tokenizer(given)

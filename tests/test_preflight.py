@@ -177,3 +177,38 @@ def test_bvpo_init_refuses_to_replace_params_and_needs_a_judge_for_prompts_witho
     params = load_params(project / out)
     assert (params.pairs.reward, params.promotion.metric) == ("model", "reward_mean")
     assert params.data.source == "data/inputs/no_answers.jsonl"
+
+
+def test_a_recipe_as_written_passes_the_preflight(user_project, tokenizer, tmp_path):
+    """The recipe's no-thinking limit (2,048) is tighter than its generation budget (4,096) on
+    purpose: the preflight checks that no-thinking prompts leave room for an answer, not for the
+    whole budget (it refused every recipe before)."""
+    from bvpo.cli import main
+    from bvpo.modeling import build_tiny_model, save_model
+    from bvpo.preflight import run
+
+    project, _ = user_project
+    # A model whose context holds the recipe's 5,120 tokens.
+    save_model(build_tiny_model(tokenizer, 32, 2, 4, 64, 16384, seed=0), tokenizer, tmp_path / "long-context")
+    assert main(["--project-dir", str(project), "init", "--model", str(tmp_path / "long-context"), "--recipe",
+                 "qwen3-0.6b", "--prompts", "data/inputs/prompts.jsonl", "--out", "params-recipe.yaml"]) == 0
+    params = load_params(project / "params-recipe.yaml")
+    assert params.model.max_length_nothink < params.sample.max_new_tokens
+    notes = run(params, project)
+    assert any(n.startswith("sampling: batch") for n in notes)
+
+
+def test_the_reward_needs_training_answers_and_the_metric_held_out_ones(user_project):
+    from bvpo.preflight import run
+
+    project, model = user_project
+    both = {"model": {"path": str(model)}}
+    ok = params_with(project, "train-answers", **both, data={"source": "data/inputs/prompts.jsonl",
+                                                            "test_source": "data/inputs/no_answers.jsonl"},
+                     pairs={"reward": "verified", "reward_model": str(model)}, promotion={"metric": "reward_mean"})
+    run(load_params(ok), project)  # refused before: the held-out file's (missing) answers were checked
+    bad = params_with(project, "test-answers", **both, data={"source": "data/inputs/no_answers.jsonl",
+                                                            "test_source": "data/inputs/prompts.jsonl"},
+                      pairs={"reward": "verified"})
+    with pytest.raises(ConfigError, match="which data/inputs/no_answers.jsonl does not have"):
+        run(load_params(bad), project)  # passed before, and the pairs stage failed after sampling

@@ -149,3 +149,31 @@ def test_a_champion_of_another_base_model_is_not_this_lineages(round_outputs, to
     moved = resolve_champion.fn(str(round_outputs), str(params_file))
     assert moved["version"] is None and "another base model or task" in moved["lineage_reset"]
     assert json.loads((round_outputs / "data/champion.json").read_text())["version"] is None
+
+
+def test_a_new_lineage_promotes_over_the_old_lineages_champion(round_outputs, tokenizer):
+    """After a lineage reset the round starts from the new base model; a candidate that beats it
+    is promoted, though @champion still pointed at the old lineage's version (it was decided
+    "promoted" and never moved before)."""
+    import yaml
+
+    from bvpo.flow import resolve_champion
+    from bvpo.modeling import build_tiny_model, save_model
+
+    register(round_outputs)
+    old = registry(round_outputs)[1]
+    params_file = round_outputs / "params.yaml"
+    save_model(build_tiny_model(tokenizer, 32, 2, 4, 64, 96, seed=7), tokenizer, round_outputs / "user-model")
+    raw = yaml.safe_load(params_file.read_text())
+    raw["model"]["path"] = "user-model"
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    for seed, method in enumerate(METHODS, start=10):  # the new lineage's trained models
+        save_model(build_tiny_model(tokenizer, 32, 2, 4, 64, 96, seed=seed), tokenizer,
+                   round_outputs / "data/models" / method)
+    champion = resolve_champion.fn(str(round_outputs), str(params_file))
+    assert champion["version"] is None and champion["lineage_reset"]
+    result = register(round_outputs, champion_version=None, round_=champion["round"])
+    assert result["decision"]["promoted"]
+    new = result["versions"]["bvpo"]
+    assert registry(round_outputs)[1] == new != old
+    assert registry(round_outputs)[0][new]["base_identity"] != registry(round_outputs)[0][old]["base_identity"]

@@ -100,6 +100,14 @@ def write_champion_pointer(root: Path, registered_model: str, version: str | Non
             tmp.write_text(text)
 
 
+def lineage_champion(root: Path, registered_model: str, identity: str, versions: list[dict]) -> str | None:
+    """`@champion` if it was trained from this base model and task (`base_identity`), else None:
+    a champion of another lineage is neither started from nor compared against."""
+    version = tracking.champion_version(root, registered_model)
+    tags = next((t for t in versions if t["version"] == version), {})
+    return version if version is not None and tags.get("base_identity") == identity else None
+
+
 @task(name="champion")
 def resolve_champion(project_dir: str, params_file: str) -> dict:
     """Read `@champion` from the registry into data/champion.json, the round's input. A champion
@@ -110,14 +118,11 @@ def resolve_champion(project_dir: str, params_file: str) -> dict:
     root = Path(project_dir)
     name = params.tracking.registered_model
     versions = tracking.model_versions(root, name)
-    version, reset = tracking.champion_version(root, name), None
-    identity = rounds.base_identity(params)
-    if version is not None:
-        registered = next((tags for tags in versions if tags["version"] == version), {})
-        if registered.get("base_identity") != identity:
-            reset = (f"@champion (version {version}) was trained from another base model or task than params.yaml "
-                     "names now: this round starts from the base model")
-            version = None
+    alias, reset = tracking.champion_version(root, name), None
+    version = lineage_champion(root, name, rounds.base_identity(params), versions)
+    if alias is not None and version is None:
+        reset = (f"@champion (version {alias}) was trained from another base model or task than params.yaml "
+                 "names now: this round starts from the base model")
     write_champion_pointer(root, name, version)
     return {"registered_model": name, "version": version, "round": rounds.next_round(versions),
             "lineage_reset": reset}
@@ -173,7 +178,8 @@ def register_and_promote(project_dir: str, params_file: str, pipeline_run_id: st
                     candidate_tags = tags
                 versions[method] = tracking.log_and_register_model(root / PATHS["models"] / method, name, tags)
                 new_versions.append(versions[method])
-    promoted = rounds.pending_promotion(candidate_tags, tracking.champion_version(root, name), versions[candidate])
+    current = lineage_champion(root, name, lineage["base_identity"], tracking.model_versions(root, name))
+    promoted = rounds.pending_promotion(candidate_tags, current, versions[candidate], lineage["base_identity"])
     if promoted:
         tracking.set_champion(root, name, versions[candidate])
     return {"round": champion["round"] if decision or new_versions else None, "versions": versions, "decision": decision,

@@ -187,6 +187,8 @@ def completion_text(trace: str | None, answer: str, eos: str, opened: bool = Fal
 
 def resolve_model_dir(model_dir: str | Path) -> str:
     """The directory or hub id to load: the warmup stage writes either a model or a pointer."""
+    if not is_local(str(model_dir)):
+        return str(model_dir)  # a hub id: the Hugging Face cache or the hub resolves it
     model_dir = Path(model_dir)
     pointer = model_dir / POINTER_FILE
     if pointer.is_file():

@@ -10,7 +10,6 @@ sample stage sizes its batch with the same estimate.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,10 +49,12 @@ def free_memory(device) -> int:
     """Bytes free on `device` now: the GPU's free memory, or the machine's available RAM."""
     import torch
 
+    import psutil
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return psutil.virtual_memory().available  # reclaimable page cache counts as available
 
 
 def sampling_batch(setting: int | str, sizes: Sizes, sequence_tokens: int, dtype: str, free_bytes: int,
@@ -87,20 +88,25 @@ def prompt_tokens(tokenizer, prompts: list, thinking: bool) -> list[int]:
 
 def check_fit(lengths: dict[bool, list[int]], params: Params) -> None:
     """Refuse a run whose prompts plus `sample.max_new_tokens` overflow the mode's length limit
-    for more than `train.max_skipped_fraction` of them (their samples would all be skipped)."""
+    for more than `train.max_skipped_fraction` of them (their samples would all be skipped).
+    With `model.max_length_nothink` set, a no-thinking prompt needs only room for an answer:
+    that limit is tighter than the generation budget on purpose (a runaway answer is skipped)."""
     m, s, t = params.model, params.sample, params.train
     for thinking, values in lengths.items():
         limit = m.max_length_for(thinking)
-        name = "model.max_length" if thinking or m.max_length_nothink is None else "model.max_length_nothink"
-        over = sum(n + s.max_new_tokens > limit for n in values)
+        own_limit = not thinking and m.max_length_nothink is not None
+        name = "model.max_length_nothink" if own_limit else "model.max_length"
+        budget = 1 if own_limit else s.max_new_tokens
+        over = sum(n + budget > limit for n in values)
         if values and over / len(values) > t.max_skipped_fraction:
             longest = max(values)
+            needs = "leave no room for an answer within" if own_limit else \
+                f"plus sample.max_new_tokens={s.max_new_tokens} exceed"
             raise ConfigError(
-                f"{name}: {over} of {len(values)} prompts ({'thinking' if thinking else 'no thinking'}) plus "
-                f"sample.max_new_tokens={s.max_new_tokens} exceed {limit} tokens, more than "
-                f"train.max_skipped_fraction={t.max_skipped_fraction}: their samples would be generated, then "
-                f"skipped in training. Set {name} to at least {longest + s.max_new_tokens} (the longest prompt is "
-                f"{longest} tokens), or lower sample.max_new_tokens")
+                f"{name}: {over} of {len(values)} prompts ({'thinking' if thinking else 'no thinking'}) {needs} "
+                f"{limit} tokens, more than train.max_skipped_fraction={t.max_skipped_fraction}: their samples would "
+                f"be generated, then skipped in training. Set {name} to at least {longest + budget} (the longest "
+                f"prompt is {longest} tokens)" + ("" if own_limit else ", or lower sample.max_new_tokens"))
 
 
 def _user_files(params: Params) -> dict[str, list[str]]:
@@ -123,30 +129,32 @@ def untracked_inputs(params: Params, root: Path) -> list[str]:
     return notes
 
 
-def _prompts(params: Params, root: Path) -> tuple[list, bool]:
+def _prompts(params: Params, root: Path) -> tuple[list, bool, bool]:
     """The training and held-out prompts the run will use (the embedded task: its longest
-    prompt), with the system prompt applied; and whether the held-out ones have answers."""
+    prompt), with the system prompt applied; and whether the training prompts and the held-out
+    ones have answers."""
     from .data import longest_prompt, read_prompts_file, with_system_prompt
 
     d = params.data
     if d.source == "synthetic":
-        return [longest_prompt(d.max_ops)], True
+        return [longest_prompt(d.max_ops)], True, True
     rows = read_prompts_file(root / d.source)
-    has_answers = "answer" in rows.column_names
+    train_answers = test_answers = "answer" in rows.column_names
     prompts = list(rows["prompt"])
     if d.test_source:
         test = read_prompts_file(root / d.test_source)
-        has_answers = "answer" in test.column_names
+        test_answers = "answer" in test.column_names
         prompts += list(test["prompt"])
-    return [with_system_prompt(p, d.system_prompt) for p in prompts], has_answers
+    return [with_system_prompt(p, d.system_prompt) for p in prompts], train_answers, test_answers
 
 
-def check_answers(params: Params, has_answers: bool) -> None:
-    """Settings that need answers (or their absence) against what the prompts have."""
-    if not has_answers and params.pairs.reward in ("verified", "graded", "verified_model"):
+def check_answers(params: Params, train_answers: bool, has_answers: bool) -> None:
+    """Settings that need answers (or their absence) against what the prompts have: the reward
+    grades the training prompts' samples, the promotion metric scores the held-out prompts."""
+    if not train_answers and params.pairs.reward in ("verified", "graded", "verified_model"):
         raise ConfigError(f"pairs.reward: {params.pairs.reward} grades answers against an 'answer' column, which "
-                          f"{params.data.test_source or params.data.source} does not have: set pairs.reward: model "
-                          "(and pairs.reward_model), or add answers")
+                          f"{params.data.source} does not have: set pairs.reward: model (and pairs.reward_model), "
+                          "or add answers")
     metric = params.promotion.metric
     if not has_answers and metric.startswith("accuracy"):
         raise ConfigError(f"promotion.metric: {metric} needs held-out prompts with answers; these have none, so "
@@ -173,8 +181,8 @@ def run(params: Params, project_dir: Path | str = ".") -> list[str]:
         path = str(local.resolve()) if local.exists() else m.path
         tokenizer = load_tokenizer(path)  # the template check
         config = AutoConfig.from_pretrained(path, **hub_kwargs(path))
-    prompts, has_answers = _prompts(params, root)
-    check_answers(params, has_answers)
+    prompts, train_answers, test_answers = _prompts(params, root)
+    check_answers(params, train_answers, test_answers)
     lengths = {thinking: prompt_tokens(tokenizer, prompts, thinking) for thinking in (True, False)}
     check_fit(lengths, params)
     sizes = Sizes.of(config)

@@ -68,7 +68,8 @@ def verified_reward(response: str, reference: str) -> float:
     compared exactly and fast (the embedded task, GSM8K); everything else goes through
     math-verify with the reference read as LaTeX, as MATH writes it (`\\dfrac{14}{3}`,
     `2\\sqrt{3}`, `[-2,7]`, `\\pi`), and a plain-text comparison catches what is no formula
-    (`\\text{Evelyn}`, `\\text{(C)}`)."""
+    (`\\text{Evelyn}`, `\\text{(C)}`). Without a box, only an answer the text states counts
+    ("The answer is 72."), never a number that merely appears in it."""
     response = response.strip()
     if not response:
         return 0.0
@@ -83,10 +84,14 @@ def verified_reward(response: str, reference: str) -> float:
 
     try:
         gold_parsed = parse(f"\\boxed{{{reference}}}", [LatexExtractionConfig(boxed_match_priority=0)])
-        # A boxed answer is parsed alone; otherwise math-verify finds the answer in the text
-        # ("the answer is 72", a last formula).
-        pred_parsed = parse(f"\\boxed{{{answer}}}" if last_boxed(response) is not None else response,
-                            [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()])
+        if last_boxed(response) is not None:  # the boxed answer, parsed alone
+            pred_parsed = parse(f"\\boxed{{{answer}}}", [LatexExtractionConfig(boxed_match_priority=0)])
+        else:
+            # Only an answer the text states ("the answer is 72", "Answer: 42"): math-verify's
+            # unanchored fallback takes the last number anywhere, so "5. Check: 2 × 5 = 10" would
+            # state 10.
+            pred_parsed = parse(response, [LatexExtractionConfig(try_extract_without_anchor=False),
+                                           ExprExtractionConfig(try_extract_without_anchor=False)])
         return float(bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed)))
     except Exception:  # math-verify gives up on unparsable text; that is a wrong answer
         return 0.0

@@ -114,12 +114,17 @@ def decision_tags(decision: dict) -> dict[str, str]:
             **{f"promotion_{k}": str(v) for k, v in decision.items() if k not in ("candidate", "promoted")}}
 
 
-def pending_promotion(candidate_tags: dict | None, champion: str | None, candidate_version: str) -> bool:
+def pending_promotion(candidate_tags: dict | None, champion: str | None, candidate_version: str,
+                      identity: str) -> bool:
     """Whether `@champion` should move to the candidate now: its round decided to promote it,
     and the alias still points at the model that round started from (a run killed between the
     decision and the alias move leaves it there). Once the alias moved on (a later round, or a
-    rollback that replaced this candidate) nothing moves."""
+    rollback that replaced this candidate) nothing moves. `champion`: the alias if it belongs
+    to this lineage (`identity`, the base model and task), else None; a candidate of another
+    lineage is never promoted."""
     if not candidate_tags or candidate_tags.get("promotion_decision") != "promoted":
+        return False
+    if candidate_tags.get("base_identity") != identity:
         return False
     if REPLACED_TAG in candidate_tags or champion == candidate_version:
         return False

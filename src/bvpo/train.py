@@ -427,8 +427,12 @@ def save_final(state: TrainState, method_dir: Path, tokenizer, summary: dict, pr
                 model.to(dtype)
             else:
                 state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-                model.config.dtype = dtype
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if precision != "fp32" and state_dict is not None:
+            # save_pretrained writes the unwrapped model's dtype (FSDP: fp32 shards) into
+            # config.json; the weights it wrote are `precision`, so the config must say so.
+            model.config.dtype = TORCH_DTYPES[precision]
+            model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "train_summary.json").write_text(json.dumps(
             {**summary, "final_alpha": state.alpha.alpha, "final": state.history[-1]}, indent=2) + "\n")
