@@ -17,6 +17,7 @@ import re
 _INTEGER = re.compile(r"[-+]?\d+")
 _LAST_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_SPACE = re.compile(r"\s")
 # Text wrappers and spacing that do not change an answer written as text (`\text{Evelyn}`, `\$32`).
 _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
 _SPACING = re.compile(r"\\left|\\right|\\[,;:! ]|\\\$|\$|\s")
@@ -68,8 +69,9 @@ def verified_reward(response: str, reference: str) -> float:
     compared exactly and fast (the embedded task, GSM8K); everything else goes through
     math-verify with the reference read as LaTeX, as MATH writes it (`\\dfrac{14}{3}`,
     `2\\sqrt{3}`, `[-2,7]`, `\\pi`), and a plain-text comparison catches what is no formula
-    (`\\text{Evelyn}`, `\\text{(C)}`). Without a box, only an answer the text states counts
-    ("The answer is 72."), never a number that merely appears in it."""
+    (`\\text{Evelyn}`, `\\text{(C)}`). Without a box, a response that is one expression is the
+    answer (`\\frac{1}{2}`); in prose only an answer the text states counts ("The answer is
+    72."), never a number that merely appears in it."""
     response = response.strip()
     if not response:
         return 0.0
@@ -84,7 +86,8 @@ def verified_reward(response: str, reference: str) -> float:
 
     try:
         gold_parsed = parse(f"\\boxed{{{reference}}}", [LatexExtractionConfig(boxed_match_priority=0)])
-        if last_boxed(response) is not None:  # the boxed answer, parsed alone
+        if last_boxed(response) is not None or not _SPACE.search(answer):
+            # The boxed answer, or a response that is one expression (`\\frac{1}{2}`), parsed alone.
             pred_parsed = parse(f"\\boxed{{{answer}}}", [LatexExtractionConfig(boxed_match_priority=0)])
         else:
             # Only an answer the text states ("the answer is 72", "Answer: 42"): math-verify's
