@@ -13,7 +13,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 # project for the embedded model, the user's own cache and network for a hub model.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test test-fast install repro experiment ui serve bench bench-trl clean help
+.PHONY: run test test-fast install repro experiment ui serve stack-up stack-down stack-status bench bench-trl clean help
 
 help:
 	@echo "make run    - set up .venv, run the whole pipeline on the embedded default"
@@ -23,6 +23,8 @@ help:
 	@echo "make experiment - every method x 3 seeds as DVC experiments, with 95% intervals"
 	@echo "make ui     - MLflow UI on http://127.0.0.1:5000"
 	@echo "make serve  - Prefect server on 127.0.0.1:4200 + a nightly round (CRON=... to change)"
+	@echo "make stack-up - team mode: PostgreSQL + MLflow server + Prefect server + a worker (loopback)"
+	@echo "make stack-down / stack-status - stop it / show what runs where"
 	@echo "make bench  - training throughput benchmark"
 	@echo "make bench-trl - the trainer vs TRL DPOTrainer on the same work (installs trl)"
 
@@ -69,6 +71,17 @@ ui: $(STAMP)
 CRON ?= 0 3 * * *
 serve: $(STAMP) .dvc/config
 	$(BIN)/bvpo serve --cron "$(CRON)"
+
+# Team mode (README "Team mode"): the shared servers on this machine; `bvpo stack up --help` for
+# ports, a data directory, a managed PostgreSQL or an object store for artifacts.
+stack-up: $(STAMP) .dvc/config
+	$(BIN)/bvpo stack up
+
+stack-down: $(STAMP)
+	$(BIN)/bvpo stack down
+
+stack-status: $(STAMP)
+	$(BIN)/bvpo stack status
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py

@@ -79,3 +79,68 @@ def test_the_closure_sees_lazy_and_subprocess_imports():
     train = stage_closure("train")
     assert {"train", "gradients", "alpha", "tracking", "plots"} <= train  # -m bvpo.train, lazy imports
     assert "train" not in stage_closure("evaluate") and "warmup" not in stage_closure("prepare")
+
+
+# ----------------------------------------------------------------------------- params
+# Params read through a property or method stand for the fields behind them.
+DERIVED = {"sample_seed": {"seed", "sample.seed"}, "train_seed": {"seed", "train.seed"},
+           "model.max_length_for": {"model.max_length", "model.max_length_nothink"}}
+# Where a stage's runs are logged, and which servers it talks to, never change its outputs.
+NOT_INPUTS = {"tracking", "stack", "to_dict"}
+
+
+def params_reads(function: ast.FunctionDef) -> set[str]:
+    """`params.section` / `params.section.field` read in `function` (outermost chains only)."""
+    inner = {id(n.value) for n in ast.walk(function) if isinstance(n, ast.Attribute)}
+    found = set()
+    for node in ast.walk(function):
+        if isinstance(node, ast.Attribute) and id(node) not in inner:
+            parts, base = [], node
+            while isinstance(base, ast.Attribute):
+                parts.append(base.attr)
+                base = base.value
+            if isinstance(base, ast.Name) and base.id == "params":
+                chain = ".".join(list(reversed(parts))[:2])
+                found |= DERIVED.get(chain, {chain})
+    return found
+
+
+def stage_params_reads(stage: str) -> set[str]:
+    """Every params field the stage reads: its function in stages.py and, transitively, every
+    function of its modules that it hands `params` to (plus the `main` of a module it launches
+    with `-m`, which loads the same params file). config.py (loading, validation) is left out."""
+    functions: dict[str, list[tuple[str, ast.FunctionDef]]] = {}
+    for module in stage_closure(stage) - {"config"}:
+        for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+            if isinstance(node, ast.FunctionDef):
+                functions.setdefault(node.name, []).append((module, node))
+    entry = [f for m, f in functions[stage] if m == "stages"]
+    launched = {m for m, f in functions.get("main", []) if f"bvpo.{m}" in ast.unparse(entry[0])}
+    todo = entry + [f for m, f in functions.get("main", []) if m in launched]
+    seen, reads = set(), set()
+    while todo:
+        function = todo.pop()
+        if id(function) in seen:
+            continue
+        seen.add(id(function))
+        reads |= params_reads(function)
+        for call in ast.walk(function):
+            if isinstance(call, ast.Call) and any(isinstance(a, ast.Name) and a.id == "params"
+                                                  for a in [*call.args, *(k.value for k in call.keywords)]):
+                name = call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", None)
+                todo.extend(f for _, f in functions.get(name, []))
+    return reads
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_params_cover_what_it_reads(stage):
+    listed = set(STAGES[stage].get("params", []))
+    missing = {chain for chain in stage_params_reads(stage) if chain not in listed
+               and chain.split(".")[0] not in listed and chain.split(".")[0] not in NOT_INPUTS}
+    assert not missing, f"dvc.yaml stage {stage!r} reads params {sorted(missing)} but does not list them"
+
+
+def test_the_params_scan_follows_params_into_other_modules():
+    assert {"model.dtype", "pairs.reward_batch_size"} <= stage_params_reads("pairs")  # rewards.reward_model
+    assert {"seed", "sample.seed", "sample.k"} <= stage_params_reads("sample")  # sampling.main, -m bvpo.sampling
+    assert "seed" in stage_params_reads("evaluate")  # evaluation.score_prompts' sampling seed

@@ -9,6 +9,7 @@
     bvpo ui                  the MLflow UI over the project's store, on 127.0.0.1
     bvpo schedule --cron C   serve the round flow on a schedule (needs a Prefect server)
     bvpo serve               start a loopback Prefect server and serve the schedule, one command
+    bvpo stack up|down|status  team mode: PostgreSQL, MLflow and Prefect servers and a worker
 """
 
 from __future__ import annotations
@@ -99,11 +100,33 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
 
+    stack = sub.add_parser("stack", help="team mode: PostgreSQL + MLflow server + Prefect server + worker",
+                           description="Start, stop or show the shared stack on this machine (loopback only): "
+                           "PostgreSQL, an MLflow tracking server on it serving the artifacts, a Prefect server on "
+                           "it and a process worker on the `bvpo` work pool. While it is up, this project's "
+                           "commands use it; other clones point at it with params.yaml's `stack` section or "
+                           "MLFLOW_TRACKING_URI / PREFECT_API_URL.")
+    actions = stack.add_subparsers(dest="action", required=True, metavar="ACTION")
+    stack_up = actions.add_parser("up", help="start every part (idempotent)")
+    stack_up.add_argument("--data-dir", help="PostgreSQL data and artifacts (default: .stack/ in the project)")
+    stack_up.add_argument("--postgres-port", type=int, default=5433)
+    stack_up.add_argument("--mlflow-port", type=int, default=5000)
+    stack_up.add_argument("--prefect-port", type=int, default=4200)
+    stack_up.add_argument("--workers", type=int, default=1, help="process workers to start (default: 1)")
+    stack_up.add_argument("--database-url", help="use this PostgreSQL (databases `mlflow` and `prefect`) instead of "
+                          "starting one, e.g. postgresql://bvpo@db.internal:5432 (password: PGPASSWORD or PGPASSFILE)")
+    stack_up.add_argument("--artifacts", help="where the MLflow server keeps artifacts: a path, s3://bucket/prefix, "
+                          "gs://... (default: artifacts/ under --data-dir)")
+    actions.add_parser("down", help="stop every part `up` started (the data stays)")
+    actions.add_parser("status", help="what runs where, and which servers this project uses")
+
     for name, help_text, description in (
-        ("schedule", "serve the round flow on a schedule (needs a Prefect server)",
-         "Serve the pipeline flow (one round per run) as a Prefect deployment on a cron or interval "
-         "schedule; runs also start on demand (Prefect UI, `prefect deployment run`). Needs a running "
-         "Prefect server: `prefect server start` in another terminal and PREFECT_API_URL exported."),
+        ("schedule", "schedule the round flow (a deployment on the work pool, or served here)",
+         "Make the pipeline flow (one round per run) a Prefect deployment on a cron or interval schedule; "
+         "runs also start on demand (Prefect UI, `prefect deployment run`). With a work pool (`bvpo stack up`, "
+         "or `stack.work_pool`) the deployment goes to the pool and its workers run the rounds, and this "
+         "command returns; without one, this process serves the schedule until stopped. Needs a running "
+         "Prefect server (`bvpo stack up`, `stack.prefect_api_url` or PREFECT_API_URL)."),
         ("serve", "start a loopback Prefect server and serve the schedule",
          "One command for a one-machine install: start `prefect server start` on 127.0.0.1, then serve "
          "the round flow on its schedule against it; Ctrl-C stops both."),
@@ -263,6 +286,11 @@ def _ui(args) -> int:
     from .tracking import artifact_root, find_experiment_id, tracking_uri, ui_url
 
     root = Path(args.project_dir).resolve()
+    served = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if served.startswith(("http://", "https://")):
+        print(f"This project logs to the MLflow server {served}: open it in a browser (`bvpo ui` serves only "
+              "the embedded mlruns/ store).")
+        return 0
     (root / "mlruns").mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(root),
            "--default-artifact-root", artifact_root(root).as_uri(), "--host", args.host, "--port", str(args.port)]
@@ -314,19 +342,70 @@ def _stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> Non
 
 def _schedule(args) -> int:
     if not os.environ.get("PREFECT_API_URL"):
-        print("bvpo: error: a schedule needs a running Prefect server. Start one in another terminal "
-              "(`prefect server start`) and `export PREFECT_API_URL=http://127.0.0.1:4200/api`, or run "
-              "`bvpo serve` (`make serve`) to start both.", file=sys.stderr)
+        print("bvpo: error: a schedule needs a running Prefect server: `bvpo stack up` (team mode), "
+              "`stack.prefect_api_url` in params.yaml, `export PREFECT_API_URL=http://127.0.0.1:4200/api` after "
+              "`prefect server start`, or `bvpo serve` (`make serve`) to start a server and the schedule together.",
+              file=sys.stderr)
         return EXIT_USAGE
     from prefect.deployments.runner import EntrypointType
 
+    from .config import load_params
     from .flow import bvpo_pipeline
+    from .stack import endpoints
 
     root = Path(args.project_dir).resolve()
     when = {"interval": args.interval} if args.interval else {"cron": args.cron or "0 3 * * *"}
+    pool = None if getattr(args, "serve_here", False) else \
+        endpoints(root, load_params(root / "params.yaml").stack)["work_pool"]
+    if pool:
+        # The worker runs the module `bvpo.flow` from its own environment, in this checkout.
+        deployment_id = bvpo_pipeline.deploy(
+            name=args.name, work_pool_name=pool, parameters={"project_dir": str(root)},
+            job_variables={"working_dir": str(root)}, entrypoint_type=EntrypointType.MODULE_PATH, build=False,
+            push=False, print_next_steps=False, ignore_warnings=True, **when)
+        print(f"Deployment bvpo-pipeline/{args.name} ({deployment_id}) on work pool {pool!r}, "
+              f"{'every %gs' % args.interval if args.interval else 'cron ' + when['cron']}: the pool's workers run "
+              f"the rounds in {root}. Run one now: prefect deployment run bvpo-pipeline/{args.name}")
+        return 0
     # limit=1: one round at a time (the project lock refuses a second one anyway).
     bvpo_pipeline.serve(name=args.name, parameters={"project_dir": str(root)}, limit=1,
                         entrypoint_type=EntrypointType.MODULE_PATH, **when)
+    return 0
+
+
+def _stack(args) -> int:
+    from . import stack
+    from .config import load_params
+
+    root = Path(args.project_dir).resolve()
+    if args.action == "up":
+        ports = stack.Ports(postgres=args.postgres_port, mlflow=args.mlflow_port, prefect=args.prefect_port)
+        print("Starting the stack (PostgreSQL, MLflow server, Prefect server, worker) on 127.0.0.1 ...", flush=True)
+        state = stack.up(root, Path(args.data_dir) if args.data_dir else None, ports, args.artifacts,
+                         args.database_url, args.workers)
+        print(f"MLflow:  {state['tracking_uri']}   (artifacts: {state['mlflow']['artifacts']})")
+        print(f"Prefect: {state['prefect']['url']}   (API {state['prefect_api_url']}, work pool "
+              f"{state['work_pool']!r}, {len(state['workers'])} worker(s))")
+        pg = state["postgres"]
+        print("PostgreSQL: " + (pg["url"] if pg["managed"] else f"127.0.0.1:{pg['port']} (data {pg['data']}, "
+                                f"password file {pg['passfile']})"))
+        print(f"This project now uses the stack. Another clone: set params.yaml's stack.tracking_uri: "
+              f"{state['tracking_uri']} and stack.prefect_api_url: {state['prefect_api_url']}. Schedule rounds: "
+              "bvpo schedule --cron '0 3 * * *'. Stop: bvpo stack down.")
+        return 0
+    if args.action == "down":
+        stopped = stack.down(root)
+        print("Stopped: " + ", ".join(stopped) if stopped else "Nothing of the stack was running.")
+        return 0
+    rows = stack.status(root)
+    for part, running, where in rows:
+        print(f"{part:<11} {'running' if running else 'stopped':<8} {where}")
+    if not rows:
+        print("No local stack in this project (`bvpo stack up` starts one).")
+    used = stack.endpoints(root, load_params(root / "params.yaml").stack if (root / "params.yaml").is_file() else None)
+    print(f"This project logs to {used['tracking_uri'] or 'mlruns/ (SQLite)'} ({used['tracking_uri_from']}) and "
+          f"orchestrates on {used['prefect_api_url'] or 'a temporary Prefect server per run'} "
+          f"({used['prefect_api_url_from']}).")
     return 0
 
 
@@ -355,6 +434,7 @@ def _serve(args) -> int:
                     return EXIT_USAGE
                 time.sleep(0.5)
         os.environ["PREFECT_API_URL"] = url
+        args.serve_here = True  # this server lives as long as this command: no work pool behind it
         return _schedule(args)
     except KeyboardInterrupt:
         return 0
@@ -365,7 +445,11 @@ def _serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_environment(args.project_dir, getattr(args, "params", "params.yaml"))
-    handlers = {"run": _run, "stage": _stage, "experiment": _experiment, "ui": _ui, "schedule": _schedule,
+    if args.command not in ("stack", "serve", "init"):
+        from .stack import export_environment
+
+        export_environment(Path(args.project_dir).resolve(), getattr(args, "params", "params.yaml"))
+    handlers = {"stack": _stack, "run": _run, "stage": _stage, "experiment": _experiment, "ui": _ui, "schedule": _schedule,
                 "serve": _serve, "init": _init, "check": _check, "champion": _champion}
     try:
         return handlers[args.command](args)

@@ -12,6 +12,7 @@ import math
 import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -534,6 +535,37 @@ class PromotionConfig:
                "a number in [-1, 1) (accuracy units)", self.margin)
 
 
+@dataclass
+class StackConfig:
+    """Shared servers for a team (`bvpo stack up` starts them on one machine). Exported
+    `MLFLOW_TRACKING_URI` / `PREFECT_API_URL` win over these; without either, a project uses its
+    local stack while it is up, else mlruns/ and a temporary Prefect server. Never put a password
+    here: PostgreSQL clients read `PGPASSWORD` or the file `PGPASSFILE` names."""
+
+    tracking_uri: str | None = None
+    """An MLflow tracking server every clone logs to and registers in (http://mlflow.example:5000)."""
+    prefect_api_url: str | None = None
+    """A Prefect server's API (http://prefect.example:4200/api): deployments, schedules and the
+    one-round-at-a-time limit live there."""
+    work_pool: str | None = None
+    """The Prefect work pool `bvpo schedule` deploys to (its workers run the rounds); None: the
+    local stack's pool while it is up, else the schedule is served in-process."""
+    dvc_remote: str | None = None
+    """Where each round's DVC outputs are pushed (`dvc push`) when it finishes: the name of a remote
+    in .dvc/config, or a path or URL (s3://, gs://, ssh://), added as the project's default remote
+    `bvpo`. Another clone then `dvc pull`s round N's data. None: nothing is pushed."""
+
+    def check(self, base_dir: Path | None) -> None:
+        for name in ("tracking_uri", "prefect_api_url"):
+            value = getattr(self, name)
+            _check(value is None or "://" in value, f"stack.{name}", "a URL (http://host:port...)", value)
+        for name in ("tracking_uri", "prefect_api_url", "dvc_remote"):
+            value = getattr(self, name)
+            _check(value is None or urllib.parse.urlsplit(value).password is None, f"stack.{name}",
+                   "a URL without a password (use PGPASSWORD, a password file or the service's own credentials)",
+                   "a URL with a password")
+
+
 def _experiment_methods() -> dict[str, MethodConfig]:
     return {
         "bvpo": MethodConfig(alpha=0.5),
@@ -591,6 +623,7 @@ class Params:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
 
     @property
     def sample_seed(self) -> int:
@@ -685,7 +718,7 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     against which relative file names resolve."""
     _check(params.seed >= 0, "seed", "an integer >= 0", params.seed)
     for section in (params.data, params.model, params.warmup, params.sample, params.pairs, params.train,
-                    params.evaluate, params.analyze, params.tracking, params.promotion, params.experiment):
+                    params.evaluate, params.analyze, params.tracking, params.promotion, params.experiment, params.stack):
         section.check(base_dir)
     p, e, metric = params.pairs, params.evaluate, params.promotion.metric
     judge = e.win_rate_reward_model or p.reward_model

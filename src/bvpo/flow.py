@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -21,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from . import rounds, tracking
 from .config import load_params
-from .runtime import project_lock, stop_process_tree
+from .runtime import configure_environment, project_lock, stop_process_tree
 from .paths import PATHS, atomic_path
 from .stages import STAGES, StageError
 
@@ -187,6 +188,62 @@ def register_and_promote(project_dir: str, params_file: str, pipeline_run_id: st
             else None}
 
 
+ROUND_SLOT_PREFIX = "bvpo-round-"
+
+
+@contextlib.contextmanager
+def round_slot(registered_model: str, logger):
+    """One round of a registered model at a time across every clone and worker that shares a
+    Prefect server: a global concurrency limit of 1 named after the model (created on first use).
+    A second round waits for the slot; a crashed holder's lease lapses within `lease_duration`.
+    Without a server (the embedded default) the project's flock is the only guard."""
+    if not os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = ROUND_SLOT_PREFIX + registered_model
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    logger.info("Taking the round slot %r (one round of %s at a time on this Prefect server)", name, registered_model)
+    # A missed lease renewal (a busy server) must not cancel hours of training: the slot is a guard.
+    waited = time.monotonic()
+    with concurrency(name, occupy=1, strict=True, lease_duration=300, raise_on_lease_renewal_failure=False):
+        logger.info("Holding the round slot %r (waited %.0f s)", name, time.monotonic() - waited)
+        yield
+
+
+def dvc_remote_name(root: Path, remote: str) -> str:
+    """`stack.dvc_remote` as a remote name: a configured remote as is; a path or URL becomes the
+    project's default remote `bvpo` in .dvc/config (committed with the project, so every clone
+    pushes to and pulls from the same place)."""
+    listed = subprocess.run([sys.executable, "-m", "dvc", "remote", "list"], cwd=root, capture_output=True,
+                            text=True, env=_subprocess_env())
+    names = {line.split()[0]: line.split()[1] for line in listed.stdout.splitlines() if line.split()}
+    if remote in names:
+        return remote
+    if names.get("bvpo") != remote:
+        subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "--default", "--force", "bvpo", remote],
+                       cwd=root, check=True, capture_output=True, env=_subprocess_env())
+    return "bvpo"
+
+
+@task(name="push", retries=2, retry_delay_seconds=10)
+def push_outputs(project_dir: str, remote: str) -> str:
+    """`dvc push` of every stage output to the team's remote, so another clone can `dvc pull` this
+    round's data (and `dvc repro` finds nothing to rebuild)."""
+    root = Path(project_dir)
+    name = dvc_remote_name(root, remote)
+    _stream([sys.executable, "-m", "dvc", "push", "--quiet", "-r", name], root, get_run_logger())
+    return name
+
+
 def champion_history_rows(project_dir: Path, registered_model: str) -> list[dict]:
     """One row per round that decided a promotion, from the candidates' version tags."""
     rows = []
@@ -236,8 +293,13 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
     from .plots import champion_history
 
     logger = get_run_logger()
+    from .stack import export_environment
+
     root = Path(project_dir).resolve()
     params_path = (root / params_file).resolve()
+    # A worker starts this flow by module path, not through the CLI: settle the environment here.
+    configure_environment(root, params_file)
+    export_environment(root, params_path)
     params = load_params(params_path)
     if use_dvc is None:
         use_dvc = (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
@@ -245,7 +307,7 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
         raise StageError(f"DVC stages read {root / 'params.yaml'}; run without DVC to use {params_path}")
     os.environ[tracking.FLOW_RUN_ENV] = str(flow_run.get_id() or "")
     registered = params.tracking.registered_model
-    with project_lock(root, f"pipeline flow run {flow_run.get_name() or 'local'}"):
+    with project_lock(root, f"pipeline flow run {flow_run.get_name() or 'local'}"), round_slot(registered, logger):
         preflight(str(root), str(params_path))
         champion = resolve_champion(str(root), str(params_path))
         started = champion["version"]
@@ -258,11 +320,14 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
                                    tags={"round": str(champion["round"]), "started_from_version": started or "base",
                                          **({"lineage_reset": champion["lineage_reset"]}
                                             if champion["lineage_reset"] else {})}) as parent_id:
-            logger.info("MLflow parent run %s (store %s)", parent_id, tracking.tracking_uri(root))
+            logger.info("MLflow parent run %s (store %s)", parent_id, tracking.active_uri(root))
             for stage in STAGES:
                 STAGE_TASKS[stage](str(root), use_dvc, str(params_path))
             registration = register_and_promote(str(root), str(params_path), parent_id, champion)
             decision = registration["decision"]
+            if use_dvc and params.stack.dvc_remote:
+                remote = push_outputs(str(root), params.stack.dvc_remote)
+                tracking.set_tags({"dvc_remote": remote})
             results = json.loads((root / PATHS["eval"]).read_text())
             diagnostics = json.loads((root / PATHS["diagnostics"]).read_text())
             tracking.log_metrics({f"{name}/{k}": v for name, entry in results.items() for k, v in entry.items()})

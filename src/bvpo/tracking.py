@@ -28,6 +28,12 @@ def tracking_uri(project_dir: str | Path) -> str:
     return f"sqlite:///{(Path(project_dir).resolve() / 'mlruns' / 'mlflow.db')}"
 
 
+def active_uri(project_dir: str | Path) -> str:
+    """The store this process logs to: an exported MLFLOW_TRACKING_URI (a team's server), else the
+    project's SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(project_dir)
+
+
 def artifact_root(project_dir: str | Path) -> Path:
     return Path(project_dir).resolve() / "mlruns" / "artifacts"
 
@@ -42,11 +48,9 @@ def ui_url(base_url: str, experiment_id: str, run_id: str | None = None) -> str:
 
 def find_experiment_id(project_dir: str | Path, experiment: str) -> str | None:
     """The id of `experiment` in the project's store, or None (no store, no such experiment)."""
-    if not (Path(project_dir) / "mlruns" / "mlflow.db").is_file():
+    if "MLFLOW_TRACKING_URI" not in os.environ and not (Path(project_dir) / "mlruns" / "mlflow.db").is_file():
         return None
-    import mlflow
-
-    found = mlflow.MlflowClient(tracking_uri(project_dir)).get_experiment_by_name(experiment)
+    found = _client(project_dir).get_experiment_by_name(experiment)
     return found.experiment_id if found is not None else None
 
 
@@ -54,16 +58,19 @@ def configure(project_dir: str | Path, experiment: str) -> str:
     """Point MLflow at the project's store and make sure the experiment exists; returns its id."""
     import mlflow
 
-    (Path(project_dir) / "mlruns").mkdir(parents=True, exist_ok=True)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(project_dir)
+    uri = active_uri(project_dir)
+    embedded = uri == tracking_uri(project_dir)
+    if embedded:
+        (Path(project_dir) / "mlruns").mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         experiment_id = found.experiment_id
     else:
+        # A tracking server keeps artifacts where it was told to (served to every client).
         experiment_id = mlflow.create_experiment(
-            experiment, artifact_location=artifact_root(project_dir).as_uri()
+            experiment, artifact_location=artifact_root(project_dir).as_uri() if embedded else None
         )
     if (found is None or found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND):
         # MLflow 3's UI picks an experiment's landing page from this tag; without it the
@@ -231,7 +238,7 @@ class RegistryError(BvpoError, LookupError):
 def _client(project_dir: str | Path):
     import mlflow
 
-    return mlflow.MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(project_dir))
+    return mlflow.MlflowClient(active_uri(project_dir))
 
 
 def champion_version(project_dir: str | Path, registered_model: str) -> str | None:
@@ -312,7 +319,7 @@ def download_model_version(project_dir: str | Path, registered_model: str, versi
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(project_dir)
+    uri = active_uri(project_dir)
     try:
         _client(project_dir).get_model_version(registered_model, version)
     except MlflowException:
