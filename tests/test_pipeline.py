@@ -36,18 +36,31 @@ def pipeline_result(project, prefect_harness, monkeypatch_module):
 
 
 def test_eval_json_has_every_model_in_both_modes(project, pipeline_result):
+    from datasets import load_from_disk
+
+    from bvpo.evaluation import selection_split
+
     results = json.loads((project / "metrics/eval.json").read_text())
     assert set(results) == {"base", "bvpo", "bvpo_auto", "dpo_trace", "dpo_empty", "nll_control"}
+    held_out = load_from_disk(str(project / "data/prompts"))["test"]["prompt"]
+    selection, report = selection_split(held_out, 0.5)
+    assert selection and report and len(selection) + len(report) == 12
+    n = len(report)
     for entry in results.values():
         for key in ("accuracy_think", "accuracy_nothink"):
             assert 0.0 <= entry[key] <= 1.0
-        assert entry["n_prompts"] == 12
+        assert entry["n_prompts"] == n
     assert pipeline_result["eval"] == results
     per_prompt = json.loads((project / "data/eval_prompts.json").read_text())
-    assert len(per_prompt["prompts"]) == 12
-    for name, entry in results.items():  # the per-prompt scores the promotion gate pairs up
+    # The selection half decides promotions; eval.json is computed from the other half alone.
+    assert per_prompt["prompts"] == [held_out[i] for i in selection]
+    assert per_prompt["report"]["prompts"] == [held_out[i] for i in report]
+    for name, entry in results.items():
         for key in ("accuracy_think", "accuracy_nothink"):
-            assert sum(per_prompt["scores"][name][key]) / 12 == pytest.approx(entry[key])
+            assert sum(per_prompt["report"]["scores"][name][key]) / n == pytest.approx(entry[key])
+            assert len(per_prompt["scores"][name][key]) == len(selection)
+        lengths = per_prompt["report"]["scores"][name]["length_think"]
+        assert entry["mean_length_think"] == pytest.approx(sum(lengths) / n)
     assert (project / "metrics/eval.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -54,7 +54,7 @@ def test_sampled_means_combine_both_modes_and_a_missing_metric_refuses():
     ({"bvpo": CANDIDATE}, "no evaluation of 'base'"),
     ({"base": CHAMPION, "bvpo": scores([1, 1], [0, 1])}, "same held-out prompts"),
     ({"base": CHAMPION, "bvpo": scores([1, 1, math.nan, 0], [0, 1, 1, 0])}, "non-finite"),
-    ({"base": scores([], []), "bvpo": scores([], [])}, "same held-out prompts"),
+    ({"base": scores([], []), "bvpo": scores([], [])}, "no held-out prompts were set aside"),
 ])
 def test_a_broken_evaluation_is_never_promoted(broken, match):
     with pytest.raises(PromotionError, match=match):
@@ -120,3 +120,41 @@ def test_policy_stage_refuses_a_broken_pointer_and_an_unknown_version(tmp_path, 
     with pytest.raises(RegistryError, match="registered model 'bvpo' has no version 7"):
         policy(Params(), tmp_path)
     assert not (tmp_path / "data/policy").exists()  # nothing half-written
+
+
+def test_selection_split_is_a_stable_partition_by_prompt_text():
+    from bvpo.evaluation import selection_split
+
+    prompts = [f"Compute {i}+{i}." for i in range(400)]
+    selection, report = selection_split(prompts, 0.5)
+    assert sorted(selection + report) == list(range(400)) and not set(selection) & set(report)
+    assert 160 < len(selection) < 240  # a fair hash: about half
+    chosen = {prompts[i] for i in selection}
+    # Reordered, half removed, new ones added: every prompt keeps its side.
+    shuffled = prompts[::-1][:200] + [f"Compute {i}*3." for i in range(100)]
+    again, _ = selection_split(shuffled, 0.5)
+    assert {p for p in shuffled if p in set(prompts)} & chosen == {shuffled[i] for i in again if shuffled[i] in set(prompts)}
+    assert selection_split(prompts, 0.0) == ([], list(range(400)))
+    # Chat prompts split by their whole conversation.
+    chats = [[{"role": "user", "content": p}] for p in prompts[:50]]
+    assert len(selection_split(chats, 0.5)[0]) + len(selection_split(chats, 0.5)[1]) == 50
+
+
+def test_summarize_reports_means_of_the_columns_it_is_given():
+    from bvpo.evaluation import subset, summarize
+
+    columns = {"accuracy_think": [1.0, 0.0, 1.0, 1.0], "accuracy_nothink": [0.0, 0.0, 1.0, 0.0],
+               "length_think": [10.0, 20.0, 30.0, 40.0], "invalid_think": [0.0, 1.0, 0.0, 0.0],
+               "accuracy_think_sampled": [0.5, 0.25, 1.0, 0.75], "accuracy_nothink_sampled": [0.0, 0.5, 0.5, 0.0]}
+    entry = summarize(subset(columns, [0, 2]))
+    assert entry == {"accuracy_think": 1.0, "accuracy_nothink": 0.5, "mean_length_think": 20.0,
+                     "invalid_rate_think": 0.0, "accuracy_think_sampled": 0.75, "accuracy_nothink_sampled": 0.25,
+                     "accuracy_mean": 0.75, "accuracy_mean_sampled": 0.5, "n_prompts": 2}
+    rewards = summarize({"reward_think": [1.0, -1.0], "reward_nothink": [0.5, 0.5]})
+    assert rewards["reward_mean"] == pytest.approx(0.25)
+
+
+def test_no_selection_prompts_promotes_nothing():
+    with pytest.raises(PromotionError, match="selection_fraction"):
+        decide({"bvpo": {"accuracy_think": [], "accuracy_nothink": []},
+                "base": {"accuracy_think": [], "accuracy_nothink": []}}, "bvpo", "accuracy_mean", 0.0, False)

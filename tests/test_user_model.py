@@ -124,7 +124,10 @@ def test_micro_pipeline_runs_on_a_users_model(style, tmp_path, monkeypatch):
         entry = results["bvpo"]
         assert entry["reward_mean"] == pytest.approx((entry["reward_think"] + entry["reward_nothink"]) / 2)
         assert {entry["reward_win_rate_think"] * 8, entry["reward_win_rate_nothink"] * 8} <= set(range(9))
-        assert len(per_prompt["bvpo"]["reward_think"]) == entry["n_prompts"] == 4
+        # The held-out prompts split: some select (per_prompt), the others report (eval.json).
+        reported = json.loads((project / "data/eval_prompts.json").read_text())["report"]["scores"]
+        assert len(reported["bvpo"]["reward_think"]) == entry["n_prompts"]
+        assert len(per_prompt["bvpo"]["reward_think"]) + entry["n_prompts"] == 4
         decision = decide(per_prompt, "bvpo", "reward_mean", 0.0, False)
     assert decision["n_prompts"] == len(per_prompt["base"][next(iter(per_prompt["base"]))])
 

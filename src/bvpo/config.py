@@ -444,6 +444,12 @@ class TrainConfig:
 class EvalConfig:
     n_prompts: int | None = None
     """Held-out prompts to score; None = all of them."""
+    selection_fraction: float = 0.5
+    """Share of the held-out prompts that decide promotions (the promotion gate compares the
+    candidate and the champion on them); eval.json and the MLflow metrics report the others,
+    which never pick a champion, so a reported score is not flattered by the selection. Prompts
+    are assigned by a hash of their text. 0: every prompt reports and nothing can be promoted
+    (what `bvpo experiment` uses)."""
     max_new_tokens: int = 96
     """Greedy generation budget per answer."""
     batch_size: int = 256
@@ -477,6 +483,8 @@ class EvalConfig:
     def check(self, base_dir: Path | None) -> None:
         _check(self.n_prompts is None or self.n_prompts >= 1, "evaluate.n_prompts", "an integer >= 1 or null (all)",
                self.n_prompts)
+        _check(0 <= self.selection_fraction < 1, "evaluate.selection_fraction", "a number in [0, 1)",
+               self.selection_fraction)
         for name in ("max_new_tokens", "batch_size"):
             _check(getattr(self, name) >= 1, f"evaluate.{name}", "an integer >= 1", getattr(self, name))
         _check(self.n_samples >= 0, "evaluate.n_samples", "an integer >= 0", self.n_samples)
@@ -553,7 +561,8 @@ class StackConfig:
     dvc_remote: str | None = None
     """Where each round's DVC outputs are pushed (`dvc push`) when it finishes: the name of a remote
     in .dvc/config, or a path or URL (s3://, gs://, ssh://), added as the project's default remote
-    `bvpo`. Another clone then `dvc pull`s round N's data. None: nothing is pushed."""
+    `bvpo`. Another clone then `dvc pull`s round N's data. None: the project's default DVC remote
+    (`dvc remote add -d`) if it has one, else nothing is pushed."""
 
     def check(self, base_dir: Path | None) -> None:
         for name in ("tracking_uri", "prefect_api_url"):

@@ -13,58 +13,93 @@ from .config import Params
 from .modes import MODES, mode_name
 
 
-def accuracy(generated: list, answers: list[str], thinking: bool) -> tuple[list[float], int]:
+def accuracy(generated: list, answers: list[str], thinking: bool) -> tuple[list[float], list[float]]:
     """Per prompt, the share of its completions (generated prompt-major: all prompts, then all
-    again) with a verified answer (invalid ones count as wrong); and the number invalid."""
+    again) with a verified answer (invalid ones count as wrong), and the share invalid."""
     from .rewards import verified_reward
     from .sequences import parse_completion
 
-    correct, invalid = [0.0] * len(answers), 0
+    correct, invalid = [0.0] * len(answers), [0.0] * len(answers)
     repeats = len(generated) // len(answers)
     for i, g in enumerate(generated):
         parsed = parse_completion(g.text, thinking)
         if g.truncated or parsed.malformed:
-            invalid += 1
+            invalid[i % len(answers)] += 1 / repeats
             continue
         correct[i % len(answers)] += verified_reward(parsed.answer, answers[i % len(answers)]) / repeats
     return correct, invalid
 
 
 def score_prompts(model, tokenizer, prompts: list[str], answers: list[str], params: Params,
-                   label: str) -> tuple[dict, dict]:
-    """Greedy (and, with evaluate.n_samples, sampled) accuracy in both modes: the summary entry
-    and the per-prompt scores."""
+                  label: str) -> dict[str, list[float]]:
+    """Per prompt, in both modes: greedy accuracy, its length and whether it was invalid, and
+    (evaluate.n_samples > 0) the sampled accuracy. `summarize` turns any subset into eval.json's
+    entry."""
     import torch
 
     from .sequences import generate
 
     e = params.evaluate
-    entry, scores = {}, {}
+    scores = {}
     for thinking in (True, False):
         mode = mode_name(thinking)
         generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens, e.batch_size, greedy=True,
                              desc=f"evaluate {label} ({mode})")
-        scores[f"accuracy_{mode}"], invalid = accuracy(generated, answers, thinking)
-        entry[f"mean_length_{mode}"] = sum(g.n_tokens for g in generated) / len(generated)
-        entry[f"invalid_rate_{mode}"] = invalid / len(generated)
+        scores[f"accuracy_{mode}"], scores[f"invalid_{mode}"] = accuracy(generated, answers, thinking)
+        scores[f"length_{mode}"] = [float(g.n_tokens) for g in generated]
         if e.n_samples:
             # The same RNG stream for every model, so models differ by their weights only.
             torch.manual_seed(params.seed + (0 if thinking else 1))
             sampled = generate(model, tokenizer, prompts * e.n_samples, thinking, e.max_new_tokens, e.batch_size,
                                temperature=e.temperature, desc=f"evaluate {label} ({mode}, {e.n_samples} samples)")
             scores[f"accuracy_{mode}_sampled"], _ = accuracy(sampled, answers, thinking)
+    return scores
+
+
+def summarize(scores: dict[str, list[float]]) -> dict[str, float]:
+    """eval.json's entry from per-prompt columns: means of accuracy and reward (greedy, sampled),
+    mean length and invalid rate per mode, the two-mode means, and the number of prompts."""
+    entry = {}
     for key, values in scores.items():
-        entry[key] = sum(values) / len(values)
-    entry["accuracy_mean"] = (entry["accuracy_think"] + entry["accuracy_nothink"]) / 2
-    if e.n_samples:
-        entry["accuracy_mean_sampled"] = (entry["accuracy_think_sampled"] + entry["accuracy_nothink_sampled"]) / 2
-    entry["n_prompts"] = len(prompts)
-    return entry, scores
+        mean = sum(values) / len(values)
+        if key.startswith("length_"):
+            entry[f"mean_length_{key.removeprefix('length_')}"] = mean
+        elif key.startswith("invalid_"):
+            entry[f"invalid_rate_{key.removeprefix('invalid_')}"] = mean
+        else:
+            entry[key] = mean
+    for kind in ("accuracy", "reward"):
+        for suffix in ("", "_sampled"):
+            if f"{kind}_think{suffix}" in entry:
+                entry[f"{kind}_mean{suffix}"] = (entry[f"{kind}_think{suffix}"] + entry[f"{kind}_nothink{suffix}"]) / 2
+    entry["n_prompts"] = len(next(iter(scores.values())))
+    return entry
+
+
+def selection_split(prompts: list, fraction: float) -> tuple[list[int], list[int]]:
+    """Indices of the held-out prompts that decide promotions (selection) and of those whose
+    scores are reported (report). A prompt selects when the SHA-256 of its text, read as a number
+    in [0, 1), is below `fraction`: it keeps its side whatever other prompts are added, removed
+    or reordered, so a prompt that ever picked a champion never reports a score (scores reported
+    on the prompts that picked the champion flatter it: the winner's curse)."""
+    import hashlib
+    import json
+
+    def position(prompt) -> float:
+        digest = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    selects = [position(p) < fraction for p in prompts]
+    return [i for i, s in enumerate(selects) if s], [i for i, s in enumerate(selects) if not s]
+
+
+def subset(columns: dict[str, list], indices: list[int]) -> dict[str, list]:
+    return {key: [values[i] for i in indices] for key, values in columns.items()}
 
 
 def final_answers(model, tokenizer, prompts: list, params: Params, label: str) -> tuple[dict[str, list], dict]:
     """Greedy final answers (trace removed) in both modes, None where the completion is invalid;
-    and their mean length and invalid rate per mode."""
+    and per prompt their length and whether they were invalid (`summarize` columns)."""
     from .sequences import generate, parse_completion
 
     e, out, stats = params.evaluate, {}, {}
@@ -74,8 +109,8 @@ def final_answers(model, tokenizer, prompts: list, params: Params, label: str) -
                              desc=f"answers {label} ({mode})")
         parsed = [parse_completion(g.text, thinking) for g in generated]
         out[mode] = [None if g.truncated or p.malformed else p.answer for g, p in zip(generated, parsed)]
-        stats[f"mean_length_{mode}"] = sum(g.n_tokens for g in generated) / len(generated)
-        stats[f"invalid_rate_{mode}"] = sum(a is None for a in out[mode]) / len(generated)
+        stats[f"length_{mode}"] = [float(g.n_tokens) for g in generated]
+        stats[f"invalid_{mode}"] = [float(a is None) for a in out[mode]]
     return out, stats
 
 

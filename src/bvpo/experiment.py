@@ -95,6 +95,8 @@ def seed_command(params: Params, seed: int) -> list[str]:
     return ["dvc", "exp", "run", "--temp", "-n", run_name(params, seed),
             "-S", f"sample.seed={seed}", "-S", f"train.seed={seed}",
             "-S", f"data.n_test={x.n_test}", "-S", f"evaluate.n_samples={x.eval_samples}",
+            # Experiments promote nothing: every held-out prompt reports.
+            "-S", "evaluate.selection_fraction=0",
             # Hydra merges into an existing mapping: delete it, then add the experiment's methods.
             "-S", "~train.methods", "-S", f"+train.methods={hydra_value(x.methods)}",
             "-S", f"tracking.register_method={x.reference_method}", "evaluate"]

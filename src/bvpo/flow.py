@@ -146,7 +146,8 @@ def round_inputs(root: Path, champion: dict) -> dict:
 def register_and_promote(project_dir: str, params_file: str, pipeline_run_id: str, champion: dict) -> dict:
     """Register every trained method as a version carrying its lineage, then promote the
     candidate (`tracking.register_method`) to `@champion` only if it beats the round's starting
-    model by `promotion.margin` on the held-out prompts. Models already registered (the same
+    model by `promotion.margin` on the held-out selection prompts (`evaluate.selection_fraction`;
+    eval.json reports the other ones). Models already registered (the same
     weights: the round's inputs did not change) are not registered again.
 
     Crash-safe by ordering: the decision is made before anything is written; each version is
@@ -219,13 +220,20 @@ def round_slot(registered_model: str, logger):
         yield
 
 
-def dvc_remote_name(root: Path, remote: str) -> str:
-    """`stack.dvc_remote` as a remote name: a configured remote as is; a path or URL becomes the
-    project's default remote `bvpo` in .dvc/config (committed with the project, so every clone
-    pushes to and pulls from the same place)."""
-    listed = subprocess.run([sys.executable, "-m", "dvc", "remote", "list"], cwd=root, capture_output=True,
+def dvc_remote_name(root: Path, remote: str | None) -> str | None:
+    """Where a round's outputs go: `stack.dvc_remote` (a configured remote as is; a path or URL
+    becomes the project's default remote `bvpo` in .dvc/config, committed with the project, so
+    every clone pushes to and pulls from the same place), else the project's default remote if
+    it has one, else None (nothing is pushed)."""
+    if remote is None:
+        found = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=root, capture_output=True,
+                               text=True, env=_subprocess_env())
+        return found.stdout.strip() or None if found.returncode == 0 else None
+    # `dvc config --list` (remote.NAME.url=URL), not `dvc remote list`, whose columns wrap.
+    listed = subprocess.run([sys.executable, "-m", "dvc", "config", "--list"], cwd=root, capture_output=True,
                             text=True, env=_subprocess_env())
-    names = {line.split()[0]: line.split()[1] for line in listed.stdout.splitlines() if line.split()}
+    names = {key.split(".")[1]: url for key, _, url in (line.partition("=") for line in listed.stdout.splitlines())
+             if key.startswith("remote.") and key.endswith(".url")}
     if remote in names:
         return remote
     if names.get("bvpo") != remote:
@@ -235,11 +243,13 @@ def dvc_remote_name(root: Path, remote: str) -> str:
 
 
 @task(name="push", retries=2, retry_delay_seconds=10)
-def push_outputs(project_dir: str, remote: str) -> str:
-    """`dvc push` of every stage output to the team's remote, so another clone can `dvc pull` this
-    round's data (and `dvc repro` finds nothing to rebuild)."""
+def push_outputs(project_dir: str, remote: str | None) -> str | None:
+    """`dvc push` of every stage output to the team's remote (`dvc_remote_name`), so another
+    clone can `dvc pull` this round's data (and `dvc repro` finds nothing to rebuild)."""
     root = Path(project_dir)
     name = dvc_remote_name(root, remote)
+    if name is None:
+        return None
     _stream([sys.executable, "-m", "dvc", "push", "--quiet", "-r", name], root, get_run_logger())
     return name
 
@@ -277,6 +287,10 @@ def results_markdown(results: dict, diagnostics: dict | None, versions: dict[str
         version = f"{registered} v{versions[name]}" if versions.get(name) else ""
         lines.append(f"| {name} | {entry[f'{key}_think']:.3f} | {entry[f'{key}_nothink']:.3f} | "
                      f"{entry.get('mean_length_think', float('nan')):.1f} | {version} |")
+    n_report = next(iter(results.values()), {}).get("n_prompts")
+    if n_report:
+        lines += ["", f"Held-out scores over the {n_report} report prompts, which never decide a promotion "
+                  "(`evaluate.selection_fraction`: the selection prompts do)."]
     if diagnostics and diagnostics.get("ratios"):
         lines += ["", "## Thinking ÷ no-thinking (sampled completions)", "", "| statistic | ratio |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in diagnostics["ratios"].items()]
@@ -325,9 +339,10 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
                 STAGE_TASKS[stage](str(root), use_dvc, str(params_path))
             registration = register_and_promote(str(root), str(params_path), parent_id, champion)
             decision = registration["decision"]
-            if use_dvc and params.stack.dvc_remote:
+            if use_dvc:
                 remote = push_outputs(str(root), params.stack.dvc_remote)
-                tracking.set_tags({"dvc_remote": remote})
+                if remote is not None:
+                    tracking.set_tags({"dvc_remote": remote})
             results = json.loads((root / PATHS["eval"]).read_text())
             diagnostics = json.loads((root / PATHS["diagnostics"]).read_text())
             tracking.log_metrics({f"{name}/{k}": v for name, entry in results.items() for k, v in entry.items()})

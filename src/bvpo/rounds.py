@@ -69,6 +69,9 @@ def decide(per_prompt: dict[str, dict[str, list[float]]], candidate: str, metric
             raise PromotionError(f"no evaluation of {model!r} on the held-out prompts: nothing is promoted")
     new = per_prompt_metric(per_prompt[candidate], metric, candidate)
     old = per_prompt_metric(per_prompt[champion], metric, champion)
+    if not new and not old:
+        raise PromotionError("no held-out prompts were set aside to decide promotions (evaluate.selection_fraction "
+                             "is 0, or the held-out set is empty): nothing is promoted")
     if not new or len(new) != len(old):
         raise PromotionError(f"{candidate!r} and {champion!r} were not scored on the same held-out prompts "
                              f"({len(new)} vs {len(old)}): nothing is promoted")
@@ -138,7 +141,7 @@ def decision_summary(decision: dict) -> str:
     return (f"{decision['candidate']} {verb}: {decision['metric']} {decision['candidate_score']:.4f} vs champion "
             f"{decision['champion_score']:.4f}, difference {decision['difference']:+.4f} "
             f"(95% interval [{decision['interval_low']:+.4f}, {decision['interval_high']:+.4f}] over "
-            f"{decision['n_prompts']} prompts); promotion needs {rule} > {decision['margin']:+.4f}")
+            f"{decision['n_prompts']} selection prompts); promotion needs {rule} > {decision['margin']:+.4f}")
 
 
 def next_round(version_tags: list[dict[str, str]]) -> int:

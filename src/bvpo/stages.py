@@ -328,11 +328,16 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
     model, or the champion it started from) and every method. With answers: accuracy, greedy
     and (evaluate.n_samples > 0) the mean over sampled completions (pass@1). Without: the
     reward model's mean score of the greedy answers (`reward_*`) and the win rate against
-    `base` (`reward_win_rate_*`). Per-prompt scores go to data/eval_prompts.json for paired
-    comparisons (the promotion gate). Each file in `evaluate.benchmarks` is scored for accuracy
-    too, as `<name>/accuracy_*` keys, averaged over the benchmarks as `benchmarks/accuracy_*`."""
+    `base` (`reward_win_rate_*`).
+
+    The held-out prompts are split (`evaluate.selection_fraction`): the selection prompts'
+    per-prompt scores go to data/eval_prompts.json for the promotion gate's paired comparison;
+    eval.json reports the other prompts only, which never decide a promotion. Each file in
+    `evaluate.benchmarks` is scored for accuracy too, as `<name>/accuracy_*` keys, averaged over
+    the benchmarks as `benchmarks/accuracy_*`."""
     from .data import read_prompts_file, with_system_prompt
-    from .evaluation import benchmark_sets, final_answers, judge_answers, reward_scores, score_prompts, win_rates
+    from .evaluation import (benchmark_sets, final_answers, judge_answers, reward_scores, score_prompts,
+                             selection_split, subset, summarize, win_rates)
     from .modeling import load_model, load_tokenizer, pick_device, resolve_dtype
     from .plots import eval_bar_chart
 
@@ -346,6 +351,11 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
                          "the answers: set pairs.reward_model (or evaluate.win_rate_reward_model)")
     if e.n_prompts is not None:
         test = test.select(range(min(e.n_prompts, len(test))))
+    prompts = list(test["prompt"])
+    selection, report = selection_split(prompts, e.selection_fraction)
+    if not report:
+        raise StageError(f"evaluate.selection_fraction {e.selection_fraction} leaves none of the {len(prompts)} "
+                         "held-out prompts to report on: lower it or add held-out prompts")
     benchmarks = benchmark_sets(root, params)
     candidates = {"base": root / PATHS["policy"]}
     for name in params.train.methods:
@@ -355,7 +365,6 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
         candidates[name] = path
     results, per_prompt = {}, {}
     device = pick_device()
-    prompts = list(test["prompt"])
     answers = list(test["answer"]) if has_answers else None
     win_prompts = None
     if e.win_rate_prompts:
@@ -368,15 +377,15 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
             tokenizer = load_tokenizer(path)
             model = load_model(path, resolve_dtype(params.model.dtype, device), device)
             if has_answers:
-                entry, per_prompt[name] = score_prompts(model, tokenizer, prompts, answers, params, name)
+                per_prompt[name] = score_prompts(model, tokenizer, prompts, answers, params, name)
             else:
-                held_out_answers[name], entry = final_answers(model, tokenizer, prompts, params, name)
-                entry["n_prompts"] = len(prompts)
-            per_bench = {}
-            for bench, (bench_prompts, bench_answers) in benchmarks.items():
-                per_bench[bench], _ = score_prompts(model, tokenizer, bench_prompts, bench_answers, params,
-                                                     f"{name} on {bench}")
-                entry.update({f"{bench}/{k}": v for k, v in per_bench[bench].items() if k.startswith("accuracy")})
+                held_out_answers[name], per_prompt[name] = final_answers(model, tokenizer, prompts, params, name)
+            per_bench = {bench: summarize(score_prompts(model, tokenizer, bench_prompts, bench_answers, params,
+                                                        f"{name} on {bench}"))
+                         for bench, (bench_prompts, bench_answers) in benchmarks.items()}
+            entry = {}
+            for bench, scores in per_bench.items():
+                entry.update({f"{bench}/{k}": v for k, v in scores.items() if k.startswith("accuracy")})
             for key in (per_bench[next(iter(per_bench))] if per_bench else {}):
                 if key.startswith("accuracy"):
                     entry[f"benchmarks/{key}"] = sum(b[key] for b in per_bench.values()) / len(per_bench)
@@ -386,13 +395,13 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
             del model
         if not has_answers:
             scores = judge_answers(held_out_answers, prompts, judge_path, params)
-            per_prompt = reward_scores(scores, list(candidates))
-            for name, columns in per_prompt.items():
-                for key, values in columns.items():
-                    results[name][key] = sum(values) / len(values)
-                results[name]["reward_mean"] = (results[name]["reward_think"] + results[name]["reward_nothink"]) / 2
-            for name, rates in win_rates(scores, list(candidates), prefix="reward_").items():
+            for name, columns in reward_scores(scores, list(candidates)).items():
+                per_prompt[name].update(columns)
+            reported = {key: [column[i] for i in report] for key, column in scores.items()}
+            for name, rates in win_rates(reported, list(candidates), prefix="reward_").items():
                 results[name].update(rates)
+        for name in candidates:
+            results[name] = {**summarize(subset(per_prompt[name], report)), **results[name]}
         if win_prompts:
             for name, rates in win_rates(judge_answers(win_answers, win_prompts, judge_path, params),
                                          list(candidates)).items():
@@ -403,7 +412,12 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
         with atomic_path(out) as tmp:
             write_json(tmp, results)
         with atomic_path(root / PATHS["eval_prompts"]) as tmp:
-            tmp.write_text(json.dumps({"prompts": prompts, "scores": per_prompt}) + "\n")
+            tmp.write_text(json.dumps({
+                "prompts": [prompts[i] for i in selection],
+                "scores": {name: subset(columns, selection) for name, columns in per_prompt.items()},
+                "report": {"prompts": [prompts[i] for i in report],
+                           "scores": {name: subset(columns, report) for name, columns in per_prompt.items()}},
+            }) + "\n")
         with atomic_path(root / PATHS["eval_plot"]) as tmp:
             eval_bar_chart(results, tmp)
         tracking.log_artifact(out)
