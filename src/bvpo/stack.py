@@ -353,7 +353,9 @@ def _up(root: Path, data_dir: Path | None, ports: Ports, artifacts: str | None, 
     state.update(prefect={"pid": prefect_pid, "url": prefect_url.removesuffix("/api")}, prefect_api_url=prefect_url)
     _write_state(root, state)
 
-    worker_env = {**env, "PREFECT_API_URL": prefect_url, "MLFLOW_TRACKING_URI": mlflow_url}
+    # No MLFLOW_TRACKING_URI: each flow run resolves its own clone's tracking server (its params,
+    # or this stack when the clone is this project), as `bvpo run` there would.
+    worker_env = {**env, "PREFECT_API_URL": prefect_url}
     pids = [p for p in state.get("workers", []) if _alive(p, "worker")]
     for i in range(len(pids), workers):
         pids.append(_start([sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--type",
