@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BvpoError
+from .runtime import stop_process_tree
 
 STACK_DIR = ".stack"
 STATE_FILE = "stack.json"
@@ -374,7 +375,10 @@ def down(root: Path) -> list[str]:
         return []
     stopped = []
     for pid in state.get("workers", []):
-        if _stop_group(pid, "worker"):
+        if _alive(pid, "worker"):
+            # A worker starts each flow run in a session of its own: stop the whole tree, so a
+            # round running now ends (and stops its stages) instead of outliving its servers.
+            stop_process_tree(pid, grace_s=30)
             stopped.append(f"worker {pid}")
     for name in ("prefect", "mlflow"):
         if _stop_group(state.get(name, {}).get("pid"), name):
