@@ -135,9 +135,11 @@ def test_selection_split_is_a_stable_partition_by_prompt_text():
     again, _ = selection_split(shuffled, 0.5)
     assert {p for p in shuffled if p in set(prompts)} & chosen == {shuffled[i] for i in again if shuffled[i] in set(prompts)}
     assert selection_split(prompts, 0.0) == ([], list(range(400)))
-    # Chat prompts split by their whole conversation.
+    # Chat prompts split by their user turns: a new system prompt moves no prompt across.
     chats = [[{"role": "user", "content": p}] for p in prompts[:50]]
-    assert len(selection_split(chats, 0.5)[0]) + len(selection_split(chats, 0.5)[1]) == 50
+    with_system = [[{"role": "system", "content": "Be brief."}, *chat] for chat in chats]
+    assert selection_split(chats, 0.5) == selection_split(with_system, 0.5)
+    assert selection_split(chats, 0.5)[0]  # and a chat still lands on either side
 
 
 def test_summarize_reports_means_of_the_columns_it_is_given():

@@ -26,13 +26,13 @@ def local_stack(root: Path, pid: int) -> None:
     (root / ".stack").mkdir(parents=True)
     (root / ".stack" / "stack.json").write_text(json.dumps({
         "tracking_uri": "http://127.0.0.1:5999", "prefect_api_url": "http://127.0.0.1:4299/api", "work_pool": "bvpo",
-        "mlflow": {"pid": pid}, "postgres": {"passfile": str(root / "pgpass")}}))
+        "mlflow": {"pid": pid}, "prefect": {"pid": pid}, "postgres": {"passfile": str(root / "pgpass")}}))
 
 
 def test_servers_come_from_the_environment_then_params_then_the_local_stack(tmp_path, no_servers, monkeypatch):
     assert stack.endpoints(tmp_path)["tracking_uri"] is None  # embedded: mlruns/ and a temporary Prefect
     # A running process whose command line says mlflow stands for the local stack's server.
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mlflow"])
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mlflow", "prefect"])
     try:
         local_stack(tmp_path, server.pid)
         found = stack.endpoints(tmp_path)
@@ -100,11 +100,13 @@ def test_the_round_pushes_to_the_configured_or_default_remote(tmp_path):
     assert dvc_remote_name(project, "team") == "team"
     dvc("remote", "default", "team")
     assert dvc_remote_name(project, None) == "team"
-    # A path becomes the committed default remote `bvpo`, once.
-    assert dvc_remote_name(project, str(tmp_path / "shared")) == "bvpo"
+    # A path becomes the committed default remote `bvpo`, once: the next round changes nothing.
     assert dvc_remote_name(project, str(tmp_path / "shared")) == "bvpo"
     config = (project / ".dvc" / "config").read_text()
     assert "remote = bvpo" in config and config.count("['remote \"bvpo\"']") == 1
+    before = (project / ".dvc" / "config").stat().st_mtime_ns
+    assert dvc_remote_name(project, str(tmp_path / "shared")) == "bvpo"
+    assert (project / ".dvc" / "config").stat().st_mtime_ns == before
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the postgres-user path check applies when running as root")
@@ -114,3 +116,41 @@ def test_up_as_root_refuses_a_data_dir_the_postgres_user_cannot_reach(tmp_path, 
     with pytest.raises(stack.StackError, match=r"cannot enter .* pass `--data-dir`"):
         stack.up(tmp_path / "project", tmp_path / "data", stack.Ports(postgres=1, mlflow=2, prefect=3))
     assert not (tmp_path / "data").exists() and stack.status(tmp_path / "project") == []
+
+
+@pytest.fixture
+def running_stack(tmp_path):
+    """A project whose stack.json names a live "mlflow" and "prefect" process (stand-ins: sleeping
+    Pythons whose command lines say so), as `bvpo stack up` leaves it."""
+    servers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", part])
+               for part in ("mlflow", "prefect")]
+    (tmp_path / ".stack").mkdir()
+    (tmp_path / ".stack" / "stack.json").write_text(json.dumps({
+        "data_dir": str(tmp_path / "data"), "tracking_uri": "http://127.0.0.1:5000",
+        "prefect_api_url": "http://127.0.0.1:4200/api", "work_pool": "bvpo",
+        "postgres": {"port": 5433, "managed": False, "data": str(tmp_path / "data" / "postgres")},
+        "mlflow": {"pid": servers[0].pid, "url": "http://127.0.0.1:5000"},
+        "prefect": {"pid": servers[1].pid, "url": "http://127.0.0.1:4200"}, "workers": []}))
+    yield tmp_path, servers
+    for server in servers:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"data_dir": "elsewhere"}, "already runs with its data in"),
+    ({"ports": stack.Ports(mlflow=5001)}, "mlflow server already runs on http://127.0.0.1:5000"),
+    ({"ports": stack.Ports(postgres=6543)}, "PostgreSQL already runs on port 5433"),
+])
+def test_up_again_with_other_settings_is_refused_and_stops_nothing(running_stack, change, match):
+    root, servers = running_stack
+    data = root / change["data_dir"] if "data_dir" in change else root / "data"
+    with pytest.raises(stack.StackError, match=match):
+        stack.up(root, data, change.get("ports", stack.Ports()))
+    assert all(server.poll() is None for server in servers), "a refused `up` stopped the running stack"
+
+
+def test_a_database_url_with_a_password_is_refused(tmp_path):
+    with pytest.raises(stack.StackError, match="must not hold a password") as err:
+        stack.up(tmp_path, tmp_path / "data", database_url="postgresql://bvpo:hunter2@db:5432")
+    assert "hunter2" not in str(err.value) and not (tmp_path / ".stack").exists()

@@ -358,10 +358,14 @@ def _schedule(args) -> int:
     pool = None if getattr(args, "serve_here", False) else \
         endpoints(root, load_params(root / "params.yaml").stack)["work_pool"]
     if pool:
-        # The worker runs the module `bvpo.flow` from its own environment, in this checkout.
+        # The worker runs the module `bvpo.flow` in this checkout, with this checkout's own venv
+        # when it has one (its code, which its dvc.lock records), else the worker's environment.
+        job = {"working_dir": str(root)}
+        venv_python = root / ".venv" / "bin" / "python"
+        if venv_python.is_file():
+            job["command"] = f"{venv_python} -m prefect.engine"
         deployment_id = bvpo_pipeline.deploy(
-            name=args.name, work_pool_name=pool, parameters={"project_dir": str(root)},
-            job_variables={"working_dir": str(root)}, entrypoint_type=EntrypointType.MODULE_PATH, build=False,
+            name=args.name, work_pool_name=pool, parameters={"project_dir": str(root)}, job_variables=job, entrypoint_type=EntrypointType.MODULE_PATH, build=False,
             push=False, print_next_steps=False, ignore_warnings=True, **when)
         print(f"Deployment bvpo-pipeline/{args.name} ({deployment_id}) on work pool {pool!r}, "
               f"{'every %gs' % args.interval if args.interval else 'cron ' + when['cron']}: the pool's workers run "

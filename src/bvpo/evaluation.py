@@ -86,6 +86,9 @@ def selection_split(prompts: list, fraction: float) -> tuple[list[int], list[int
     import json
 
     def position(prompt) -> float:
+        # A chat hashes by its user turns: a changed system prompt moves no prompt across.
+        if isinstance(prompt, list):
+            prompt = [turn.get("content") for turn in prompt if turn.get("role") == "user"]
         digest = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 

@@ -317,6 +317,9 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
     params = load_params(params_path)
     if use_dvc is None:
         use_dvc = (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
+    if params.evaluate.selection_fraction == 0:
+        raise StageError("evaluate.selection_fraction is 0: no held-out prompt could decide a promotion, so a round "
+                         "cannot end; set it above 0 (0.5 is the default; only `bvpo experiment` uses 0)")
     if use_dvc and params_path != (root / "params.yaml").resolve():
         raise StageError(f"DVC stages read {root / 'params.yaml'}; run without DVC to use {params_path}")
     os.environ[tracking.FLOW_RUN_ENV] = str(flow_run.get_id() or "")
@@ -340,9 +343,15 @@ def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_
             registration = register_and_promote(str(root), str(params_path), parent_id, champion)
             decision = registration["decision"]
             if use_dvc:
-                remote = push_outputs(str(root), params.stack.dvc_remote)
-                if remote is not None:
-                    tracking.set_tags({"dvc_remote": remote})
+                # The round is registered by now: a remote that is down is reported, not fatal
+                # (`dvc push` later sends the same outputs).
+                try:
+                    remote = push_outputs(str(root), params.stack.dvc_remote)
+                    if remote is not None:
+                        tracking.set_tags({"dvc_remote": remote})
+                except Exception as err:  # noqa: BLE001 - any failure of the push is reported the same way
+                    logger.warning("dvc push failed, the round's outputs are only local: %s", err)
+                    tracking.set_tags({"dvc_push_failed": str(err)[:500]})
             results = json.loads((root / PATHS["eval"]).read_text())
             diagnostics = json.loads((root / PATHS["diagnostics"]).read_text())
             tracking.log_metrics({f"{name}/{k}": v for name, entry in results.items() for k, v in entry.items()})

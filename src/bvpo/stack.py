@@ -12,7 +12,7 @@ Which servers a command uses, first match wins:
 4. the embedded default: SQLite under mlruns/ and a temporary Prefect server per run.
 
 Passwords never appear in a URL, a command line or params.yaml: PostgreSQL clients (MLflow's
-psycopg2, Prefect's asyncpg) read them from the password file that `PGPASSFILE` names (the local
+psycopg, Prefect's asyncpg) read them from the password file that `PGPASSFILE` names (the local
 stack's `.stack/pgpass`, mode 0600) or from `PGPASSWORD`.
 """
 
@@ -78,8 +78,10 @@ def _write_state(root: Path, state: dict) -> None:
 def endpoints(root: Path, stack_params=None) -> dict[str, str | None]:
     """The tracking URI, Prefect API URL, work pool and where each came from (see the module doc).
     `stack_params`: params.yaml's `stack` section (a `StackConfig`), or None."""
-    state = read_state(root)
-    local = state if state is not None and _alive(state.get("mlflow", {}).get("pid"), "mlflow") else None
+    state = read_state(root) or {}
+    # A part counts while its process runs and `up` recorded where it listens.
+    local = {key: state.get(key) for key, part in (("tracking_uri", "mlflow"), ("prefect_api_url", "prefect"))
+             if state.get(key) and _alive(state.get(part, {}).get("pid"), part)}
     found: dict[str, str | None] = {}
     for key, env, attr in (("tracking_uri", "MLFLOW_TRACKING_URI", "tracking_uri"),
                            ("prefect_api_url", "PREFECT_API_URL", "prefect_api_url")):
@@ -87,12 +89,14 @@ def endpoints(root: Path, stack_params=None) -> dict[str, str | None]:
             found[key], found[f"{key}_from"] = os.environ[env], "environment"
         elif stack_params is not None and getattr(stack_params, attr):
             found[key], found[f"{key}_from"] = getattr(stack_params, attr), "params.yaml stack"
-        elif local is not None:
+        elif key in local:
             found[key], found[f"{key}_from"] = local[key], "local stack"
         else:
             found[key], found[f"{key}_from"] = None, "embedded"
     pool = stack_params.work_pool if stack_params is not None and stack_params.work_pool else None
-    found["work_pool"] = pool or (local["work_pool"] if local is not None else None)
+    # The local pool only lives on the local Prefect server.
+    local_pool = state.get("work_pool") if found["prefect_api_url_from"] == "local stack" else None
+    found["work_pool"] = pool or local_pool
     return found
 
 
@@ -141,7 +145,7 @@ def _start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> int:
     return process.pid
 
 
-def _stop_group(pid: int | None, expect: str, grace_s: float = 20.0) -> bool:
+def _stop_group(pid: int | None, expect: str | None, grace_s: float = 20.0) -> bool:
     """SIGTERM the process group led by `pid`, wait until it is gone, SIGKILL what is left."""
     if not _alive(pid, expect):
         return False
@@ -225,13 +229,22 @@ def _postgres_reachable(path: Path) -> None:
                              "run as a normal user")
 
 
+def _write_secret(path: Path, text: str) -> None:
+    """A file only its owner can read, from the moment it exists."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
 def _pg_run(cmd: list[str], what: str) -> None:
     result = subprocess.run(_as_postgres_user() + cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise StackError(f"{what} failed (exit {result.returncode}): {(result.stderr or result.stdout).strip()}")
 
 
-def _start_postgres(data: Path, port: int, passfile: Path) -> None:
+def _start_postgres(data: Path, port: int, passfile: Path) -> bool:
+    """Initialise the cluster if need be and start it; True when this call started it."""
     pgdata = data / "postgres"
     _postgres_reachable(data)
     data.mkdir(parents=True, exist_ok=True)
@@ -241,7 +254,7 @@ def _start_postgres(data: Path, port: int, passfile: Path) -> None:
         password = secrets.token_urlsafe(24)
         pgdata.mkdir(mode=0o700, exist_ok=True)
         pwfile = data / ".initdb-password"
-        pwfile.write_text(password + "\n")
+        _write_secret(pwfile, password + "\n")
         try:
             if owner:
                 subprocess.run(owner + [str(pgdata), str(pwfile)], check=True)
@@ -254,17 +267,17 @@ def _start_postgres(data: Path, port: int, passfile: Path) -> None:
             raise
         finally:
             pwfile.unlink(missing_ok=True)
-        passfile.write_text(f"127.0.0.1:*:*:{DB_USER}:{password}\n")
-        os.chmod(passfile, 0o600)
+        _write_secret(passfile, f"127.0.0.1:*:*:{DB_USER}:{password}\n")
     if not passfile.is_file():
         raise StackError(f"{pgdata} exists but its password file {passfile} is gone: remove {pgdata} to start "
                          "with a new database")
     if subprocess.run(_as_postgres_user() + [_pg_bin("pg_ctl"), "-D", str(pgdata), "status"],
                       capture_output=True).returncode == 0:
-        return
+        return False
     _pg_run([_pg_bin("pg_ctl"), "-D", str(pgdata), "-l", str(pgdata / "server.log"), "-w", "-t", "60", "-o",
              f"-c listen_addresses=127.0.0.1 -p {port} -k {pgdata}", "start"],
             f"starting PostgreSQL on 127.0.0.1:{port} (log {pgdata / 'server.log'})")
+    return True
 
 
 def _create_databases(port: int, passfile: Path) -> None:
@@ -296,31 +309,69 @@ def up(root: Path, data_dir: Path | None = None, ports: Ports | None = None, art
     `database_url`: a PostgreSQL server to use instead of starting one (its databases `mlflow` and
     `prefect` must exist); `artifacts`: where MLflow keeps artifacts (a path or s3://, gs://...)."""
     root = root.resolve()
+    ports = ports or Ports()
+    data = (data_dir or root / STACK_DIR).resolve()
+    _refuse_conflicts(root, data, ports, database_url)
+    started: list[tuple[str, int | None]] = []
     try:
-        return _up(root, data_dir, ports or Ports(), artifacts, database_url, workers)
+        return _up(root, data, ports, artifacts, database_url, workers, started)
     except BaseException:
-        down(root)  # a stack half up is worse than none: stop what this call (or an earlier one) started
+        # A stack half up is worse than none, but a stack that ran before this call stays up.
+        for part, pid in reversed(started):
+            if part == "postgres":
+                _stop_postgres(data)
+            elif part == "worker":
+                stop_process_tree(pid, grace_s=30)
+            else:
+                _stop_group(pid, None)  # started by this call: ours, even before it exec'd
         raise
 
 
-def _up(root: Path, data_dir: Path | None, ports: Ports, artifacts: str | None, database_url: str | None,
-        workers: int) -> dict:
-    data = (data_dir or root / STACK_DIR).resolve()
+def _refuse_conflicts(root: Path, data: Path, ports: Ports, database_url: str | None) -> None:
+    """`up` again must describe the stack that runs: same data directory, same ports."""
+    import urllib.parse
+
+    if database_url is not None and urllib.parse.urlsplit(database_url).password is not None:
+        raise StackError("--database-url must not hold a password (it would show in `ps` and in .stack/stack.json): "
+                         "export PGPASSWORD or point PGPASSFILE at a password file")
     state = read_state(root) or {}
-    if state and state.get("data_dir") != str(data) and _alive(state.get("mlflow", {}).get("pid"), "mlflow"):
-        raise StackError(f"a stack for this project already runs with its data in {state['data_dir']}: "
-                         "`bvpo stack down` first")
+    running = {part: state.get(part, {}) for part in ("mlflow", "prefect") if _alive(state.get(part, {}).get("pid"), part)}
+    if not running:
+        if database_url is None:
+            _postgres_reachable(data)
+        return
+    if state.get("data_dir") != str(data):
+        raise StackError(f"a stack for this project already runs with its data in {state['data_dir']}: use the same "
+                         "--data-dir, or `bvpo stack down` first")
+    wanted = {"mlflow": f"http://127.0.0.1:{ports.mlflow}", "prefect": f"http://127.0.0.1:{ports.prefect}"}
+    for part, info in running.items():
+        if info.get("url") and info["url"] != wanted[part]:
+            raise StackError(f"this project's {part} server already runs on {info['url']}, not {wanted[part]}: use "
+                             "the same ports, or `bvpo stack down` first")
+    pg = state.get("postgres", {})
+    if database_url is None and not pg.get("managed") and pg.get("port") not in (None, ports.postgres):
+        raise StackError(f"this project's PostgreSQL already runs on port {pg['port']}, not {ports.postgres}: use the "
+                         "same --postgres-port, or `bvpo stack down` first")
+
+
+def _up(root: Path, data: Path, ports: Ports, artifacts: str | None, database_url: str | None,
+        workers: int, started: list) -> dict:
+    state = read_state(root) or {}
     logs = root / STACK_DIR / "logs"
     env = dict(os.environ)
     for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "HF_HOME", "HF_HUB_OFFLINE"):
         env.pop(key, None)  # servers and the worker serve every clone, not this project's settings
     if database_url is None:
         passfile = data / "pgpass"
-        _start_postgres(data, ports.postgres, passfile)
+        postgres = {"data": str(data / "postgres"), "port": ports.postgres, "passfile": str(passfile), "managed": False}
+        # Recorded before it starts: whatever stops this call half-way can still stop PostgreSQL.
+        state.update({"data_dir": str(data), "postgres": postgres, "work_pool": WORK_POOL})
+        _write_state(root, state)
+        if _start_postgres(data, ports.postgres, passfile):
+            started.append(("postgres", None))
         _create_databases(ports.postgres, passfile)
         env["PGPASSFILE"] = str(passfile)
         base = f"postgresql://{DB_USER}@127.0.0.1:{ports.postgres}"
-        postgres = {"data": str(data / "postgres"), "port": ports.postgres, "passfile": str(passfile), "managed": False}
     else:
         base = database_url.rstrip("/")
         postgres = {"url": base, "passfile": os.environ.get("PGPASSFILE", ""), "managed": True}
@@ -334,6 +385,7 @@ def _up(root: Path, data_dir: Path | None, ports: Ports, artifacts: str | None, 
         mlflow_pid = _start([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{base}/mlflow",
                              "--artifacts-destination", artifacts, "--serve-artifacts", "--host", "127.0.0.1",
                              "--port", str(ports.mlflow), "--workers", "1"], logs / "mlflow.log", env, root)
+        started.append(("mlflow", mlflow_pid))
         state["mlflow"] = {"pid": mlflow_pid}
         _write_state(root, state)
         _wait_http(f"{mlflow_url}/health", "MLflow server", mlflow_pid, logs / "mlflow.log")
@@ -348,6 +400,7 @@ def _up(root: Path, data_dir: Path | None, ports: Ports, artifacts: str | None, 
     if not _alive(prefect_pid, "prefect"):
         prefect_pid = _start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                               str(ports.prefect), "--analytics-off"], logs / "prefect.log", server_env, root)
+        started.append(("prefect", prefect_pid))
         state["prefect"] = {"pid": prefect_pid}
         _write_state(root, state)
         _wait_http(f"{prefect_url}/health", "Prefect server", prefect_pid, logs / "prefect.log")
@@ -356,15 +409,30 @@ def _up(root: Path, data_dir: Path | None, ports: Ports, artifacts: str | None, 
 
     # No MLFLOW_TRACKING_URI: each flow run resolves its own clone's tracking server (its params,
     # or this stack when the clone is this project), as `bvpo run` there would.
+    _ensure_work_pool(prefect_url)  # before any worker: `bvpo schedule` may deploy the moment `up` returns
     worker_env = {**env, "PREFECT_API_URL": prefect_url}
     pids = [p for p in state.get("workers", []) if _alive(p, "worker")]
     for i in range(len(pids), workers):
         pids.append(_start([sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--type",
                             "process", "--name", f"bvpo-{os.uname().nodename}-{ports.prefect}-{i}"],
                            logs / f"worker-{i}.log", worker_env, root))
+        started.append(("worker", pids[-1]))
     state["workers"] = pids
     _write_state(root, state)
     return state
+
+
+def _ensure_work_pool(api_url: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=WORK_POOL, type="process"))
+        except ObjectAlreadyExists:
+            pass
 
 
 def down(root: Path) -> list[str]:
