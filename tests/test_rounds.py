@@ -140,6 +140,12 @@ def test_selection_split_is_a_stable_partition_by_prompt_text():
     with_system = [[{"role": "system", "content": "Be brief."}, *chat] for chat in chats]
     assert selection_split(chats, 0.5) == selection_split(with_system, 0.5)
     assert selection_split(chats, 0.5)[0]  # and a chat still lands on either side
+    # A tiny set that hashes all to one side still gets a prompt on each.
+    for n in (2, 3, 4):  # two prompts hash to the same side half the time
+        for start in range(200):
+            few = [f"question {start}-{j}" for j in range(n)]
+            selected, reported = selection_split(few, 0.5)
+            assert selected and reported and len(selected) + len(reported) == n
 
 
 def test_summarize_reports_means_of_the_columns_it_is_given():

@@ -45,6 +45,13 @@ def test_servers_come_from_the_environment_then_params_then_the_local_stack(tmp_
             ("http://mlflow.team:5000", "http://prefect.team/api", "gpu")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://exported:5000")
         assert stack.endpoints(tmp_path, team)["tracking_uri_from"] == "environment"
+        # The local pool goes with the local Prefect server, also once its URL is exported (as
+        # `bvpo` itself exports it before `schedule` asks), and not with another server.
+        monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4299/api")
+        assert stack.endpoints(tmp_path)["work_pool"] == "bvpo"
+        monkeypatch.setenv("PREFECT_API_URL", "http://prefect.elsewhere/api")
+        assert stack.endpoints(tmp_path)["work_pool"] is None
+        monkeypatch.delenv("PREFECT_API_URL")
     finally:
         server.kill()
         server.wait()

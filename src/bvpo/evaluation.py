@@ -81,7 +81,8 @@ def selection_split(prompts: list, fraction: float) -> tuple[list[int], list[int
     scores are reported (report). A prompt selects when the SHA-256 of its text, read as a number
     in [0, 1), is below `fraction`: it keeps its side whatever other prompts are added, removed
     or reordered, so a prompt that ever picked a champion never reports a score (scores reported
-    on the prompts that picked the champion flatter it: the winner's curse)."""
+    on the prompts that picked the champion flatter it: the winner's curse). A set so small that
+    every prompt falls on one side is split by rank instead, at least one prompt each."""
     import hashlib
     import json
 
@@ -92,7 +93,14 @@ def selection_split(prompts: list, fraction: float) -> tuple[list[int], list[int
         digest = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 
-    selects = [position(p) < fraction for p in prompts]
+    positions = [position(p) for p in prompts]
+    selects = [x < fraction for x in positions]
+    if 0 < fraction and len(prompts) >= 2 and (all(selects) or not any(selects)):
+        # A handful of prompts can all fall on one side: then the round(n * fraction) lowest
+        # positions select (at least one prompt on each side).
+        k = min(max(round(len(prompts) * fraction), 1), len(prompts) - 1)
+        chosen = set(sorted(range(len(prompts)), key=positions.__getitem__)[:k])
+        selects = [i in chosen for i in range(len(prompts))]
     return [i for i, s in enumerate(selects) if s], [i for i, s in enumerate(selects) if not s]
 
 

@@ -94,8 +94,10 @@ def endpoints(root: Path, stack_params=None) -> dict[str, str | None]:
         else:
             found[key], found[f"{key}_from"] = None, "embedded"
     pool = stack_params.work_pool if stack_params is not None and stack_params.work_pool else None
-    # The local pool only lives on the local Prefect server.
-    local_pool = state.get("work_pool") if found["prefect_api_url_from"] == "local stack" else None
+    # The local pool lives on the local Prefect server only: used when that is the server in use
+    # (however it was named: `export_environment` exports the local stack's URL).
+    on_local = "prefect_api_url" in local and found["prefect_api_url"] == local["prefect_api_url"]
+    local_pool = state.get("work_pool") if on_local else None
     found["work_pool"] = pool or local_pool
     return found
 
