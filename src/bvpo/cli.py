@@ -415,28 +415,15 @@ def _stack(args) -> int:
 
 def _serve(args) -> int:
     """A Prefect server on loopback, then the schedule against it; both stop together."""
-    import urllib.request
-
     url = f"http://127.0.0.1:{args.port}/api"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port),
            "--analytics-off"]
     print(f"Prefect server on http://127.0.0.1:{args.port} (home {os.environ['PREFECT_HOME']})")
     server = _start_server_group(cmd)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                print(f"bvpo: error: the Prefect server exited ({server.returncode}); is port {args.port} free?",
-                      file=sys.stderr)
-                return EXIT_USAGE
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    print(f"bvpo: error: no Prefect server answered on {url} within 120 s", file=sys.stderr)
-                    return EXIT_USAGE
-                time.sleep(0.5)
+        from .stack import wait_http
+
+        wait_http(f"{url}/health", "Prefect server", server.pid, timeout_s=120)
         os.environ["PREFECT_API_URL"] = url
         args.serve_here = True  # this server lives as long as this command: no work pool behind it
         return _schedule(args)

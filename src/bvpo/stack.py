@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -147,33 +146,19 @@ def _start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> int:
     return process.pid
 
 
-def _stop_group(pid: int | None, expect: str | None, grace_s: float = 20.0) -> bool:
-    """SIGTERM the process group led by `pid`, wait until it is gone, SIGKILL what is left."""
+def _stop(pid: int | None, expect: str | None) -> bool:
+    """Stop a part and every process under it (servers fork workers; a Prefect worker starts
+    each flow run in a session of its own); False when it was not running."""
     if not _alive(pid, expect):
         return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        try:  # our own child (tests start the stack in-process): reap it
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    stop_process_tree(pid, grace_s=30)
     return True
 
 
-def _wait_http(url: str, what: str, pid: int, log: Path, timeout_s: float = 180.0) -> None:
+def wait_http(url: str, what: str, pid: int, log: Path | None = None, timeout_s: float = 180.0) -> None:
+    """Until `url` answers; StackError if the process `pid` exits first (with its log's tail) or
+    `timeout_s` passes. `bvpo serve` waits for its Prefect server the same way."""
+    where = f" (log {log})" if log is not None else ""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -182,10 +167,10 @@ def _wait_http(url: str, what: str, pid: int, log: Path, timeout_s: float = 180.
         except OSError:
             pass
         if not _alive(pid):
-            tail = log.read_text(errors="replace").splitlines()[-15:] if log.is_file() else []
-            raise StackError(f"the {what} exited while starting (log {log}):\n" + "\n".join(tail))
+            tail = log.read_text(errors="replace").splitlines()[-15:] if log is not None and log.is_file() else []
+            raise StackError(f"the {what} exited while starting{where}; is its port free?\n" + "\n".join(tail))
         if time.monotonic() > deadline:
-            raise StackError(f"the {what} did not answer on {url} within {timeout_s:.0f} s (log {log})")
+            raise StackError(f"the {what} did not answer on {url} within {timeout_s:.0f} s{where}")
         time.sleep(0.5)
 
 
@@ -322,10 +307,8 @@ def up(root: Path, data_dir: Path | None = None, ports: Ports | None = None, art
         for part, pid in reversed(started):
             if part == "postgres":
                 _stop_postgres(data)
-            elif part == "worker":
-                stop_process_tree(pid, grace_s=30)
             else:
-                _stop_group(pid, None)  # started by this call: ours, even before it exec'd
+                _stop(pid, None)  # started by this call: ours, even before it exec'd
         raise
 
 
@@ -390,7 +373,7 @@ def _up(root: Path, data: Path, ports: Ports, artifacts: str | None, database_ur
         started.append(("mlflow", mlflow_pid))
         state["mlflow"] = {"pid": mlflow_pid}
         _write_state(root, state)
-        _wait_http(f"{mlflow_url}/health", "MLflow server", mlflow_pid, logs / "mlflow.log")
+        wait_http(f"{mlflow_url}/health", "MLflow server", mlflow_pid, logs / "mlflow.log")
     state.update(mlflow={"pid": mlflow_pid, "url": mlflow_url, "artifacts": artifacts}, tracking_uri=mlflow_url)
     _write_state(root, state)
 
@@ -405,7 +388,7 @@ def _up(root: Path, data: Path, ports: Ports, artifacts: str | None, database_ur
         started.append(("prefect", prefect_pid))
         state["prefect"] = {"pid": prefect_pid}
         _write_state(root, state)
-        _wait_http(f"{prefect_url}/health", "Prefect server", prefect_pid, logs / "prefect.log")
+        wait_http(f"{prefect_url}/health", "Prefect server", prefect_pid, logs / "prefect.log")
     state.update(prefect={"pid": prefect_pid, "url": prefect_url.removesuffix("/api")}, prefect_api_url=prefect_url)
     _write_state(root, state)
 
@@ -445,13 +428,10 @@ def down(root: Path) -> list[str]:
         return []
     stopped = []
     for pid in state.get("workers", []):
-        if _alive(pid, "worker"):
-            # A worker starts each flow run in a session of its own: stop the whole tree, so a
-            # round running now ends (and stops its stages) instead of outliving its servers.
-            stop_process_tree(pid, grace_s=30)
+        if _stop(pid, "worker"):  # a round running now ends, and stops its stages, with its worker
             stopped.append(f"worker {pid}")
     for name in ("prefect", "mlflow"):
-        if _stop_group(state.get(name, {}).get("pid"), name):
+        if _stop(state.get(name, {}).get("pid"), name):
             stopped.append(f"{name} server {state[name]['pid']}")
     if not state.get("postgres", {}).get("managed") and _stop_postgres(Path(state["data_dir"])):
         stopped.append("postgresql")
