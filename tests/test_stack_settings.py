@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,21 @@ def local_stack(root: Path, pid: int) -> None:
         "mlflow": {"pid": pid}, "prefect": {"pid": pid}, "postgres": {"passfile": str(root / "pgpass")}}))
 
 
+def wait_for_command_line(pid: int, word: str) -> None:
+    """Popen returns once exec has begun; Linux fills /proc/<pid>/cmdline a moment later (an
+    empty one was read on a loaded CI machine), which `stack._alive` rightly reads as not ours."""
+    deadline = time.monotonic() + 30
+    while word.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, f"process {pid} never showed {word!r} in its command line"
+        time.sleep(0.01)
+
+
 def test_servers_come_from_the_environment_then_params_then_the_local_stack(tmp_path, no_servers, monkeypatch):
     assert stack.endpoints(tmp_path)["tracking_uri"] is None  # embedded: mlruns/ and a temporary Prefect
     # A running process whose command line says mlflow stands for the local stack's server.
     server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mlflow", "prefect"])
     try:
+        wait_for_command_line(server.pid, "mlflow")
         local_stack(tmp_path, server.pid)
         found = stack.endpoints(tmp_path)
         assert (found["tracking_uri"], found["tracking_uri_from"], found["work_pool"]) == \
@@ -131,6 +142,8 @@ def running_stack(tmp_path):
     Pythons whose command lines say so), as `bvpo stack up` leaves it."""
     servers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", part])
                for part in ("mlflow", "prefect")]
+    for server, part in zip(servers, ("mlflow", "prefect")):
+        wait_for_command_line(server.pid, part)
     (tmp_path / ".stack").mkdir()
     (tmp_path / ".stack" / "stack.json").write_text(json.dumps({
         "data_dir": str(tmp_path / "data"), "tracking_uri": "http://127.0.0.1:5000",
