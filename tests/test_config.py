@@ -62,6 +62,10 @@ def test_shipped_params_equal_the_declared_defaults():
         ({"train.max_grad_norm": float("nan")}, "train.max_grad_norm"),
         ({"experiment.methods.bvpo.preference_weight": -1.0}, "experiment.methods.bvpo.preference_weight"),
         ({"experiment.methods.base": {"alpha": 0.5}}, "experiment.methods.base"),
+        ({"train.max_tokens_per_micro_batch": 1}, "train.max_tokens_per_micro_batch"),
+        ({"train.max_tokens_per_micro_batch": 512, "train.shared_prompt": False}, "train.max_tokens_per_micro_batch"),
+        ({"train.attention": "flash_attention_2"}, "train.attention"),
+        ({"train.attention": "flex_attention"}, "train.attention"),  # without packed rows
     ],
 )
 def test_bad_values_name_the_field(tmp_path, overrides, field):

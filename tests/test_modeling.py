@@ -256,3 +256,108 @@ def test_a_hub_id_that_cannot_be_fetched_says_how_to_fix_it(tmp_path, monkeypatc
     for given in (tmp_path / "pointer", "Qwen/Qwen3-0.6B"):  # through the warmup's pointer, or as model.path
         with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set, so only the local Hugging Face cache is read"):
             load_tokenizer(given)
+
+
+def assert_packed_scores_like_separate_sequences(model, groups_of_sequences, pad_id, max_tokens):
+    """Packed rows give every sequence's per-token log-probs, sum, token count and gradient (of a
+    weighted sum) as scoring it in its own sequence does."""
+    from bvpo.packing import make_group, pack, packed_token_logps, score_packed
+    from bvpo.sequences import collate
+
+    groups = [make_group(sequences) for sequences in groups_of_sequences]
+    rows = pack(groups, max_tokens)
+    flat = [s for sequences in groups_of_sequences for s in sequences]
+    weights = torch.linspace(-1.5, 2.0, len(flat))
+    params = list(model.parameters())
+
+    def run(scorer):
+        model.zero_grad(set_to_none=True)
+        logps, counts = scorer()
+        (logps * weights).sum().backward()
+        return logps.detach(), counts, [p.grad.clone() for p in params]
+
+    def separate():
+        batch = collate(flat, pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        picked = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        mask = batch["completion_mask"][:, 1:].float()
+        return (picked * mask).sum(-1), mask.sum(-1)
+
+    packed, alone = run(lambda: score_packed(model, groups, rows, pad_id)), run(separate)
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(packed[0], alone[0], rtol=1e-6, atol=1e-4)
+    assert packed[1].tolist() == alone[1].tolist() == [len(s.input_ids) - s.completion_start for s in flat]
+    for a, b in zip(packed[2], alone[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # per token, in text order (what the analyze stage reads)
+        tokens, sequence = packed_token_logps(model, groups, rows, pad_id)
+        batch = collate(flat, pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        expected = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        for j, s in enumerate(flat):
+            torch.testing.assert_close(tokens[sequence == j], expected[j, s.completion_start - 1:len(s.input_ids) - 1],
+                                       rtol=1e-5, atol=1e-5)
+    return rows
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+@pytest.mark.parametrize("max_tokens", [1, 64, 4096])
+def test_packed_groups_score_like_separate_sequences(tokenizer, tiny_model, thinking, max_tokens):
+    """Groups of 1 to 4 completions of one prompt (a DPO pair, the k samples the analyze stage
+    scores), uneven lengths, packed into rows one group each, several per row, or all in one."""
+    trace = "12+3=15\n15-4=11" if thinking else None
+    answers = {"Compute 12+3-4.": ["11", "7", "1234"], "Compute 50-7.": ["43"], "Compute 9+9+9.": ["27", "8", "0", "99"],
+               "Compute 1+2.": ["3", "12"]}
+    groups = [[encode(tokenizer, p, completion_text(trace if i else None, a, tokenizer.eos_token) if thinking
+                      else completion_text(None, a, tokenizer.eos_token), thinking) for i, a in enumerate(options)]
+              for p, options in answers.items()]
+    rows = assert_packed_scores_like_separate_sequences(tiny_model, groups, tokenizer.pad_token_id, max_tokens)
+    assert len(rows) == {1: 4, 4096: 1}.get(max_tokens, len(rows))
+    assert sorted(g for row in rows for g in row) == [0, 1, 2, 3]
+
+
+def test_one_problem_in_both_modes_packs_like_separate_sequences(tokenizer, tiny_model):
+    """The warmup's layout in packed rows: a problem with and without a trace share only the
+    head of their prompts; either may come first."""
+    problems = [("Compute 12+3-4.", "12+3=15\n15-4=11", "11"), ("Compute 50-7.", "50-7=43", "43")]
+    think = [encode(tokenizer, p, completion_text(t, a, tokenizer.eos_token), True) for p, t, a in problems]
+    empty = [encode(tokenizer, p, completion_text(None, a, tokenizer.eos_token), False) for p, _, a in problems]
+    assert_packed_scores_like_separate_sequences(
+        tiny_model, [[think[0], empty[0]], [empty[1], think[1]]], tokenizer.pad_token_id, 4096)
+
+
+def test_packed_pairs_give_score_pairs_layout(tokenizer, tiny_model):
+    """`score_pairs_packed` returns chosen then rejected, as `score_pairs` does, in one row."""
+    from bvpo.packing import pair_rows, score_pairs_packed
+    from bvpo.sequences import score_pairs
+
+    prompts = ["Compute 12+3-4.", "Compute 50-7.", "Compute 9+9+9."]
+    chosen = [encode(tokenizer, p, completion_text("1+1=2", "11", tokenizer.eos_token), True) for p in prompts]
+    rejected = [encode(tokenizer, p, completion_text(None, a, tokenizer.eos_token), True)
+                for p, a in zip(prompts, ["7", "43", "1234"])]
+    with torch.no_grad():
+        packed = score_pairs_packed(tiny_model, chosen, rejected, tokenizer.pad_token_id)
+        padded = score_pairs(tiny_model, chosen, rejected, tokenizer.pad_token_id)
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-6, atol=1e-4)
+    assert packed[1].tolist() == padded[1].tolist()
+    sizes = [len(c.input_ids) + len(r.input_ids) - c.completion_start for c, r in zip(chosen, rejected)]
+    rows = pair_rows(chosen, rejected, [0, 1, 2], max(sizes))  # room for one pair per row at most
+    assert sorted(i for row in rows for i in row) == [0, 1, 2] and all(len(row) == 1 for row in rows)
+
+
+def test_flex_attention_block_mask_scores_like_the_dense_mask(tokenizer):
+    """The GPU path's block mask is the dense mask's layout (forward only: torch has no
+    FlexAttention backward on a CPU; the trainer refuses flex_attention there)."""
+    from bvpo.modeling import build_tiny_model
+    from bvpo.packing import make_group, pack, score_packed
+
+    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                             max_length=192, seed=1)
+    groups = [make_group([encode(tokenizer, p, completion_text("2+2=4", a, tokenizer.eos_token), True)
+                          for a in answers]) for p, answers in (("Compute 2+2.", ["4", "5"]), ("Compute 7-1.", ["6"]))]
+    rows = pack(groups, 4096)
+    with torch.no_grad():
+        dense = score_packed(model, groups, rows, tokenizer.pad_token_id)
+        model.set_attn_implementation("flex_attention")
+        flex = score_packed(model, groups, rows, tokenizer.pad_token_id)
+    torch.testing.assert_close(flex[0], dense[0], rtol=1e-5, atol=1e-4)

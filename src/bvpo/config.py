@@ -353,6 +353,18 @@ class TrainConfig:
     custom attention mask keeps the rejected completion from seeing the chosen one). Same
     log-probs, fewer tokens (how many fewer: docs/benchmarks.md). Needs SDPA attention; models
     with another attention implementation score chosen and rejected separately."""
+    max_tokens_per_micro_batch: int | None = None
+    """Pack the step's pairs, each as [prompt, chosen, rejected] with the prompt run once, side by
+    side into padding-free rows of at most this many tokens, one row per forward pass
+    (`micro_batch_size` is then unused; a pair longer than this gets a row of its own). The same
+    log-probs and gradient as the unpacked path. Pays on a GPU with
+    `attn_implementation: flex_attention`, whose block mask skips what a row's pairs cannot see;
+    under SDPA the mask is dense ([tokens, tokens] per row), so keep rows short there. null = off:
+    `micro_batch_size` pairs per forward, padded to the longest. Needs SDPA or FlexAttention."""
+    attention: str = "sdpa"
+    """The policy's (and live reference's) attention kernel while training: `sdpa`, or
+    `flex_attention` (GPU only: torch has no FlexAttention backward on a CPU), which needs
+    `max_tokens_per_micro_batch` (it reads the packed rows' block mask)."""
     max_grad_norm: float = 1.0
     """Gradient clipping threshold on the mixed gradient."""
     alpha_every: int = 10
@@ -424,6 +436,16 @@ class TrainConfig:
         per_process = self.batch_size // self.num_processes
         _check(1 <= self.micro_batch_size and per_process % min(self.micro_batch_size, per_process) == 0,
                "train.micro_batch_size", f"a divisor of the per-process batch ({per_process})", self.micro_batch_size)
+        _check(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 2,
+               "train.max_tokens_per_micro_batch", "an integer >= 2 or null", self.max_tokens_per_micro_batch)
+        _check(self.max_tokens_per_micro_batch is None or self.shared_prompt, "train.max_tokens_per_micro_batch",
+               "null while train.shared_prompt is false (packing lays each pair out with its prompt once)",
+               self.max_tokens_per_micro_batch)
+        _check(self.attention in ("sdpa", "flex_attention"), "train.attention", "sdpa or flex_attention",
+               self.attention)
+        _check(self.attention == "sdpa" or self.max_tokens_per_micro_batch, "train.attention",
+               "sdpa unless train.max_tokens_per_micro_batch is set (flex_attention reads packed rows)",
+               self.attention)
         _check(self.alpha_draws >= 2, "train.alpha_draws", "an integer >= 2 (a variance needs two draws)",
                self.alpha_draws)
         _check(self.alpha_draw_size % self.num_processes == 0, "train.alpha_draw_size",

@@ -18,10 +18,11 @@ import torch
 
 from .modeling import SDPA_FP32, load_model, resolve_model_dir
 from .runtime import files_digest
+from .packing import pair_rows, score_pairs_packed
 from .sequences import Encoded, score_pairs
 
 # The code that turns pairs into scored log-probs: a change to it invalidates cached references.
-SCORING_MODULES = ("sequences.py", "modeling.py", "losses.py", "reference.py")
+SCORING_MODULES = ("sequences.py", "packing.py", "modeling.py", "losses.py", "reference.py")
 
 
 def model_digest(model_dir: str | Path) -> str:
@@ -56,16 +57,22 @@ def attention_implementation() -> str:
 
 @torch.no_grad()
 def reference_logps(model, chosen: list[Encoded], rejected: list[Encoded], pad_id: int, batch_size: int = 32,
-                    autocast=contextlib.nullcontext, shared_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    autocast=contextlib.nullcontext, shared_prompt: bool = True,
+                    max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs of every pair under the frozen reference, scored the way the
-    policy's are (same pairing, same autocast), so that the log-ratio is 0 at step 0."""
+    policy's are (same pairing, same packing, same autocast), so that the log-ratio is 0 at step 0."""
     model.eval()
     out = torch.empty(2, len(chosen))
-    order = sorted(range(len(chosen)), key=lambda i: len(chosen[i].input_ids) + len(rejected[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    if max_tokens:
+        batches = pair_rows(chosen, rejected, list(range(len(chosen))), max_tokens)
+    else:
+        order = sorted(range(len(chosen)), key=lambda i: len(chosen[i].input_ids) + len(rejected[i].input_ids))
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    for idx in batches:
+        c, r = [chosen[i] for i in idx], [rejected[i] for i in idx]
         with autocast():
-            logps, _ = score_pairs(model, [chosen[i] for i in idx], [rejected[i] for i in idx], pad_id, shared_prompt)
+            logps, _ = score_pairs_packed(model, c, r, pad_id) if max_tokens else \
+                score_pairs(model, c, r, pad_id, shared_prompt)
         out[:, idx] = logps.float().cpu().view(2, len(idx))
     return out[0], out[1]
 
@@ -95,7 +102,7 @@ def cpu_bf16(accelerator) -> bool:
     return accelerator.device.type == "cpu" and str(accelerator.mixed_precision) == "bf16"
 
 
-def load_reference_model(base_dir: str, accelerator):
+def load_reference_model(base_dir: str, accelerator, attention: str = "sdpa"):
     """The frozen reference, with the same parameter numerics as the policy's forward pass: fp32
     weights (the policy's master weights) under the same autocast, or FSDP's parameter cast."""
     model = load_model(base_dir, "fp32", accelerator.device).eval().requires_grad_(False)
@@ -103,13 +110,15 @@ def load_reference_model(base_dir: str, accelerator):
     if compute is not None:
         for parameter in model.parameters():
             parameter.data = parameter.data.to(compute)
+    if attention != "sdpa":
+        model.set_attn_implementation(attention)
     if cpu_bf16(accelerator) and model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(SDPA_FP32)  # scoring only, never saved
     return model
 
 
 def precomputed_reference(cache_file: Path, load_reference, data: dict[str, tuple], pad_id: int, accelerator,
-                          shared_prompt: bool = True):
+                          shared_prompt: bool = True, max_tokens: int | None = None):
     """Reference log-probs for every pair, computed once and cached on disk. Every process
     scores its share of the pairs (every N-th of each mode) and the main process writes the
     merged cache, so N GPUs precompute N times faster than one."""
@@ -124,7 +133,8 @@ def precomputed_reference(cache_file: Path, load_reference, data: dict[str, tupl
         for mode, (chosen, rejected) in data.items():
             mine = list(range(rank, len(chosen), world))
             c, r = reference_logps(reference, [chosen[i] for i in mine], [rejected[i] for i in mine], pad_id,
-                                   autocast=accelerator.autocast, shared_prompt=shared_prompt)
+                                   autocast=accelerator.autocast, shared_prompt=shared_prompt,
+                                   max_tokens=max_tokens)
             merged = torch.empty(2, len(chosen))
             for indices, chosen_logps, rejected_logps in gather_object([(mine, c, r)]):
                 merged[0, indices], merged[1, indices] = chosen_logps, rejected_logps
@@ -144,9 +154,9 @@ def precomputed_reference(cache_file: Path, load_reference, data: dict[str, tupl
 def cache_file(cache_dir: Path, pairs_digest: str, base_digest: str, params, accelerator) -> Path:
     """Where the reference log-probs of these pairs under this model are cached: the name hashes
     everything that changes them (pairs, model, scoring code and library versions, length limits,
-    autocast, FSDP's parameter cast, prompt sharing)."""
+    autocast, FSDP's parameter cast, prompt sharing, packing)."""
     key = "-".join([pairs_digest, base_digest, scoring_code_digest(), str(params.model.max_length),
                     str(params.model.max_length_nothink), str(accelerator.mixed_precision),
-                    str(reference_param_dtype(accelerator)), str(params.train.shared_prompt),
+                    str(reference_param_dtype(accelerator)), str(params.train.shared_prompt), str(params.train.max_tokens_per_micro_batch),
                     accelerator.device.type, attention_implementation()])
     return cache_dir / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"

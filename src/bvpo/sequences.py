@@ -146,16 +146,6 @@ def score_pairs(model, chosen: list[Encoded], rejected: list[Encoded], pad_id: i
     return logps, counts
 
 
-@torch.no_grad()
-def token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token log-probs of each row's own next token ([B, L−1]; masked positions are 0)."""
-    device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-    picked = completion_token_logps(logits[:, :-1], input_ids[:, 1:])
-    return picked * batch["completion_mask"][:, 1:].to(device)
-
-
 @dataclass
 class Generated:
     text: str

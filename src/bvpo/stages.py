@@ -430,7 +430,10 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
     """The paper's trace diagnostics on the sampled completions, under the sampling policy."""
     from .diagnostics import trace_diagnostics
     from .modeling import THINK_CLOSE, load_model, load_tokenizer, pick_device, resolve_dtype
-    from .sequences import collate, encode, fits, token_logps
+    import torch
+
+    from .packing import make_group, packed_token_logps
+    from .sequences import encode, fits
 
     root = project_root(project_dir)
     samples = _load_samples(root)
@@ -445,22 +448,37 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
     for i in set(range(len(samples))) - set(kept):
         skipped[samples[i]["mode"]] += 1
     samples, encoded = [samples[i] for i in kept], [encoded[i] for i in kept]
+    # The k samples of a prompt in a mode run their prompt once, one group per row (the same
+    # log-probs as scoring each alone, about a third fewer tokens here).
+    members: dict[tuple, list[int]] = {}
+    for i, sample_row in enumerate(samples):
+        members.setdefault((sample_row["prompt_id"], sample_row["mode"]), []).append(i)
+    groups = [(m, make_group([encoded[i] for i in m])) for m in members.values()]
+    groups.sort(key=lambda g: g[1].n_tokens)
+    batches, batch, n_batch = [], [], 0
+    for member, group in groups:
+        batch.append((member, group))
+        n_batch += len(member)
+        if n_batch >= params.analyze.batch_size:
+            batches.append(batch)
+            batch, n_batch = [], 0
+    batches += [batch] if batch else []
     rows = []
-    bs = params.analyze.batch_size
-    order = sorted(range(len(samples)), key=lambda i: len(encoded[i].input_ids))
-    for start in range(0, len(order), bs):
-        idx = order[start:start + bs]
-        logps = token_logps(model, collate([encoded[i] for i in idx], tokenizer.pad_token_id)).cpu()
-        for row, i in enumerate(idx):
-            e, sample_row = encoded[i], samples[i]
-            n = len(e.input_ids) - e.completion_start
-            picked = logps[row, e.completion_start - 1:e.completion_start - 1 + n].tolist()
+    for batch in batches:
+        with torch.no_grad():
+            picked, _ = packed_token_logps(model, [g for _, g in batch], [[j] for j in range(len(batch))],
+                                           tokenizer.pad_token_id)
+        order = [i for member, _ in batch for i in member]
+        sizes = [len(encoded[i].input_ids) - max(encoded[i].completion_start, 1) for i in order]
+        for i, token_logps_of_i in zip(order, picked.float().cpu().split(sizes)):
+            sample_row = samples[i]
+            picked_list = token_logps_of_i.tolist()
             n_trace = None
             if sample_row["mode"] == "think" and THINK_CLOSE in sample_row["completion"]:
                 head = sample_row["completion"].split(THINK_CLOSE, 1)[0] + THINK_CLOSE
                 n_trace = len(tokenizer(head, add_special_tokens=False).input_ids)
             rows.append({"prompt_id": sample_row["prompt_id"], "mode": sample_row["mode"],
-                         "token_logps": picked, "n_trace_tokens": n_trace})
+                         "token_logps": picked_list, "n_trace_tokens": n_trace})
     result = trace_diagnostics(rows)
     out = root / PATHS["diagnostics"]
     with tracking.stage_run(root, params.tracking.experiment, "analyze"):

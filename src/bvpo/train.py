@@ -45,6 +45,7 @@ from .modes import MODES
 from .paths import record_run_facts
 from .reference import cache_file, code_digest, cpu_bf16, load_reference_model, model_digest, precomputed_reference
 from .runtime import files_digest
+from .packing import pair_rows, score_pairs_packed
 from .sequences import Encoded, fits, score_pairs
 from .sequences import encode as encode_sequence
 from .warmup import cosine_schedule
@@ -55,7 +56,7 @@ KILL_ENV = "BVPO_KILL_AFTER_CHECKPOINT"  # tests: "METHOD:STEP" dies (SIGKILL) r
 RUN_FACTS = "run_facts.json"  # a method's wall time and peak memory, in its work folder
 # The code that decides a method's weights: a change to it (or to the libraries) makes a finished
 # method or a checkpoint of the old code stale.
-TRAINING_MODULES = ("train.py", "losses.py", "sequences.py", "modeling.py", "alpha.py", "gradients.py",
+TRAINING_MODULES = ("train.py", "losses.py", "sequences.py", "packing.py", "modeling.py", "alpha.py", "gradients.py",
                     "reference.py", "warmup.py")
 
 
@@ -139,12 +140,17 @@ class PairLoss:
         pairs = self.data[mode]
         n = len(chunk)
         chosen, rejected = [pairs.chosen[i] for i in chunk], [pairs.rejected[i] for i in chunk]
-        logps, n_tokens = score_pairs(model, chosen, rejected, self.pad_id, self.t.shared_prompt)
+        if self.t.max_tokens_per_micro_batch:
+            logps, n_tokens = score_pairs_packed(model, chosen, rejected, self.pad_id)
+        else:
+            logps, n_tokens = score_pairs(model, chosen, rejected, self.pad_id, self.t.shared_prompt)
         if pairs.ref_chosen is not None:
             ref = torch.cat([pairs.ref_chosen[chunk], pairs.ref_rejected[chunk]]).to(logps.device)
         else:
             with torch.no_grad(), autocast():
-                ref, _ = score_pairs(self.reference, chosen, rejected, self.pad_id, self.t.shared_prompt)
+                ref, _ = score_pairs_packed(self.reference, chosen, rejected, self.pad_id) \
+                    if self.t.max_tokens_per_micro_batch else \
+                    score_pairs(self.reference, chosen, rejected, self.pad_id, self.t.shared_prompt)
         result = estimator_loss(logps[:n], logps[n:], n_tokens[:n], n_tokens[n:], ref[:n], ref[n:],
                                 self.t.loss_type, self.betas[mode], self.t.label_smoothing, self.t.nll_weight,
                                 self.preference_weight)
@@ -163,9 +169,12 @@ class PairLoss:
         sums = dict.fromkeys(("loss", "dpo", "nll", "chosen_reward", "rejected_reward", "margin", "accuracy",
                               "abs_logratio", "tokens"), 0.0)
         pairs = self.data[mode]
-        indices = sorted(indices, key=lambda i: -len(pairs.chosen[i].input_ids) - len(pairs.rejected[i].input_ids))
-        micro = min(self.t.micro_batch_size, len(indices))
-        chunks = [indices[i:i + micro] for i in range(0, len(indices), micro)]
+        if self.t.max_tokens_per_micro_batch:
+            chunks = pair_rows(pairs.chosen, pairs.rejected, indices, self.t.max_tokens_per_micro_batch)
+        else:
+            indices = sorted(indices, key=lambda i: -len(pairs.chosen[i].input_ids) - len(pairs.rejected[i].input_ids))
+            micro = min(self.t.micro_batch_size, len(indices))
+            chunks = [indices[i:i + micro] for i in range(0, len(indices), micro)]
         # FSDP2 must reduce-scatter on every backward (its no_sync keeps unsharded gradients
         # out of .grad); DDP accumulates locally and synchronises once, on the last pass.
         sharded = accelerator.distributed_type.name == "FSDP"
@@ -304,6 +313,8 @@ def setup(name: str, alpha: float | str, params: Params, base_dir: str, method_d
     # fp32 master weights whatever model.dtype says: bf16/fp16 are the autocast's compute dtype
     # (train.mixed_precision), and AdamW's small updates are not lost to bf16 rounding.
     model = load_model(base_dir, "fp32")
+    if t.attention != "sdpa":
+        model.set_attn_implementation(t.attention)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     # Not prepared: accelerate's scheduler wrapper steps once per process per call.
@@ -511,13 +522,16 @@ def accelerate_command(params: Params, module_args: list[str],
                           resolve_precision(t.mixed_precision, pick_device()), threads_per_process)
 
 
-def check_launch(accelerator) -> None:
+def check_launch(accelerator, attention: str = "sdpa") -> None:
     """Refuse set-ups that would silently train something other than the BVPO objective."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise TrainingError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "
                             "each would train alone. On a CPU-only machine set ACCELERATE_USE_CPU=true")
     kind = accelerator.distributed_type.name
+    if attention == "flex_attention" and accelerator.device.type == "cpu":
+        raise TrainingError("train.attention flex_attention needs a GPU: torch has no FlexAttention backward on a "
+                            "CPU. Use sdpa here (packing still works with it)")
     if str(accelerator.mixed_precision) == "fp16" and accelerator.scaler is None:
         raise TrainingError("train.mixed_precision fp16 needs a GPU: on a CPU accelerate runs it without autocast "
                             "or loss scaling (no GradScaler), i.e. silently in fp32. Use bf16 (or auto) or fp32 here")
@@ -601,12 +615,13 @@ def setup_pairs(args, params: Params, accelerator) -> SharedSetup:
     pairs_digest, base_digest = files_digest(Path(args.pairs)), model_digest(args.base)
     reference = None
     if t.reference == "live":
-        reference = load_reference_model(args.base, accelerator)
+        reference = load_reference_model(args.base, accelerator, t.attention)
         data = {mode: PairSet(c, r, None, None) for mode, (c, r) in encoded.items()}
     else:
         logps = precomputed_reference(cache_file(Path(args.cache), pairs_digest, base_digest, params, accelerator),
-                                      lambda: load_reference_model(args.base, accelerator),
-                                      encoded, tokenizer.pad_token_id, accelerator, t.shared_prompt)
+                                      lambda: load_reference_model(args.base, accelerator, t.attention),
+                                      encoded, tokenizer.pad_token_id, accelerator, t.shared_prompt,
+                                      t.max_tokens_per_micro_batch)
         data = {mode: PairSet(c, r, *logps[mode]) for mode, (c, r) in encoded.items()}
     precision = {"no": "fp32"}.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision))
     return SharedSetup(tokenizer, data, skipped, reference, pairs_digest, base_digest, precision)
@@ -632,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     accelerator = Accelerator()  # for the shared setup; each method gets its own in `setup`
-    check_launch(accelerator)
+    check_launch(accelerator, params.train.attention)
     shared = setup_pairs(args, params, accelerator)
     main_process, work_dir = accelerator.is_main_process, Path(args.work)
     train_config = {k: v for k, v in params.to_dict()["train"].items() if k not in ("methods", "num_processes")}
