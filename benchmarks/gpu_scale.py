@@ -4,10 +4,12 @@ trained by the project's own train stage on pairs with ~2k-token traces, then sa
     python benchmarks/gpu_scale.py [--steps 6] [--trace-tokens 2000]   # on a machine with CUDA
 
 What the small gpu_check cannot show: memory and speed where the vocabulary and the traces are
-real-sized. Per variant (1-process DDP, 1-process FSDP2 with activation checkpointing), both
+real-sized. Per variant (1-process DDP; DDP with packed rows under FlexAttention; 1-process
+FSDP2 with activation checkpointing), both
 `bvpo` (α = 0.5) and `bvpo_auto` train in bf16 with a precomputed reference; printed per
 method: pairs/s, completion+prompt tokens/s, peak GPU memory, finite losses, step-0 log-ratio
-~ 0, α in [0, 1]. Then Hugging Face `generate` tokens/s, one-by-one vs batched, both modes (a
+~ 0, α in [0, 1], achieved TFLOP/s and MFU (6 × matmul parameters × tokens + attention, against the
+GPU's dense bf16 peak). Then Hugging Face `generate` tokens/s, one-by-one vs batched, both modes (a
 random model rarely stops, so every row runs to `--new-tokens`). Exit 0 = every check passed.
 """
 
@@ -22,6 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by the name CUDA reports.
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
 QWEN3_06B = {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
              "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936}
@@ -79,7 +85,7 @@ def main() -> int:
     parser.add_argument("--trace-tokens", type=int, default=2000, help="about this many tokens per trace")
     parser.add_argument("--answer-tokens", type=int, default=200, help="about this many per no-thinking answer")
     parser.add_argument("--new-tokens", type=int, default=512, help="sampling: tokens generated per sequence")
-    parser.add_argument("--variants", default="ddp,fsdp", help="comma-separated: ddp, fsdp")
+    parser.add_argument("--variants", default="ddp,packed,fsdp", help="comma-separated: ddp, packed, fsdp")
     parser.add_argument("--no-sampling", action="store_true", help="skip the generate throughput part")
     parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -104,12 +110,18 @@ def main() -> int:
                       "telemetry": False, "mixed_precision": "bf16", "max_skipped_fraction": 0.0,
                       "methods": {"bvpo": {"alpha": 0.5}, "bvpo_auto": {"alpha": "auto"}}}
         model = {"max_length": 8192}
-        configs = {"ddp": None, "fsdp": str(ROOT / "configs" / "fsdp.yaml")}
+        # packed: the step's pairs in padding-free rows of up to 16k tokens (about four 2k-trace
+        # pairs each) under FlexAttention's block mask, instead of micro-batches of 2 padded pairs.
+        configs = {"ddp": {"accelerate_config": None}, "fsdp": {"accelerate_config": str(ROOT / "configs" / "fsdp.yaml")},
+                   "packed": {"accelerate_config": None, "max_tokens_per_micro_batch": 16384,
+                              "attention": "flex_attention"}}
+        flops = None
         for variant in args.variants.split(","):
-            config = configs[variant]
             print(f"{variant}:", flush=True)
             params_file = write_micro_params(project / f"params-{variant}.yaml", {
-                "model": model, "train": {**base_train, "accelerate_config": config}})
+                "model": model, "train": {**base_train, **configs[variant]}})
+            if flops is None:
+                flops = pair_flops_by_mode(project, load_params(params_file))
             start = time.perf_counter()
             try:
                 train(load_params(params_file), project, params_file)
@@ -124,12 +136,45 @@ def main() -> int:
                 tokens = sum(base_train["batch_size"] * r[f"{prefix}/tokens_per_pair"]
                              for r in rows for prefix in ("think", "nothink") if f"{prefix}/tokens_per_pair" in r)
                 seconds = summary["seconds_this_run"]
+                # Every step runs both estimators for these methods (α in (0, 1), and auto).
+                achieved = len(rows) * base_train["batch_size"] * (flops["think"] + flops["nothink"]) / seconds
                 print(f"        {method}: {trained['pairs_per_s']:.1f} pairs/s, {tokens / seconds:.0f} scored tokens/s, "
                       f"peak {summary.get('peak_gpu_memory_gib', float('nan')):.1f} GiB, "
-                      f"scored tokens per trace pair {rows[0].get('think/tokens_per_pair', 0):.0f}", flush=True)
+                      f"scored tokens per trace pair {rows[0].get('think/tokens_per_pair', 0):.0f}, "
+                      f"{achieved / 1e12:.1f} TFLOP/s{mfu(achieved)}", flush=True)
         if not args.no_sampling:
             sampling(project, args)
     return check.exit_code()
+
+
+def pair_flops_by_mode(project: Path, params) -> dict[str, float]:
+    """Useful forward + backward FLOPs per pair of each mode with the prompt run once: 6 × matmul
+    parameters × tokens + attention (trl_compare.pair_flops), on a meta-device copy of the model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bvpo.modeling import load_tokenizer
+    from bvpo.train import encode_pairs, load_pair_rows
+    from trl_compare import pair_flops
+
+    policy = project / "data" / "policy"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(policy))
+    tokenizer, rows = load_tokenizer(policy), load_pair_rows(project / "data" / "pairs")
+    out = {}
+    for mode in ("think", "nothink"):
+        chosen, rejected, _ = encode_pairs(tokenizer, rows[mode], mode == "think", params.model.max_length)
+        out[mode] = pair_flops(model, chosen, rejected, shared_prompt=True)
+    return out
+
+
+def mfu(achieved: float) -> str:
+    """', MFU x%' against this GPU's dense bf16 peak, when the GPU is in BF16_PEAK."""
+    import torch
+
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    peak = next((value for key, value in BF16_PEAK.items() if key in name), None)
+    return f", MFU {100 * achieved / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else ""
 
 
 def sampling(project: Path, args) -> None:

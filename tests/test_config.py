@@ -66,6 +66,12 @@ def test_shipped_params_equal_the_declared_defaults():
         ({"train.max_tokens_per_micro_batch": 512, "train.shared_prompt": False}, "train.max_tokens_per_micro_batch"),
         ({"train.attention": "flash_attention_2"}, "train.attention"),
         ({"train.attention": "flex_attention"}, "train.attention"),  # without packed rows
+        ({"data.task": "judged"}, "pairs.reward"),  # the judged task ranks samples with its reward model
+        ({"data.task": "judged", "pairs.reward": "model", "pairs.reward_model": "."}, "pairs.reward"),
+        ({"data.task": "judgd"}, "data.task"),
+        ({"promotion.metric": "gold_mean"}, "promotion.metric"),  # only the judged task has a gold scorer
+        ({"pairs.reward": "model"}, "pairs.reward_model"),
+        ({"reward_model.noise": -0.1}, "reward_model.noise"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, overrides, field):
@@ -89,6 +95,12 @@ def test_unknown_top_level_section(tmp_path):
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_the_judged_task_needs_no_reward_model_path(tmp_path):
+    params = load_params(write(tmp_path, {"data.task": "judged", "pairs.reward": "model",
+                                          "promotion.metric": "gold_mean"}))
+    assert (params.data.task, params.pairs.reward_model) == ("judged", None)
 
 
 def test_methods_replace_the_default_set(tmp_path):

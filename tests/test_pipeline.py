@@ -64,6 +64,12 @@ def test_eval_json_has_every_model_in_both_modes(project, pipeline_result):
     assert (project / "metrics/eval.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_arithmetic_task_trains_no_reward_model(project, pipeline_result):
+    assert json.loads((project / "metrics/reward_model.json").read_text()) == {"trained": 0}
+    assert [p.name for p in (project / "data/reward_model").iterdir()] == ["README.md"]
+    assert "gold_mean" not in pipeline_result["eval"]["bvpo"]
+
+
 def test_trained_models_differ_from_base_and_each_other(project, pipeline_result):
     from safetensors.torch import load_file
 

@@ -27,6 +27,8 @@ class ConfigError(BvpoError, ValueError):
 
 
 # `pairs.reward_model_output`: a model output field, optionally indexed in its last dimension.
+PIPELINE_REWARD_MODEL = "data/reward_model"
+"""Where the reward_model stage saves the judged task's reward model (paths.PATHS names it too)."""
 REWARD_OUTPUT = re.compile(r"(?P<field>[A-Za-z_]\w*)(\[(?P<index>\d+)\])?")
 
 
@@ -59,6 +61,13 @@ class DataConfig:
     ending with a user turn) and, for the verified reward, an `answer` column. Keep it under
     data/inputs/: that folder is a DVC dependency of the prepare stage, so editing the file reruns
     the pipeline from there (a file elsewhere is read, but DVC does not see it change)."""
+    task: Literal["arithmetic", "judged"] = "arithmetic"
+    """The embedded task (`source: synthetic`). `arithmetic`: answers are right or wrong
+    (`pairs.reward: verified`). `judged`: the same prompts, answers graded for closeness by a
+    hidden gold scorer; the reward_model stage trains a Bradley–Terry reward model on noisy
+    gold-labelled comparisons, and the pairs stage ranks samples with it (set `pairs.reward:
+    model` and leave `pairs.reward_model` null). Evaluation adds the gold reward (`gold_*`), the
+    reward model's win rate against the starting model and the proxy-vs-gold gap."""
     test_source: str | None = None
     """Held-out prompts file for evaluation. None: split `test_fraction` off `source`."""
     test_fraction: float = 0.2
@@ -88,6 +97,8 @@ class DataConfig:
     modes room to learn (a difficulty mix like a real benchmark's)."""
 
     def check(self, base_dir: Path | None) -> None:
+        _check(self.task == "arithmetic" or self.source == "synthetic", "data.task",
+               "arithmetic for a prompts file (the judged task is the embedded one: data.source synthetic)", self.task)
         if self.source != "synthetic":
             _check(Path(self.source).suffix in (".jsonl", ".parquet"), "data.source",
                    "'synthetic' or a .jsonl/.parquet file", self.source)
@@ -274,9 +285,8 @@ class PairsConfig:
         _check(REWARD_OUTPUT.fullmatch(self.reward_model_output) is not None, "pairs.reward_model_output",
                "an output field with an optional index, e.g. logits[0], score or rewards[3]",
                self.reward_model_output)
-        if self.reward in ("model", "verified_model"):
-            _check(self.reward_model is not None, "pairs.reward_model",
-                   f"a reward model directory (pairs.reward is {self.reward!r})", self.reward_model)
+        # Whether one is needed depends on the task (the judged task trains its own): `validate`.
+        if self.reward in ("model", "verified_model") and self.reward_model is not None:
             _check(_local(self.reward_model, base_dir).is_dir(), "pairs.reward_model",
                    "an existing local model directory", str(_local(self.reward_model, base_dir)))
 
@@ -527,6 +537,36 @@ class AnalyzeConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    """The reward_model stage (`data.task: judged` only): a Bradley–Terry reward model trained
+    from the base model's backbone on comparisons of candidate answers to training prompts,
+    labelled by the hidden gold scorer with noise."""
+
+    comparisons: int = 8192
+    """Labelled comparisons to train on (two candidate answers to a random training prompt)."""
+    held_out: int = 1024
+    """Comparisons on other training prompts, to report agreement with the labels and the gold scorer."""
+    noise: float = 0.1
+    """Label noise as a Bradley–Terry temperature on the gold grades: the better answer is labelled
+    chosen with probability sigmoid(Δgold / noise). 0: always the better one."""
+    steps: int = 600
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Comparisons per step."""
+    lr: float = 3e-4
+    """Peak AdamW learning rate (linear warmup, cosine decay)."""
+    warmup_steps: int = 20
+    """Learning-rate warmup steps."""
+
+    def check(self, base_dir: Path | None) -> None:
+        for name in ("comparisons", "held_out", "steps", "batch_size"):
+            _check(getattr(self, name) >= 1, f"reward_model.{name}", "an integer >= 1", getattr(self, name))
+        _check(self.noise >= 0, "reward_model.noise", "a number >= 0", self.noise)
+        _check(self.lr > 0, "reward_model.lr", "a number > 0", self.lr)
+        _check(self.warmup_steps >= 0, "reward_model.warmup_steps", "an integer >= 0", self.warmup_steps)
+
+
+@dataclass
 class TrackingConfig:
     experiment: str = "bvpo"
     """MLflow experiment that holds the pipeline runs."""
@@ -548,11 +588,12 @@ class PromotionConfig:
 
     metric: Literal["accuracy_mean", "accuracy_think", "accuracy_nothink", "accuracy_mean_sampled",
                     "accuracy_think_sampled", "accuracy_nothink_sampled", "reward_mean", "reward_think",
-                    "reward_nothink"] = "accuracy_mean"
+                    "reward_nothink", "gold_mean", "gold_think", "gold_nothink"] = "accuracy_mean"
     """eval.json metric compared on the held-out prompts; `accuracy_mean` is the two-mode average
     of greedy accuracy. `*_sampled` metrics need `evaluate.n_samples` > 0. `reward_*`: the mean
     reward-model score of the greedy final answers (`pairs.reward_model`), for held-out prompts
-    without answers."""
+    without answers. `gold_*`: the judged task's hidden gold grade of the greedy answers (what
+    its experiments compare; a real task has no gold scorer)."""
     margin: float = 0.0
     """The candidate is promoted when its score minus the champion's exceeds this (accuracy
     units: 0.01 is one point). Negative values promote a candidate that is not much worse."""
@@ -647,6 +688,7 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
@@ -748,15 +790,26 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     what spans sections. Raises ConfigError naming the field. `base_dir`: the params file's folder,
     against which relative file names resolve."""
     _check(params.seed >= 0, "seed", "an integer >= 0", params.seed)
-    for section in (params.data, params.model, params.warmup, params.sample, params.pairs, params.train,
+    for section in (params.data, params.model, params.warmup, params.sample, params.reward_model, params.pairs,
+                    params.train,
                     params.evaluate, params.analyze, params.tracking, params.promotion, params.experiment, params.stack):
         section.check(base_dir)
     p, e, metric = params.pairs, params.evaluate, params.promotion.metric
-    judge = e.win_rate_reward_model or p.reward_model
+    judged = params.data.task == "judged"
+    if judged:
+        _check(p.reward in ("model", "verified_model") and p.reward_model is None, "pairs.reward",
+               "model with pairs.reward_model null for data.task judged (the reward_model stage trains the "
+               "reward model that ranks the samples)", f"{p.reward} with reward_model {p.reward_model!r}")
+    else:
+        _check(p.reward not in ("model", "verified_model") or p.reward_model is not None, "pairs.reward_model",
+               f"a reward model directory (pairs.reward is {p.reward!r})", p.reward_model)
+    judge = e.win_rate_reward_model or p.reward_model or (PIPELINE_REWARD_MODEL if judged else None)
     _check(e.win_rate_prompts is None or judge is not None, "evaluate.win_rate_reward_model",
            "a reward model directory (or pairs.reward_model) for evaluate.win_rate_prompts", judge)
     _check(not metric.startswith("reward") or judge is not None, "pairs.reward_model",
            f"a reward model directory for promotion.metric {metric}", judge)
+    _check(not metric.startswith("gold") or judged, "promotion.metric",
+           "a metric other than gold_* (only data.task judged has a gold scorer)", metric)
     _check(not metric.endswith("_sampled") or e.n_samples > 0, "evaluate.n_samples",
            f"> 0 for promotion.metric {metric}", e.n_samples)
     _check(params.tracking.register_method in params.train.methods, "tracking.register_method",

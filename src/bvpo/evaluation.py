@@ -31,13 +31,15 @@ def accuracy(generated: list, answers: list[str], thinking: bool) -> tuple[list[
 
 
 def score_prompts(model, tokenizer, prompts: list[str], answers: list[str], params: Params,
-                  label: str) -> dict[str, list[float]]:
-    """Per prompt, in both modes: greedy accuracy, its length and whether it was invalid, and
-    (evaluate.n_samples > 0) the sampled accuracy. `summarize` turns any subset into eval.json's
-    entry."""
+                  label: str, final: dict | None = None, gold: bool = False) -> dict[str, list[float]]:
+    """Per prompt, in both modes: greedy accuracy, its length and whether it was invalid, with
+    `gold` the judged task's gold grade (`gold_*`), and (evaluate.n_samples > 0) the sampled
+    accuracy. `summarize` turns any subset into eval.json's entry. `final`, when given, receives
+    the greedy final answers per mode (None where invalid), for a reward model to judge."""
     import torch
 
-    from .sequences import generate
+    from .judged import gold_reward
+    from .sequences import generate, parse_completion
 
     e = params.evaluate
     scores = {}
@@ -47,6 +49,12 @@ def score_prompts(model, tokenizer, prompts: list[str], answers: list[str], para
                              desc=f"evaluate {label} ({mode})")
         scores[f"accuracy_{mode}"], scores[f"invalid_{mode}"] = accuracy(generated, answers, thinking)
         scores[f"length_{mode}"] = [float(g.n_tokens) for g in generated]
+        parsed = [parse_completion(g.text, thinking) for g in generated]
+        shown = [None if g.truncated or p.malformed else p.answer for g, p in zip(generated, parsed)]
+        if gold:
+            scores[f"gold_{mode}"] = [0.0 if a is None else gold_reward(a, answer) for a, answer in zip(shown, answers)]
+        if final is not None:
+            final[mode] = shown
         if e.n_samples:
             # The same RNG stream for every model, so models differ by their weights only.
             torch.manual_seed(params.seed + (0 if thinking else 1))
@@ -68,7 +76,7 @@ def summarize(scores: dict[str, list[float]]) -> dict[str, float]:
             entry[f"invalid_rate_{key.removeprefix('invalid_')}"] = mean
         else:
             entry[key] = mean
-    for kind in ("accuracy", "reward"):
+    for kind in ("accuracy", "reward", "gold"):
         for suffix in ("", "_sampled"):
             if f"{kind}_think{suffix}" in entry:
                 entry[f"{kind}_mean{suffix}"] = (entry[f"{kind}_think{suffix}"] + entry[f"{kind}_nothink{suffix}"]) / 2
@@ -130,9 +138,9 @@ def judge_answers(answers: dict[str, dict[str, list]], prompts: list, judge: str
     """The reward model's score of every (model, mode) answer to every prompt; None where the
     answer is invalid (never shown to the judge)."""
     from .modeling import pick_device
-    from .rewards import reward_model
+    from .rewards import load_reward_model
 
-    model = reward_model(judge, params, str(pick_device()))
+    model = load_reward_model(judge, params, str(pick_device()))
     scores = {}
     for name, by_mode in answers.items():
         for mode, texts in by_mode.items():
@@ -157,6 +165,13 @@ def win_rates(scores: dict[tuple[str, str], list], models: list[str], prefix: st
     return {name: {f"{prefix}win_rate_{mode}": sum(beats(a, b) for a, b in zip(scores[(name, mode)], scores[("base", mode)]))
                    / len(scores[("base", mode)]) for mode in MODES}
             for name in models if name != "base"}
+
+
+def proxy_gold_gaps(reward_rates: dict[str, dict[str, float]], gold_rates: dict[str, dict[str, float]]) -> dict:
+    """Per model and mode, the reward model's win rate against `base` minus the gold scorer's:
+    how much better the proxy thinks the model got than it did (over-optimisation shows as > 0)."""
+    return {name: {f"proxy_gold_gap_{mode}": rates[f"reward_win_rate_{mode}"] - gold_rates[name][f"gold_win_rate_{mode}"]
+                   for mode in MODES} for name, rates in reward_rates.items()}
 
 
 def reward_scores(scores: dict[tuple[str, str], list], models: list[str]) -> dict[str, dict[str, list[float]]]:

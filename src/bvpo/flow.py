@@ -299,7 +299,7 @@ def results_markdown(results: dict, diagnostics: dict | None, versions: dict[str
 
 @flow(name="bvpo-pipeline", log_prints=True)
 def bvpo_pipeline(project_dir: str = ".", params_file: str = "params.yaml", use_dvc: bool | None = None) -> dict:
-    """One round: champion → prepare → warmup → policy → sample → pairs → train → evaluate →
+    """One round: champion → prepare → warmup → reward_model → policy → sample → pairs → train → evaluate →
     analyze → register and promote. Round 1 starts from the base model; each later round from
     the registered `@champion`."""
     from prefect.runtime import flow_run

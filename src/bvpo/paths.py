@@ -18,6 +18,8 @@ from typing import Iterator
 PATHS = {
     "prompts": "data/prompts",
     "base_model": "data/base_model",
+    "reward_model": "data/reward_model",
+    "reward_model_metrics": "metrics/reward_model.json",
     "champion": "data/champion.json",
     "policy": "data/policy",
     "inbox": "data/incoming",

@@ -118,6 +118,17 @@ def graded_reward(response: str, reference: str) -> float:
 REWARDS = {"verified": verified_reward, "graded": graded_reward}
 
 
+def render_for_reward(tokenizer, prompt, answer: str) -> str:
+    """What a reward model reads: the prompt and the final answer as a chat in its tokenizer's
+    template (joined by blank lines without one). Training and scoring both render with this."""
+    from .modeling import as_messages
+
+    messages = as_messages(prompt) + [{"role": "assistant", "content": answer}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "\n\n".join(m["content"] for m in messages)
+
+
 class RewardModel:
     """A sequence-classification reward model that scores a prompt and the final answer shown
     to the user, rendered with the reward model's own chat template when it has one.
@@ -172,12 +183,7 @@ class RewardModel:
         self.device, self.max_length, self.path = device, max_length, path
 
     def render(self, prompt, answer: str) -> str:
-        from .modeling import as_messages
-
-        messages = as_messages(prompt) + [{"role": "assistant", "content": answer}]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return "\n\n".join(m["content"] for m in messages)
+        return render_for_reward(self.tokenizer, prompt, answer)
 
     def _pick(self, outputs) -> list[float]:
         from .modeling import ModelError
@@ -219,7 +225,7 @@ class RewardModel:
         return scores
 
 
-def reward_model(path: str, params, device: str) -> RewardModel:
+def load_reward_model(path: str, params, device: str) -> RewardModel:
     """The reward model `params` configure (output field, remote code), in the inference dtype."""
     from .modeling import resolve_dtype
 

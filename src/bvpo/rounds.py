@@ -18,7 +18,8 @@ from .tracking import REPLACED_TAG
 FINGERPRINT_FILES = ("config.json", "model.safetensors")
 MEAN_METRICS = {"accuracy_mean": ("accuracy_think", "accuracy_nothink"),
                 "accuracy_mean_sampled": ("accuracy_think_sampled", "accuracy_nothink_sampled"),
-                "reward_mean": ("reward_think", "reward_nothink")}
+                "reward_mean": ("reward_think", "reward_nothink"),
+                "gold_mean": ("gold_think", "gold_nothink")}
 
 
 class PromotionError(BvpoError, RuntimeError):

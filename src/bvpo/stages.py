@@ -19,7 +19,7 @@ from .errors import BvpoError
 from .modes import MODES
 from .paths import PATHS, atomic_path, project_root, record_run_facts, write_json
 
-STAGES = ("prepare", "warmup", "policy", "sample", "pairs", "train", "evaluate", "analyze")
+STAGES = ("prepare", "warmup", "reward_model", "policy", "sample", "pairs", "train", "evaluate", "analyze")
 
 
 class StageError(BvpoError, RuntimeError):
@@ -103,6 +103,51 @@ def warmup(params: Params, project_dir: Path | str = ".") -> Path:
         tracking.log_metrics({"seconds": seconds, "n_parameters": sum(p.numel() for p in model.parameters())})
         tracking.set_tags({"mixed_precision": precision})
     return out
+
+
+# --------------------------------------------------------------------------------- reward_model
+def reward_model(params: Params, project_dir: Path | str = ".") -> Path:
+    """The judged task's reward model (`data.task: judged`): Bradley–Terry on noisy comparisons
+    the hidden gold scorer labelled, from the base model's backbone (`reward_training`). Other
+    tasks train none: the folder then holds a note saying so, and the metrics `trained: 0`."""
+    from .judged import comparisons
+    from .reward_training import train_reward_model
+
+    root = project_root(project_dir)
+    out, metrics_file = root / PATHS["reward_model"], root / PATHS["reward_model_metrics"]
+    if params.data.task != "judged":
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            (tmp / "README.md").write_text(f"No reward model: data.task is {params.data.task}. The reward_model "
+                                           "stage trains one for data.task: judged only.\n")
+        with atomic_path(metrics_file) as tmp:
+            write_json(tmp, {"trained": 0})
+        return out
+    r = params.reward_model
+    prompts = _load_prompts(root)["train"]
+    texts, answers = list(prompts["prompt"]), list(prompts["answer"])
+    # Held-out comparisons come from training prompts the training comparisons never use.
+    n_held = max(1, len(texts) // 10)
+    held_out = comparisons(texts[:n_held], answers[:n_held], r.held_out, 0.0, params.seed + 1)
+    train_rows = comparisons(texts[n_held:], answers[n_held:], r.comparisons, r.noise, params.seed)
+    with tracking.stage_run(root, params.tracking.experiment, "reward_model",
+                            params={"reward_model": params.to_dict()["reward_model"]}):
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            metrics = train_reward_model(root / PATHS["base_model"], train_rows, held_out, r, params.seed, tmp)
+        with atomic_path(metrics_file) as tmp:
+            write_json(tmp, {"trained": 1, **metrics})
+        tracking.log_metrics(metrics)
+    print(f"reward model: agrees with the gold scorer on {metrics['accuracy_vs_gold']:.1%} of {len(held_out)} "
+          f"held-out comparisons (untrained: {metrics['accuracy_vs_gold_untrained']:.1%})", flush=True)
+    return out
+
+
+def reward_model_path(params: Params, root: Path) -> str | None:
+    """The reward model that ranks samples: `pairs.reward_model`, or the judged task's own."""
+    if params.pairs.reward_model is not None:
+        return params.pairs.reward_model
+    return str(root / PATHS["reward_model"]) if params.data.task == "judged" else None
 
 
 # --------------------------------------------------------------------------------- policy
@@ -226,20 +271,28 @@ def sample(params: Params, project_dir: Path | str = ".", params_file: str | Pat
 
 
 # --------------------------------------------------------------------------------- pairs
-def score_samples(samples: list[dict], params: Params) -> None:
-    """Set each sample's `reward` (invalid samples: 0, and they never enter a pair)."""
+def score_samples(samples: list[dict], params: Params, judge: str | None = None) -> None:
+    """Set each sample's `reward` (invalid samples: 0, and they never enter a pair); `judge`:
+    the reward model directory for `pairs.reward` model / verified_model (default
+    `pairs.reward_model`). The judged task's samples also get their hidden `gold` grade, for the
+    record only: nothing ranks by it."""
     from .modeling import pick_device
-    from .rewards import REWARDS, combine_verified_and_model, reward_model, verified_reward
+    from .rewards import REWARDS, combine_verified_and_model, load_reward_model, verified_reward
 
     kind = params.pairs.reward
     for r in samples:  # accuracy is reported whatever ranks the samples, when answers exist
         r["correct"] = verified_reward(r["response"], r["answer"]) if r["valid"] and r["answer"] else 0.0
+    if params.data.task == "judged":
+        from .judged import gold_reward
+
+        for r in samples:
+            r["gold"] = gold_reward(r["response"], r["answer"]) if r["valid"] else 0.0
     if kind in REWARDS:
         for r in samples:
             r["reward"] = REWARDS[kind](r["response"], r["answer"]) if r["valid"] else 0.0
         return
     valid = [r for r in samples if r["valid"]]
-    model = reward_model(params.pairs.reward_model, params, str(pick_device()))
+    model = load_reward_model(judge or params.pairs.reward_model, params, str(pick_device()))
     # The prompt and the final answer only: the reward model judges what the user sees.
     scores = model.score([r["prompt"] for r in valid], [r["response"] for r in valid],
                          params.pairs.reward_batch_size)
@@ -260,7 +313,7 @@ def pairs(params: Params, project_dir: Path | str = ".") -> Path:
     if params.pairs.reward != "model" and not any(r["answer"] for r in samples):
         raise StageError(f"pairs.reward={params.pairs.reward} needs an 'answer' column in the prompts; "
                          f"{params.data.source} has none")
-    score_samples(samples, params)
+    score_samples(samples, params, reward_model_path(params, root))
     built = build_pairs(samples, params.pairs.max_pairs_per_prompt)
     stats = {}
     for mode in MODES:
@@ -269,6 +322,8 @@ def pairs(params: Params, project_dir: Path | str = ".") -> Path:
         stats[f"{mode}/sample_accuracy"] = sum(r["correct"] for r in mine) / max(len(mine), 1)
         stats[f"{mode}/mean_reward"] = sum(r["reward"] for r in mine) / max(len(mine), 1)
         stats[f"{mode}/invalid_rate"] = sum(not r["valid"] for r in mine) / max(len(mine), 1)
+        if params.data.task == "judged":
+            stats[f"{mode}/mean_gold"] = sum(r["gold"] for r in mine) / max(len(mine), 1)
     out = root / PATHS["pairs"]
     with tracking.stage_run(root, params.tracking.experiment, "pairs", params={"pairs": params.to_dict()["pairs"]}):
         with atomic_path(out) as tmp:
@@ -336,16 +391,18 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
     `evaluate.benchmarks` is scored for accuracy too, as `<name>/accuracy_*` keys, averaged over
     the benchmarks as `benchmarks/accuracy_*`."""
     from .data import read_prompts_file, with_system_prompt
-    from .evaluation import (benchmark_sets, final_answers, judge_answers, reward_scores, score_prompts,
-                             selection_split, subset, summarize, win_rates)
+    from .evaluation import (benchmark_sets, final_answers, judge_answers, proxy_gold_gaps, reward_scores,
+                             score_prompts, selection_split, subset, summarize, win_rates)
     from .modeling import load_model, load_tokenizer, pick_device, resolve_dtype
     from .plots import eval_bar_chart
 
     root = project_root(project_dir)
     test = _load_prompts(root)["test"]
     e = params.evaluate
-    judge_path = e.win_rate_reward_model or params.pairs.reward_model
+    judge_path = e.win_rate_reward_model or reward_model_path(params, root)
     has_answers = "answer" in test.column_names
+    # The judged task has answers (for the gold grade) and its reward model's judgement too.
+    judged = params.data.task == "judged"
     if not has_answers and judge_path is None:
         raise StageError("the held-out prompts have no 'answer' column, so evaluation needs a reward model to judge "
                          "the answers: set pairs.reward_model (or evaluate.win_rate_reward_model)")
@@ -377,7 +434,10 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
             tokenizer = load_tokenizer(path)
             model = load_model(path, resolve_dtype(params.model.dtype, device), device)
             if has_answers:
-                per_prompt[name] = score_prompts(model, tokenizer, prompts, answers, params, name)
+                final = {} if judged else None
+                per_prompt[name] = score_prompts(model, tokenizer, prompts, answers, params, name, final, gold=judged)
+                if judged:
+                    held_out_answers[name] = final
             else:
                 held_out_answers[name], per_prompt[name] = final_answers(model, tokenizer, prompts, params, name)
             per_bench = {bench: summarize(score_prompts(model, tokenizer, bench_prompts, bench_answers, params,
@@ -393,13 +453,20 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
                 win_answers[name], _ = final_answers(model, tokenizer, win_prompts, params, name)
             results[name] = entry
             del model
-        if not has_answers:
+        if not has_answers or judged:
             scores = judge_answers(held_out_answers, prompts, judge_path, params)
             for name, columns in reward_scores(scores, list(candidates)).items():
                 per_prompt[name].update(columns)
             reported = {key: [column[i] for i in report] for key, column in scores.items()}
-            for name, rates in win_rates(reported, list(candidates), prefix="reward_").items():
+            reward_rates = win_rates(reported, list(candidates), prefix="reward_")
+            for name, rates in reward_rates.items():
                 results[name].update(rates)
+            if judged:
+                gold = {(name, mode): [per_prompt[name][f"gold_{mode}"][i] for i in report]
+                        for name in candidates for mode in MODES}
+                gold_rates = win_rates(gold, list(candidates), prefix="gold_")
+                for name, gaps in proxy_gold_gaps(reward_rates, gold_rates).items():
+                    results[name].update({**gold_rates[name], **gaps})
         for name in candidates:
             results[name] = {**summarize(subset(per_prompt[name], report)), **results[name]}
         if win_prompts:
@@ -493,7 +560,7 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
 def run_stage(name: str, params: Params, project_dir: Path | str = ".", params_file: str | Path = "params.yaml") -> Path:
     if name in ("train", "sample"):
         return {"train": train, "sample": sample}[name](params, project_dir, params_file)
-    functions = {"prepare": prepare, "warmup": warmup, "policy": policy, "sample": sample, "pairs": pairs,
+    functions = {"prepare": prepare, "warmup": warmup, "reward_model": reward_model, "policy": policy, "pairs": pairs,
                  "evaluate": evaluate, "analyze": analyze}
     if name not in functions:
         raise StageError(f"unknown stage {name!r}: expected one of {', '.join(STAGES)}")

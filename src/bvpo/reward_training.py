@@ -1,0 +1,107 @@
+"""Training a Bradley–Terry reward model on labelled comparisons (the judged task's reward_model
+stage). As reward models usually are, it starts from the policy's own starting point: the base
+model's backbone under a new one-output head (`AutoModelForSequenceClassification`), trained
+to score the chosen answer above the rejected one, −log σ(r_chosen − r_rejected). It sees what
+`rewards.RewardModel` will show it: the prompt and the final answer in the model's chat
+template, and is saved in Hugging Face format for that class to load.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .warmup import cosine_schedule
+
+
+def load_classifier(base_dir: str | Path):
+    """The base model's tokenizer and its backbone with a fresh one-output score head."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .modeling import hub_kwargs, load_tokenizer, resolve_model_dir
+
+    tokenizer = load_tokenizer(base_dir)
+    path = resolve_model_dir(base_dir)  # data/base_model may point at a user's model
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                               **hub_kwargs(path))
+    # Sequence classifiers read the score at the last token that is not padding.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model
+
+
+def reward_batch(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    saved = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = saved
+
+
+def rewards_of(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    return model(**reward_batch(tokenizer, texts)).logits[:, 0]
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Mean −log σ(r_chosen − r_rejected): the negative log-likelihood of the labels."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+@torch.no_grad()
+def agreement(model, tokenizer, render, rows: list[dict], batch_size: int) -> dict[str, float]:
+    """On `rows` (comparisons with `gold_margin`): the share the model orders as labelled, and as
+    the gold scorer does (labels are noisy, so the second is what the proxy is good for)."""
+    model.eval()
+    labelled = gold = 0.0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        scores = rewards_of(model, tokenizer, [render(r["prompt"], r["chosen"]) for r in chunk]
+                            + [render(r["prompt"], r["rejected"]) for r in chunk])
+        margin = scores[:len(chunk)] - scores[len(chunk):]
+        for m, r in zip(margin.tolist(), chunk):
+            labelled += m > 0
+            gold += (m > 0) == (r["gold_margin"] > 0)
+    model.train()
+    return {"accuracy_vs_labels": labelled / len(rows), "accuracy_vs_gold": gold / len(rows)}
+
+
+def train_reward_model(base_dir: str | Path, train_rows: list[dict], held_out: list[dict], config,
+                       seed: int, out_dir: Path) -> dict[str, float]:
+    """Bradley–Terry training on `train_rows` (prompt, chosen, rejected), `config` being the
+    `reward_model` params section; saves the model and tokenizer to `out_dir` and returns the
+    held-out agreement before and after, and the last training loss."""
+    from .rewards import render_for_reward
+
+    torch.manual_seed(seed)
+    tokenizer, model = load_classifier(base_dir)
+
+    def render(prompt, answer):
+        return render_for_reward(tokenizer, prompt, answer)
+
+    before = agreement(model, tokenizer, render, held_out, config.batch_size)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    scheduler = cosine_schedule(optimizer, config.warmup_steps, config.steps)
+    rng = random.Random(f"bvpo-reward-model-{seed}")
+    losses = []
+    for _ in tqdm(range(config.steps), desc="reward model", unit="step"):
+        chunk = rng.sample(train_rows, min(config.batch_size, len(train_rows)))
+        scores = rewards_of(model, tokenizer, [render(r["prompt"], r["chosen"]) for r in chunk]
+                            + [render(r["prompt"], r["rejected"]) for r in chunk])
+        loss = bradley_terry_loss(scores[:len(chunk)], scores[len(chunk):])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    after = agreement(model, tokenizer, render, held_out, config.batch_size)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"loss_last_tenth": sum(tail) / len(tail), **after,
+            **{f"{k}_untrained": v for k, v in before.items()}}
