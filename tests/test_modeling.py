@@ -117,22 +117,22 @@ def test_parse_completion(text, thinking, trace, answer, malformed):
     assert (parsed.trace, parsed.answer, parsed.malformed) == (trace, answer, malformed)
 
 
+def scored_with_gradient(model, weights, scorer):
+    """(log-probs, token counts, every parameter's gradient of Σ weights · log-probs)."""
+    model.zero_grad(set_to_none=True)
+    logps, counts = scorer()
+    (logps * weights).sum().backward()
+    return logps.detach(), counts, [p.grad.clone() for p in model.parameters()]
+
+
 def assert_pairs_score_like_separate_sequences(model, first, second, pad_id):
     """score_pairs over (first, second) gives each sequence's log-prob, token count and
     gradient (of a weighted sum) as scoring it in its own sequence does."""
     from bvpo.sequences import collate, score, score_pairs
 
     weights = torch.tensor([0.3, -1.2, 0.7, 2.0, -0.4, 1.1])
-    params = list(model.parameters())
-
-    def run(scorer):
-        model.zero_grad(set_to_none=True)
-        logps, counts = scorer()
-        (logps * weights).sum().backward()
-        return logps.detach(), counts, [p.grad.clone() for p in params]
-
-    shared = run(lambda: score_pairs(model, first, second, pad_id))
-    separate = run(lambda: score(model, collate(first + second, pad_id)))
+    shared = scored_with_gradient(model, weights, lambda: score_pairs(model, first, second, pad_id))
+    separate = scored_with_gradient(model, weights, lambda: score(model, collate(first + second, pad_id)))
     model.zero_grad(set_to_none=True)
     torch.testing.assert_close(shared[0], separate[0], rtol=1e-6, atol=1e-4)
     assert shared[1].tolist() == separate[1].tolist()
@@ -268,13 +268,6 @@ def assert_packed_scores_like_separate_sequences(model, groups_of_sequences, pad
     rows = pack(groups, max_tokens)
     flat = [s for sequences in groups_of_sequences for s in sequences]
     weights = torch.linspace(-1.5, 2.0, len(flat))
-    params = list(model.parameters())
-
-    def run(scorer):
-        model.zero_grad(set_to_none=True)
-        logps, counts = scorer()
-        (logps * weights).sum().backward()
-        return logps.detach(), counts, [p.grad.clone() for p in params]
 
     def separate():
         batch = collate(flat, pad_id)
@@ -283,7 +276,8 @@ def assert_packed_scores_like_separate_sequences(model, groups_of_sequences, pad
         mask = batch["completion_mask"][:, 1:].float()
         return (picked * mask).sum(-1), mask.sum(-1)
 
-    packed, alone = run(lambda: score_packed(model, groups, rows, pad_id)), run(separate)
+    packed = scored_with_gradient(model, weights, lambda: score_packed(model, groups, rows, pad_id))
+    alone = scored_with_gradient(model, weights, separate)
     model.zero_grad(set_to_none=True)
     torch.testing.assert_close(packed[0], alone[0], rtol=1e-6, atol=1e-4)
     assert packed[1].tolist() == alone[1].tolist() == [len(s.input_ids) - s.completion_start for s in flat]
