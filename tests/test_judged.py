@@ -24,9 +24,21 @@ from bvpo.judged import GOLD_SCALE, NOT_BARE, candidate_answer, comparisons, gol
     ("41 or 42", NOT_BARE),  # the last number counts, prose costs
     ("", 0.0),
     ("forty-two", 0.0),
+    ("9" * 400, 0.0),  # far beyond any float: graded as the largest error, not an overflow
 ])
 def test_gold_grades_closeness_and_form(response, value):
     assert gold_reward(response, "42") == pytest.approx(value)
+
+
+def test_a_reference_without_an_integer_has_no_gold():
+    assert gold_reward("4", "4.5") == 0.0 and gold_reward("4", "\\frac{1}{2}") == 0.0
+    with pytest.raises(ValueError, match="integer answer"):
+        comparisons(["What is pi?"], ["3.14"], 4, 0.1, seed=0)
+
+
+def test_tiny_label_noise_does_not_overflow():
+    rows = comparisons(["Compute 1+1."], ["2"], 200, 1e-6, seed=0)
+    assert all(r["gold_margin"] > 0 for r in rows)  # practically noise-free
 
 
 def test_closer_answers_grade_higher_whatever_the_side():

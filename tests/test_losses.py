@@ -153,3 +153,25 @@ def test_bvpo_loss_terms_add_up_to_the_objective():
     assert bvpo_loss(trace, torch.tensor(float("nan")), 1.0).item() == 2.0
     with pytest.raises(ValueError, match="no term with a positive weight"):
         bvpo_loss(None, empty, 1.0)
+
+
+def test_packing_under_fsdp_and_flex_attention_on_a_cpu_are_refused_at_launch(monkeypatch):
+    """FSDP's passes are collective, so processes with different numbers of packed rows would
+    wait on each other; FlexAttention has no backward on a CPU. (A stand-in accelerator: FSDP
+    runs only on GPU-class devices, and the check reads its distributed type and device.)"""
+    from types import SimpleNamespace
+
+    from bvpo.train import TrainingError, check_launch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def accelerator(kind: str, device: str):
+        return SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(name=kind), mixed_precision="bf16",
+                               scaler=None, device=torch.device(device))
+
+    with pytest.raises(TrainingError, match="max_tokens_per_micro_batch with FSDP"):
+        check_launch(accelerator("FSDP", "cuda"), "flex_attention", packed=True)
+    with pytest.raises(TrainingError, match="flex_attention needs a GPU"):
+        check_launch(accelerator("NO", "cpu"), "flex_attention", packed=True)
+    check_launch(accelerator("FSDP", "cuda"), "sdpa", packed=False)
+    check_launch(accelerator("MULTI_GPU", "cuda"), "flex_attention", packed=True)

@@ -355,3 +355,21 @@ def test_flex_attention_block_mask_scores_like_the_dense_mask(tokenizer):
         model.set_attn_implementation("flex_attention")
         flex = score_packed(model, groups, rows, tokenizer.pad_token_id)
     torch.testing.assert_close(flex[0], dense[0], rtol=1e-5, atol=1e-4)
+
+
+def test_packed_rows_under_eager_attention_mask_like_sdpa(tokenizer):
+    """Eager attention adds its mask to the scores, so the layout goes in as an additive mask
+    (a boolean one would mask nothing); kernels that take no custom mask are refused."""
+    from bvpo.modeling import build_tiny_model
+
+    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                             max_length=192, seed=2)
+    model.set_attn_implementation("eager")
+    groups = [[encode(tokenizer, p, completion_text("2+2=4", a, tokenizer.eos_token), True) for a in answers]
+              for p, answers in (("Compute 2+2.", ["4", "5", "40"]), ("Compute 7-1.", ["6"]))]
+    assert_packed_scores_like_separate_sequences(model, groups, tokenizer.pad_token_id, 4096)
+    from bvpo.packing import make_group, score_packed
+
+    model.config._attn_implementation = "flash_attention_2"  # what the check reads; no kernel runs
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        score_packed(model, [make_group(g) for g in groups], [[0, 1]], tokenizer.pad_token_id)

@@ -212,3 +212,25 @@ def test_the_reward_needs_training_answers_and_the_metric_held_out_ones(user_pro
                       pairs={"reward": "verified"})
     with pytest.raises(ConfigError, match="which data/inputs/no_answers.jsonl does not have"):
         run(load_params(bad), project)  # passed before, and the pairs stage failed after sampling
+
+
+def test_a_params_file_from_an_older_version_is_refused_naming_what_dvc_would_miss(tmp_path):
+    """The loader fills defaults for keys a params file lacks; DVC does not, and would stop at the
+    first stage that reads one. The preflight names every such key before any work."""
+    import shutil
+
+    from bvpo.preflight import missing_dvc_params, run
+    from micro_params import ROOT
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert missing_dvc_params(tmp_path, ROOT / "params.yaml") == []
+    del raw["data"]["task"], raw["reward_model"]
+    old = tmp_path / "params.yaml"
+    old.write_text(yaml.safe_dump(raw))
+    assert missing_dvc_params(tmp_path, old) == ["data.task", "reward_model"]
+    with pytest.raises(ConfigError, match=r"no data.task, reward_model, which dvc.yaml's stages read"):
+        run(load_params(old), tmp_path, old)
+    raw["data"]["task"], raw["reward_model"] = "arithmetic", {}  # the fix the message gives
+    old.write_text(yaml.safe_dump(raw))
+    assert missing_dvc_params(tmp_path, old) == [] and load_params(old).reward_model.steps == 600

@@ -104,10 +104,11 @@ def test_packed_rows_on_two_processes_train_like_micro_batches_on_one(inputs):
         diff = torch.cat([(w2[k] - w1[k]).abs().flatten() for k in base])
         assert moved.median() > 1e-4, f"{method} did not train"
         # Summation order differs between the layouts; Adam turns that noise into a visible step
-        # in the few weights whose gradient is near zero (measured: up to 9 of 21,888, at most
-        # 4e-5). A wrong mask or position would move every weight by about the training's step.
-        assert (diff > 1e-6).float().mean() < 1e-3 and diff.max() < 0.05 * moved.median(), \
-            (method, diff.max().item(), (diff > 1e-6).sum().item())
+        # in the few weights whose gradient is near zero (measured: up to 9 of 21,888 past 1e-6,
+        # at most 4e-5; the median 1e-8). A wrong mask or position would move every weight by
+        # about the training's step (median 2e-3), so the bulk is what is checked.
+        assert diff.median() < 1e-6 and torch.quantile(diff, 0.99) < 1e-5, \
+            (method, diff.median().item(), torch.quantile(diff, 0.99).item(), diff.max().item())
         h1, h2 = history(inputs, "unpacked", method), history(inputs, "packed", method)
         assert [r["loss"] for r in h2] == pytest.approx([r["loss"] for r in h1], rel=1e-5)
         logratios = [h2[0][f"{mode}/abs_logratio"] for mode in ("think", "nothink") if f"{mode}/abs_logratio" in h2[0]]

@@ -224,7 +224,7 @@ def _check(args) -> int:
 
     root = Path(args.project_dir).resolve()
     params_file = Path(args.params) if Path(args.params).is_absolute() else root / args.params
-    for note in run(load_params(params_file), root):
+    for note in run(load_params(params_file), root, params_file):
         print(f"bvpo check: {note}")
     print("bvpo check: ok")
     return 0

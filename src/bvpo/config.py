@@ -370,7 +370,9 @@ class TrainConfig:
     log-probs and gradient as the unpacked path. Pays on a GPU with
     `attn_implementation: flex_attention`, whose block mask skips what a row's pairs cannot see;
     under SDPA the mask is dense ([tokens, tokens] per row), so keep rows short there. null = off:
-    `micro_batch_size` pairs per forward, padded to the longest. Needs SDPA or FlexAttention."""
+    `micro_batch_size` pairs per forward, padded to the longest. Needs SDPA, eager or
+    FlexAttention, and DDP (not FSDP: its collective passes need the same number of rows on
+    every process)."""
     attention: str = "sdpa"
     """The policy's (and live reference's) attention kernel while training: `sdpa`, or
     `flex_attention` (GPU only: torch has no FlexAttention backward on a CPU), which needs
@@ -510,7 +512,8 @@ class EvalConfig:
     half). eval.json: `win_rate_think`, `win_rate_nothink`. None = off."""
     win_rate_reward_model: str | None = None
     """Reward model directory for the win rate (one-output sequence classifier); None uses
-    `pairs.reward_model`."""
+    `pairs.reward_model`. The judged task always judges with the reward model it trained (its
+    proxy-vs-gold gap is about that proxy)."""
 
     def check(self, base_dir: Path | None) -> None:
         _check(self.n_prompts is None or self.n_prompts >= 1, "evaluate.n_prompts", "an integer >= 1 or null (all)",
@@ -808,6 +811,8 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
            "a reward model directory (or pairs.reward_model) for evaluate.win_rate_prompts", judge)
     _check(not metric.startswith("reward") or judge is not None, "pairs.reward_model",
            f"a reward model directory for promotion.metric {metric}", judge)
+    _check(not judged or e.win_rate_reward_model is None, "evaluate.win_rate_reward_model",
+           "null for data.task judged (it judges with the reward model it trains)", e.win_rate_reward_model)
     _check(not metric.startswith("gold") or judged, "promotion.metric",
            "a metric other than gold_* (only data.task judged has a gold scorer)", metric)
     _check(not metric.endswith("_sampled") or e.n_samples > 0, "evaluate.n_samples",

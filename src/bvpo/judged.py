@@ -28,15 +28,28 @@ NOT_BARE = 0.8
 the number; a right answer in prose still beats a near miss."""
 
 
+MAX_ERROR = 1000
+"""Errors beyond this grade as this (0 to double precision): a 400-digit number is just wrong."""
+
+
 def gold_reward(response: str, answer: str) -> float:
     """Hidden quality grade of an answer in [0, 1]: exp(−|error| / GOLD_SCALE) for its last
-    integer, times NOT_BARE unless the answer is the bare integer; 0 without a number."""
+    integer, times NOT_BARE unless the answer is the bare integer; 0 without a number, and 0
+    against a reference that is not an integer (a prompt from elsewhere has no gold)."""
     text = response.strip()
     numbers = _INTEGER.findall(text)
-    if not numbers:
+    if not numbers or not _INTEGER.fullmatch(answer.strip()):
         return 0.0
-    closeness = math.exp(-abs(int(numbers[-1]) - int(answer)) / GOLD_SCALE)
-    return closeness * (1.0 if _INTEGER.fullmatch(text) else NOT_BARE)
+    error = min(abs(int(numbers[-1]) - int(answer)), MAX_ERROR)
+    return math.exp(-error / GOLD_SCALE) * (1.0 if _INTEGER.fullmatch(text) else NOT_BARE)
+
+
+def _sigmoid(x: float) -> float:
+    """Logistic function without overflow for large |x|."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
 
 
 OFFSETS = (1, 1, 2, 2, 3, 4, 5, 7, 10, 15, 20)
@@ -58,15 +71,18 @@ def comparisons(prompts: list[str], answers: list[str], n: int, noise: float, se
     (0: always the better one). Each row keeps both gold grades (`gold_margin` > 0 when the label
     agrees with the gold scorer)."""
     rng = random.Random(f"bvpo-judged-comparisons-{seed}")
+    gradable = [i for i, answer in enumerate(answers) if _INTEGER.fullmatch(answer.strip())]
+    if not gradable:
+        raise ValueError("judged task: no prompt has an integer answer to grade candidate answers against")
     rows = []
     while len(rows) < n:
-        i = rng.randrange(len(prompts))
+        i = rng.choice(gradable)
         truth = int(answers[i])
         a, b = candidate_answer(rng, truth), candidate_answer(rng, truth)
         gold_a, gold_b = gold_reward(a, answers[i]), gold_reward(b, answers[i])
         if a == b or gold_a == gold_b:
             continue  # no preference to learn
-        p_a = 1.0 / (1.0 + math.exp(-(gold_a - gold_b) / noise)) if noise > 0 else float(gold_a > gold_b)
+        p_a = _sigmoid((gold_a - gold_b) / noise) if noise > 0 else float(gold_a > gold_b)
         chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
         rows.append({"prompt": prompts[i], "chosen": chosen, "rejected": rejected,
                      "gold_margin": gold_reward(chosen, answers[i]) - gold_reward(rejected, answers[i])})

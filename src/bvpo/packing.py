@@ -10,9 +10,11 @@ token), and only those columns reach the output head where the model allows it
 (`logits_to_keep`): with a 150k vocabulary the logits of prompt columns are most of the memory.
 
 Attention: SDPA takes the layout as a dense [W, W] boolean mask (it computes masked blocks
-too, so rows should stay short there); FlexAttention (`attn_implementation="flex_attention"`)
-gets a block mask and skips the blocks no query may see, which is what makes long packed rows
-pay on a GPU.
+too, so rows should stay short there), eager attention as the same mask made additive (it adds
+the mask to the scores: a boolean one would mask nothing); FlexAttention
+(`attn_implementation="flex_attention"`) gets a block mask and skips the blocks no query may
+see, which is what makes long packed rows pay on a GPU. Kernels that take no custom mask
+(flash-attention 2) are refused.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .losses import completion_token_logps
+from .modeling import SDPA_FP32
 from .sequences import Encoded, shared_prefix
 
 
@@ -130,12 +133,33 @@ def flex_block_mask(batch: dict[str, torch.Tensor]):
         return (group[b, q] == group[b, kv]) & (kv <= q) & ((segment[b, kv] == 0) | (segment[b, kv] == segment[b, q]))
 
     rows, width = group.shape
-    return create_block_mask(allowed, rows, None, width, width, device=group.device)
+    # Uncompiled, building the mask materialises [rows, W, W]; compiled it stays blockwise (on a
+    # CPU torch has no FlexAttention backward anyway, and compiling there costs more than it saves).
+    return create_block_mask(allowed, rows, None, width, width, device=group.device,
+                             _compile=group.device.type == "cuda")
 
 
 def _attention_implementation(model) -> str | None:
     model = getattr(model, "module", model)  # DDP
     return getattr(model.config, "_attn_implementation", None)
+
+
+PACKING_ATTENTION = ("sdpa", SDPA_FP32, "eager", "flex_attention")
+
+
+def attention_mask_for(model, batch: dict[str, torch.Tensor]):
+    """The packed layout in the form `model`'s attention takes it (see the module doc)."""
+    kind = _attention_implementation(model)
+    if kind not in PACKING_ATTENTION:
+        raise ValueError(f"packed scoring needs a custom attention mask, which {kind!r} attention does not take: "
+                         f"load the model with one of {', '.join(PACKING_ATTENTION)}")
+    if kind == "flex_attention":
+        return flex_block_mask(batch)
+    mask = dense_mask(batch)
+    if kind == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
 
 
 def _keeps_logits(model) -> bool:
@@ -149,7 +173,7 @@ def packed_token_logps(model, groups: list[Group], rows: list[list[int]], pad_id
     sequence order (the groups' sequences in `groups` order), each sequence's in text order."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_packed(groups, rows, pad_id).items()}
-    mask = flex_block_mask(batch) if _attention_implementation(model) == "flex_attention" else dense_mask(batch)
+    mask = attention_mask_for(model, batch)
     source = batch["source"]
     kwargs = {}
     if _keeps_logits(model):

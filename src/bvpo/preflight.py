@@ -164,13 +164,44 @@ def check_answers(params: Params, train_answers: bool, has_answers: bool) -> Non
                           "answers, so evaluation measures accuracy: use an accuracy_* metric")
 
 
-def run(params: Params, project_dir: Path | str = ".") -> list[str]:
-    """Every check; returns notes to show (nothing wrong), raises ConfigError or ModelError."""
+def missing_dvc_params(root: Path, params_file: Path) -> list[str]:
+    """Params that dvc.yaml's stages read but `params_file` does not spell out. The loader fills
+    defaults for them; DVC does not, and would stop at the first stage that reads one (a params
+    file written before this version of the pipeline added the key)."""
+    import yaml
+
+    dvc_file = root / "dvc.yaml"
+    if not dvc_file.is_file() or not params_file.is_file():
+        return []
+    raw = yaml.safe_load(params_file.read_text()) or {}
+    missing = set()
+    for stage in (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}).values():
+        for entry in stage.get("params", []):
+            for name in [entry] if isinstance(entry, str) else [k for keys in entry.values() for k in keys]:
+                node = raw
+                for part in name.split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        missing.add(name)
+                        break
+                    node = node[part]
+    return sorted(missing)
+
+
+def run(params: Params, project_dir: Path | str = ".", params_file: Path | str | None = None) -> list[str]:
+    """Every check; returns notes to show (nothing wrong), raises ConfigError or ModelError.
+    `params_file` (default the project's params.yaml) is checked against dvc.yaml's params."""
     from transformers import AutoConfig
 
     from .modeling import build_tokenizer, hub_kwargs, load_tokenizer, pick_device, resolve_dtype, tiny_config
 
     root = Path(project_dir).resolve()
+    params_path = Path(params_file) if params_file is not None else root / "params.yaml"
+    missing = missing_dvc_params(root, params_path)
+    if missing:
+        raise ConfigError(f"{params_path}: no {', '.join(missing)}, which dvc.yaml's stages read (a params file "
+                          "from before this version added them): add them with their defaults (the shipped "
+                          "params.yaml has every key; src/bvpo/config.py documents each), e.g. `data: {task: "
+                          "arithmetic}` and an empty `reward_model: {}` section")
     notes = untracked_inputs(params, root)
     m, s = params.model, params.sample
     if m.path is None:

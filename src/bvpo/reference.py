@@ -154,9 +154,9 @@ def precomputed_reference(cache_file: Path, load_reference, data: dict[str, tupl
 def cache_file(cache_dir: Path, pairs_digest: str, base_digest: str, params, accelerator) -> Path:
     """Where the reference log-probs of these pairs under this model are cached: the name hashes
     everything that changes them (pairs, model, scoring code and library versions, length limits,
-    autocast, FSDP's parameter cast, prompt sharing, packing)."""
+    autocast, FSDP's parameter cast, prompt sharing, packing, attention kernel)."""
     key = "-".join([pairs_digest, base_digest, scoring_code_digest(), str(params.model.max_length),
                     str(params.model.max_length_nothink), str(accelerator.mixed_precision),
-                    str(reference_param_dtype(accelerator)), str(params.train.shared_prompt), str(params.train.max_tokens_per_micro_batch),
+                    str(reference_param_dtype(accelerator)), str(params.train.shared_prompt), str(params.train.max_tokens_per_micro_batch), params.train.attention,
                     accelerator.device.type, attention_implementation()])
     return cache_dir / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"

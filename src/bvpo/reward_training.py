@@ -43,7 +43,8 @@ def reward_batch(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
 
 
 def rewards_of(model, tokenizer, texts: list[str]) -> torch.Tensor:
-    return model(**reward_batch(tokenizer, texts)).logits[:, 0]
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in reward_batch(tokenizer, texts).items()}).logits[:, 0]
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -74,10 +75,12 @@ def train_reward_model(base_dir: str | Path, train_rows: list[dict], held_out: l
     """Bradley–Terry training on `train_rows` (prompt, chosen, rejected), `config` being the
     `reward_model` params section; saves the model and tokenizer to `out_dir` and returns the
     held-out agreement before and after, and the last training loss."""
+    from .modeling import pick_device
     from .rewards import render_for_reward
 
     torch.manual_seed(seed)
     tokenizer, model = load_classifier(base_dir)
+    model.to(pick_device())  # fp32 throughout: a user's model on a GPU, the embedded one on the CPU
 
     def render(prompt, answer):
         return render_for_reward(tokenizer, prompt, answer)

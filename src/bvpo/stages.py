@@ -399,10 +399,11 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
     root = project_root(project_dir)
     test = _load_prompts(root)["test"]
     e = params.evaluate
-    judge_path = e.win_rate_reward_model or reward_model_path(params, root)
     has_answers = "answer" in test.column_names
-    # The judged task has answers (for the gold grade) and its reward model's judgement too.
+    # The judged task has answers (for the gold grade) and its reward model's judgement too: the
+    # proxy it trained judges there, so that the proxy-vs-gold gap measures that proxy.
     judged = params.data.task == "judged"
+    judge_path = reward_model_path(params, root) if judged else e.win_rate_reward_model or reward_model_path(params, root)
     if not has_answers and judge_path is None:
         raise StageError("the held-out prompts have no 'answer' column, so evaluation needs a reward model to judge "
                          "the answers: set pairs.reward_model (or evaluate.win_rate_reward_model)")
@@ -462,8 +463,9 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
             for name, rates in reward_rates.items():
                 results[name].update(rates)
             if judged:
-                gold = {(name, mode): [per_prompt[name][f"gold_{mode}"][i] for i in report]
-                        for name in candidates for mode in MODES}
+                # An invalid answer loses to any valid one here too, as in the reward win rate.
+                gold = {(name, mode): [None if per_prompt[name][f"invalid_{mode}"][i] else per_prompt[name][f"gold_{mode}"][i]
+                                       for i in report] for name in candidates for mode in MODES}
                 gold_rates = win_rates(gold, list(candidates), prefix="gold_")
                 for name, gaps in proxy_gold_gaps(reward_rates, gold_rates).items():
                     results[name].update({**gold_rates[name], **gaps})

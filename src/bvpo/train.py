@@ -522,7 +522,7 @@ def accelerate_command(params: Params, module_args: list[str],
                           resolve_precision(t.mixed_precision, pick_device()), threads_per_process)
 
 
-def check_launch(accelerator, attention: str = "sdpa") -> None:
+def check_launch(accelerator, attention: str = "sdpa", packed: bool = False) -> None:
     """Refuse set-ups that would silently train something other than the BVPO objective."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
@@ -532,6 +532,11 @@ def check_launch(accelerator, attention: str = "sdpa") -> None:
     if attention == "flex_attention" and accelerator.device.type == "cpu":
         raise TrainingError("train.attention flex_attention needs a GPU: torch has no FlexAttention backward on a "
                             "CPU. Use sdpa here (packing still works with it)")
+    if packed and kind == "FSDP":
+        raise TrainingError("train.max_tokens_per_micro_batch with FSDP: each process packs its own pairs into "
+                            "as many rows as they need, but FSDP's forward and backward passes are collective, so "
+                            "processes with fewer rows would leave the others waiting. Use DDP with packing, or "
+                            "FSDP with train.micro_batch_size")
     if str(accelerator.mixed_precision) == "fp16" and accelerator.scaler is None:
         raise TrainingError("train.mixed_precision fp16 needs a GPU: on a CPU accelerate runs it without autocast "
                             "or loss scaling (no GradScaler), i.e. silently in fp32. Use bf16 (or auto) or fp32 here")
@@ -647,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     accelerator = Accelerator()  # for the shared setup; each method gets its own in `setup`
-    check_launch(accelerator, params.train.attention)
+    check_launch(accelerator, params.train.attention, params.train.max_tokens_per_micro_batch is not None)
     shared = setup_pairs(args, params, accelerator)
     main_process, work_dir = accelerator.is_main_process, Path(args.work)
     train_config = {k: v for k, v in params.to_dict()["train"].items() if k not in ("methods", "num_processes")}

@@ -56,12 +56,14 @@ def both_modes(problems: list, rng: random.Random, tokenizer, opened: bool) -> t
 def sft(model, tokenizer, params: Params, test_prompts: set[str], progress: bool = True):
     """SFT any causal LM and thinking-template tokenizer on the embedded task in both modes
     (`warmup` params). Returns (per-step loss history, seconds)."""
-    w, d = params.warmup, params.data
+    w = params.warmup
     device = next(model.parameters()).device
     bf16 = resolve_precision(w.mixed_precision, device) == "bf16"
     opened = opens_think_block(tokenizer)
-    problems = warmup_examples(d.n_warmup, test_prompts, d.min_ops, d.max_ops, params.seed,
-                               (d.min_operand, d.max_operand), d.small_operand_fraction)
+    # params.data spelled out: dvc.yaml lists exactly these keys for the warmup stage.
+    problems = warmup_examples(params.data.n_warmup, test_prompts, params.data.min_ops, params.data.max_ops,
+                               params.seed, (params.data.min_operand, params.data.max_operand),
+                               params.data.small_operand_fraction)
     rng = random.Random(f"bvpo-warmup-batches-{params.seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = cosine_schedule(optimizer, max(1, w.steps // 20), w.steps)
