@@ -30,6 +30,15 @@ def accuracy(generated: list, answers: list[str], thinking: bool) -> tuple[list[
     return correct, invalid
 
 
+def shown_answers(generated: list, thinking: bool) -> list[str | None]:
+    """The final answer each completion shows the user (trace removed); None where it is invalid
+    (truncated, or malformed in its mode)."""
+    from .sequences import parse_completion
+
+    parsed = [parse_completion(g.text, thinking) for g in generated]
+    return [None if g.truncated or p.malformed else p.answer for g, p in zip(generated, parsed)]
+
+
 def score_prompts(model, tokenizer, prompts: list[str], answers: list[str], params: Params,
                   label: str, final: dict | None = None, gold: bool = False) -> dict[str, list[float]]:
     """Per prompt, in both modes: greedy accuracy, its length and whether it was invalid, with
@@ -39,7 +48,7 @@ def score_prompts(model, tokenizer, prompts: list[str], answers: list[str], para
     import torch
 
     from .judged import gold_reward
-    from .sequences import generate, parse_completion
+    from .sequences import generate
 
     e = params.evaluate
     scores = {}
@@ -49,8 +58,7 @@ def score_prompts(model, tokenizer, prompts: list[str], answers: list[str], para
                              desc=f"evaluate {label} ({mode})")
         scores[f"accuracy_{mode}"], scores[f"invalid_{mode}"] = accuracy(generated, answers, thinking)
         scores[f"length_{mode}"] = [float(g.n_tokens) for g in generated]
-        parsed = [parse_completion(g.text, thinking) for g in generated]
-        shown = [None if g.truncated or p.malformed else p.answer for g, p in zip(generated, parsed)]
+        shown = shown_answers(generated, thinking)
         if gold:
             scores[f"gold_{mode}"] = [0.0 if a is None else gold_reward(a, answer) for a, answer in zip(shown, answers)]
         if final is not None:
@@ -119,15 +127,14 @@ def subset(columns: dict[str, list], indices: list[int]) -> dict[str, list]:
 def final_answers(model, tokenizer, prompts: list, params: Params, label: str) -> tuple[dict[str, list], dict]:
     """Greedy final answers (trace removed) in both modes, None where the completion is invalid;
     and per prompt their length and whether they were invalid (`summarize` columns)."""
-    from .sequences import generate, parse_completion
+    from .sequences import generate
 
     e, out, stats = params.evaluate, {}, {}
     for thinking in (True, False):
         mode = mode_name(thinking)
         generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens, e.batch_size, greedy=True,
                              desc=f"answers {label} ({mode})")
-        parsed = [parse_completion(g.text, thinking) for g in generated]
-        out[mode] = [None if g.truncated or p.malformed else p.answer for g, p in zip(generated, parsed)]
+        out[mode] = shown_answers(generated, thinking)
         stats[f"length_{mode}"] = [float(g.n_tokens) for g in generated]
         stats[f"invalid_{mode}"] = [float(a is None) for a in out[mode]]
     return out, stats
