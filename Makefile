@@ -20,7 +20,7 @@ help:
 	@echo "make test   - set up .venv, run the test suite"
 	@echo "make test-fast - the unit tests only (no training, sampling, flows or DVC runs)"
 	@echo "make repro  - dvc repro (rebuild what params.yaml or the code changed)"
-	@echo "make experiment - every method x 3 seeds as DVC experiments, with 95% intervals"
+	@echo "make experiment - every method x 3 seeds as DVC experiments, with 95% intervals (TASK=judged: the judged task)"
 	@echo "make ui     - MLflow UI on http://127.0.0.1:5000"
 	@echo "make serve  - Prefect server on 127.0.0.1:4200 + a nightly round (CRON=... to change)"
 	@echo "make stack-up - team mode: PostgreSQL + MLflow server + Prefect server + a worker (loopback)"
@@ -61,7 +61,7 @@ repro: $(STAMP)
 # DVC experiments start from a git commit (a fresh clone has one).
 experiment: $(STAMP) .dvc/config
 	@start=$$(date +%s); \
-	$(BIN)/bvpo experiment; status=$$?; \
+	$(BIN)/bvpo experiment $(if $(TASK),--task $(TASK)); status=$$?; \
 	echo "make experiment: $$(( $$(date +%s) - start ))s"; exit $$status
 
 ui: $(STAMP)

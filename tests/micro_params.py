@@ -12,6 +12,8 @@ MICRO = {
     "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "max_length": 96},
     "warmup": {"steps": 30, "batch_size": 32, "lr": 1.0e-2},
     "sample": {"k": 3, "max_new_tokens": 40, "batch_size": 128},
+    # Trained only by the judged task (data.task: judged).
+    "reward_model": {"comparisons": 512, "held_out": 64, "steps": 30, "batch_size": 16, "lr": 1.0e-3},
     "pairs": {"reward": "graded"},
     "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "lr": 1.0e-3,
               "alpha_every": 2, "alpha_draws": 2, "alpha_draw_size": 2,

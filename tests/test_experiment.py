@@ -51,6 +51,39 @@ def test_methods_as_a_hydra_override():
                          "nll": MethodConfig(0.5, preference_weight=0.0)})
     assert value == ("{bvpo:{alpha:0.5,preference_weight:1.0},auto:{alpha:auto,preference_weight:1.0},"
                      "nll:{alpha:0.5,preference_weight:0.0}}")
+    assert hydra_value({"ipo": MethodConfig(0.5, loss_type="ipo")}) == \
+        "{ipo:{alpha:0.5,preference_weight:1.0,loss_type:ipo}}"
+
+
+def test_the_task_switch_sets_the_judged_tasks_parameters_and_names():
+    from bvpo.config import Params
+    from bvpo.experiment import ExperimentError, check_task, output_paths, run_name, seed_command
+
+    params = Params()
+    arithmetic, judged = seed_command(params, 3), seed_command(params, 3, "judged")
+    assert "data.task=judged" not in arithmetic and "-n" in arithmetic
+    assert arithmetic[arithmetic.index("-n") + 1] == "bvpo-experiment-seed3" == run_name(params, 3)
+    assert judged[judged.index("-n") + 1] == "bvpo-experiment-judged-seed3"
+    settings = [judged[i + 1] for i, arg in enumerate(judged) if arg == "-S"]
+    assert {"data.task=judged", "pairs.reward=model", "pairs.reward_model=null"} <= set(settings)
+    assert output_paths("arithmetic")["json"] == "metrics/experiment.json"
+    assert output_paths("judged") == {"json": "metrics/experiment-judged.json", "plot": "metrics/experiment-judged.png",
+                                      "table": "metrics/experiment-judged.md"}
+    with pytest.raises(ExperimentError, match="expected one of arithmetic, judged"):
+        check_task("chat")
+
+
+def test_judged_tables_report_gold_in_points_and_reward_scores_as_they_are():
+    per_seed = {seed: {"base": {"gold_mean": 0.5, "accuracy_mean": 0.4, "reward_mean": -1.25},
+                       "bvpo": {"gold_mean": 0.6 + seed / 100, "accuracy_mean": 0.5, "reward_mean": 0.5}}
+                for seed in (0, 1)}
+    from bvpo.experiment import metrics_for
+
+    result = aggregate(per_seed, "bvpo", metrics_for("judged"))
+    assert result["metrics"] == ["gold_mean", "accuracy_mean", "reward_mean"]
+    table = markdown_table(result, "judged")
+    assert "| base | 50.0 [50.0, 50.0] | 40.0 [40.0, 40.0] | -1.25 [-1.25, -1.25] |" in table
+    assert "Gold reward" in table
 
 
 def git(repo: Path, *args: str) -> None:
@@ -114,6 +147,53 @@ def test_a_two_seed_experiment_end_to_end(tmp_path, prefect_harness, monkeypatch
     seed_run = next(r for r in children if r.info.run_name == "bvpo/seed2")
     assert seed_run.data.tags["seed"] == "2" and seed_run.data.tags["method"] == "bvpo"
     assert seed_run.data.metrics["accuracy_think"] == pytest.approx(runs["2"]["bvpo"]["accuracy_think"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_judged_experiment_with_an_ipo_variant_end_to_end(tmp_path, prefect_harness, monkeypatch):
+    """`bvpo experiment --task judged` on a project whose params.yaml is the arithmetic default:
+    every seed's DVC experiment trains the reward model (once: the run-cache serves the second),
+    ranks pairs with it, trains a DPO and an IPO variant, and reports the gold grade."""
+    import mlflow
+
+    from bvpo.flow import bvpo_experiment
+    from bvpo.tracking import tracking_uri
+
+    repo = make_project(tmp_path / "project", {
+        "pairs": {"reward": "verified"},
+        "experiment": {"name": "micro", "seeds": [1, 2], "reference_method": "bvpo", "n_test": 10,
+                       "eval_samples": 2, "methods": {"bvpo": {"alpha": 0.5},
+                                                      "bvpo_ipo": {"alpha": 0.5, "loss_type": "ipo"}}}})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(repo))
+    out = bvpo_experiment(project_dir=str(repo), task="judged")
+
+    assert not (repo / "metrics/experiment.json").exists()
+    result = json.loads((repo / "metrics/experiment-judged.json").read_text())
+    assert result["task"] == "judged" and set(result["models"]) == {"base", "bvpo", "bvpo_ipo"}
+    assert {"gold_mean", "gold_mean_sampled", "accuracy_mean", "reward_mean"} <= set(result["metrics"])
+    assert "-n micro-judged-seed1 -S data.task=judged -S pairs.reward=model" in result["commands"]["1"]
+    assert "bvpo_ipo:{alpha:0.5,preference_weight:1.0,loss_type:ipo}" in result["commands"]["1"]
+    for seed in ("1", "2"):
+        for entry in result["runs"][seed].values():
+            assert 0 <= entry["gold_mean_sampled"] <= 1
+            assert entry["gold_mean"] == pytest.approx((entry["gold_think"] + entry["gold_nothink"]) / 2)
+    # The base model is shared; its reward score is not quite (an invalid answer scores as the
+    # worst answer the judge saw in that run, trained models included).
+    base = [{k: v for k, v in result["runs"][seed]["base"].items() if k != "reward_mean"} for seed in ("1", "2")]
+    assert base[0] == base[1]
+    assert (repo / "metrics/experiment-judged.md").read_text() == out["markdown"]
+    assert "Gold reward" in out["markdown"]
+
+    client = mlflow.MlflowClient(tracking_uri(repo))
+    parent = client.get_run(out["mlflow_parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    names = [run.info.run_name for run in children]
+    # The reward model is trained once (the second seed restores it from DVC's run cache).
+    assert names.count("reward_model") == 1 and names.count("train/bvpo_ipo") == 2
+    ipo_run = next(r for r in children if r.info.run_name == "train/bvpo_ipo")
+    assert ipo_run.data.params["loss_type"] == "ipo"
+    assert next(r for r in children if r.info.run_name == "train/bvpo").data.params["loss_type"] == "sigmoid"
 
 
 def test_an_experiment_needs_a_dvc_project_with_a_commit(tmp_path):

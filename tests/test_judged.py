@@ -113,7 +113,6 @@ def test_a_trained_reward_model_learns_the_labels_and_loads_as_a_pipeline_reward
 
 
 JUDGED = {"data": {"task": "judged"}, "pairs": {"reward": "model"},
-          "reward_model": {"comparisons": 512, "held_out": 64, "steps": 30, "batch_size": 16, "lr": 1.0e-3},
           "promotion": {"metric": "gold_mean", "margin": -1.0}}
 
 

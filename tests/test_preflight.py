@@ -233,4 +233,4 @@ def test_a_params_file_from_an_older_version_is_refused_naming_what_dvc_would_mi
         run(load_params(old), tmp_path, old)
     raw["data"]["task"], raw["reward_model"] = "arithmetic", {}  # the fix the message gives
     old.write_text(yaml.safe_dump(raw))
-    assert missing_dvc_params(tmp_path, old) == [] and load_params(old).reward_model.steps == 600
+    assert missing_dvc_params(tmp_path, old) == [] and load_params(old).reward_model.steps == 1500

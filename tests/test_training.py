@@ -364,6 +364,38 @@ def test_accumulated_update_gradient_is_the_bvpo_objective_gradient(inputs, toke
     model.zero_grad(set_to_none=True)
 
 
+def test_a_method_can_choose_its_own_preference_loss(inputs, tokenizer, tiny_model):
+    """A method's `loss_type: ipo` trains under train.loss_type sigmoid exactly as train.loss_type
+    ipo would: one run (or experiment) can hold a DPO and an IPO variant of the same mix."""
+    from bvpo.sequences import encode, score_pairs
+    from bvpo.reference import reference_logps
+    from bvpo.train import PairLoss, PairSet, load_pair_rows
+
+    rows = load_pair_rows(inputs / "pairs")["think"][:6]
+    chosen = [encode(tokenizer, r["prompt"], r["chosen"], True) for r in rows]
+    rejected = [encode(tokenizer, r["prompt"], r["rejected"], True) for r in rows]
+    ref_chosen, ref_rejected = reference_logps(tiny_model, chosen, rejected, tokenizer.pad_token_id)
+    data = {"think": PairSet(chosen, rejected, ref_chosen - 0.3, ref_rejected + 0.2)}
+
+    def loss(loss_type_setting: str, method_loss_type: str | None) -> float:
+        params = load_params(write_micro_params(inputs / f"params-{loss_type_setting}.yaml", {
+            "train": {"loss_type": loss_type_setting, "beta": 1.5, "nll_weight": 0.0}, "model": {"max_length": 96}}))
+        pair_loss = PairLoss(params, data, tokenizer.pad_token_id, None, 1.0, method_loss_type)
+        with torch.no_grad():
+            return pair_loss.loss(tiny_model.eval(), "think", list(range(6)))[0].loss.item()
+
+    ipo = loss("sigmoid", "ipo")
+    assert ipo == pytest.approx(loss("ipo", None), rel=1e-6)
+    assert ipo == pytest.approx(loss("ipo", "ipo"), rel=1e-6)
+    assert loss("ipo", "sigmoid") == pytest.approx(loss("sigmoid", None), rel=1e-6)
+    assert abs(ipo - loss("sigmoid", None)) > 1e-3
+    # And it is IPO's value: (h − 1/(2β))², h the per-token log-ratio margin, by hand.
+    with torch.no_grad():
+        logps, n_tokens = score_pairs(tiny_model, chosen, rejected, tokenizer.pad_token_id, True)
+    h = (logps[:6] - ref_chosen + 0.3) / n_tokens[:6] - (logps[6:] - ref_rejected - 0.2) / n_tokens[6:]
+    assert ipo == pytest.approx(((h - 1 / 3.0) ** 2).mean().item(), rel=1e-4)
+
+
 def test_no_thinking_pairs_have_their_own_length_limit(inputs):
     """model.max_length_nothink applies to the no-thinking pairs alone: the thinking pairs fit
     max_length, every no-thinking pair is past its own limit, and the error names that limit."""

@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         "against `experiment.reference_method`), metrics/experiment.png and .md, MLflow runs. Needs a DVC "
         "project with a git commit.")
     experiment.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    experiment.add_argument("--task", choices=("arithmetic", "judged"), default=None,
+                            help="embedded task (default: data.task). judged: pairs ranked by the reward model "
+                            "the pipeline trains, scored by the hidden gold grade; writes metrics/experiment-judged.*")
 
     champion = sub.add_parser("champion", help="show, list or set the registered @champion",
                               description="The registered model's @champion alias, which every round starts "
@@ -271,13 +274,16 @@ def _champion(args) -> int:
 
 
 def _experiment(args) -> int:
+    from .config import load_params
+    from .experiment import output_paths
     from .flow import bvpo_experiment
 
     _stop_on_sigterm()
     root = Path(args.project_dir).resolve()
-    result = bvpo_experiment(project_dir=str(root), params_file=args.params)
+    task = args.task or load_params(root / args.params).data.task
+    result = bvpo_experiment(project_dir=str(root), params_file=args.params, task=task)
     print("\n" + result["markdown"])
-    print("Written: metrics/experiment.json, metrics/experiment.png, metrics/experiment.md; MLflow parent run "
+    print(f"Written: {', '.join(output_paths(task).values())}; MLflow parent run "
           f"{result['mlflow_parent_run_id']} (`bvpo ui`); each seed is a DVC experiment (`dvc exp show`).")
     return 0
 

@@ -43,7 +43,7 @@ def score_prompts(model, tokenizer, prompts: list[str], answers: list[str], para
                   label: str, final: dict | None = None, gold: bool = False) -> dict[str, list[float]]:
     """Per prompt, in both modes: greedy accuracy, its length and whether it was invalid, with
     `gold` the judged task's gold grade (`gold_*`), and (evaluate.n_samples > 0) the sampled
-    accuracy. `summarize` turns any subset into eval.json's entry. `final`, when given, receives
+    accuracy (and gold grade). `summarize` turns any subset into eval.json's entry. `final`, when given, receives
     the greedy final answers per mode (None where invalid), for a reward model to judge."""
     import torch
 
@@ -69,6 +69,11 @@ def score_prompts(model, tokenizer, prompts: list[str], answers: list[str], para
             sampled = generate(model, tokenizer, prompts * e.n_samples, thinking, e.max_new_tokens, e.batch_size,
                                temperature=e.temperature, desc=f"evaluate {label} ({mode}, {e.n_samples} samples)")
             scores[f"accuracy_{mode}_sampled"], _ = accuracy(sampled, answers, thinking)
+            if gold:  # per prompt, the mean over its samples (generated prompt-major, as above)
+                grades = [0.0 if a is None else gold_reward(a, answer) for a, answer
+                          in zip(shown_answers(sampled, thinking), answers * e.n_samples)]
+                scores[f"gold_{mode}_sampled"] = [sum(grades[i::len(answers)]) / e.n_samples
+                                                  for i in range(len(answers))]
     return scores
 
 

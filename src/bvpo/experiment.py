@@ -22,6 +22,25 @@ from .errors import BvpoError
 
 METRICS = ("accuracy_think", "accuracy_nothink", "accuracy_mean",
            "accuracy_think_sampled", "accuracy_nothink_sampled", "accuracy_mean_sampled")
+JUDGED_METRICS = ("gold_think", "gold_nothink", "gold_mean",
+                  "gold_think_sampled", "gold_nothink_sampled", "gold_mean_sampled",
+                  "accuracy_mean", "reward_mean")
+"""The judged task is scored by the hidden gold grade (greedy and sampled), beside exact
+accuracy and the reward model's own mean score on the greedy answers: the proxy rising while
+gold falls is over-optimisation."""
+
+TASKS = ("arithmetic", "judged")
+TASK_OVERRIDES = {
+    "arithmetic": (),
+    # The judged task's pairs are ranked by the reward model its own stage trains, as a user's
+    # reward model would rank them; win rates are judged by that model too.
+    "judged": ("data.task=judged", "pairs.reward=model", "pairs.reward_model=null",
+               "evaluate.win_rate_reward_model=null"),
+}
+
+
+def metrics_for(task: str) -> tuple[str, ...]:
+    return JUDGED_METRICS if task == "judged" else METRICS
 
 
 class ExperimentError(BvpoError, RuntimeError):
@@ -42,12 +61,13 @@ def interval(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
-def aggregate(per_seed: dict[int, dict[str, dict]], reference: str) -> dict:
-    """`per_seed`: seed → eval.json of that run. Per model and metric the mean and 95% interval
-    over seeds; per model the paired difference against `reference` (same seed, same pairs)."""
+def aggregate(per_seed: dict[int, dict[str, dict]], reference: str, wanted: tuple[str, ...] = METRICS) -> dict:
+    """`per_seed`: seed → eval.json of that run. Per model and metric (those of `wanted` every
+    run has) the mean and 95% interval over seeds; per model the paired difference against
+    `reference` (same seed, same pairs)."""
     seeds = sorted(per_seed)
     models = list(per_seed[seeds[0]])
-    metrics = [m for m in METRICS if all(m in per_seed[s][model] for s in seeds for model in models)]
+    metrics = [m for m in wanted if all(m in per_seed[s][model] for s in seeds for model in models)]
     summary = {model: {m: interval([per_seed[s][model][m] for s in seeds]) for m in metrics} for model in models}
     paired = {model: {m: interval([per_seed[s][model][m] - per_seed[s][reference][m] for s in seeds])
                       for m in metrics}
@@ -58,21 +78,26 @@ def aggregate(per_seed: dict[int, dict[str, dict]], reference: str) -> dict:
 
 
 def markdown_table(result: dict, name: str) -> str:
-    def cell(stats: dict) -> str:
-        return f"{100 * stats['mean']:.1f} [{100 * stats['low']:.1f}, {100 * stats['high']:.1f}]"
+    def cell(stats: dict, metric: str) -> str:
+        # Rates and gold grades (in [0, 1]) in points; a reward model's score as it is.
+        scale, digits = (1, 2) if metric.startswith("reward_") else (100, 1)
+        return (f"{scale * stats['mean']:.{digits}f} [{scale * stats['low']:.{digits}f}, "
+                f"{scale * stats['high']:.{digits}f}]")
 
     metrics, reference = result["metrics"], result["reference"]
+    unit = ("Gold reward and accuracy × 100, reward-model score as it is" if any(m.startswith("gold_") for m in metrics)
+            else "Accuracy in %")
     lines = [f"# Experiment {name}: {len(result['seeds'])} seeds ({', '.join(map(str, result['seeds']))})", "",
-             "Accuracy in %, mean over seeds [95% interval].", "",
+             f"{unit}; mean over seeds [95% interval over training seeds, for this base model and test set].", "",
              "| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for model, stats in result["models"].items():
-        lines.append(f"| {model} | " + " | ".join(cell(stats[m]) for m in metrics) + " |")
+        lines.append(f"| {model} | " + " | ".join(cell(stats[m], m) for m in metrics) + " |")
     lines += ["", f"Paired difference against `{reference}` (same seed), in points; ▲ / ▼: the 95% interval "
               "is above / below zero.", "",
               "| model − " + reference + " | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for model, stats in result["paired_vs_reference"].items():
         marks = ["▲" if stats[m]["low"] > 0 else "▼" if stats[m]["high"] < 0 else "" for m in metrics]
-        lines.append(f"| {model} | " + " | ".join(f"{cell(stats[m])} {mark}".strip()
+        lines.append(f"| {model} | " + " | ".join(f"{cell(stats[m], m)} {mark}".strip()
                                                   for m, mark in zip(metrics, marks)) + " |")
     return "\n".join(lines) + "\n"
 
@@ -80,19 +105,39 @@ def markdown_table(result: dict, name: str) -> str:
 # ----------------------------------------------------------------------------------- DVC runs
 def hydra_value(methods: dict[str, MethodConfig]) -> str:
     """`train.methods` as a Hydra override value for `dvc exp run -S`."""
-    inner = ",".join(f"{name}:{{alpha:{m.alpha},preference_weight:{m.preference_weight}}}"
-                     for name, m in methods.items())
-    return "{" + inner + "}"
+    def fields(m: MethodConfig) -> str:
+        loss = f",loss_type:{m.loss_type}" if m.loss_type else ""
+        return f"alpha:{m.alpha},preference_weight:{m.preference_weight}{loss}"
+
+    return "{" + ",".join(f"{name}:{{{fields(m)}}}" for name, m in methods.items()) + "}"
 
 
-def run_name(params: Params, seed: int) -> str:
-    return f"{params.experiment.name}-seed{seed}"
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ExperimentError(f"experiment task {task!r}: expected one of {', '.join(TASKS)}")
 
 
-def seed_command(params: Params, seed: int) -> list[str]:
+def experiment_name(params: Params, task: str) -> str:
+    """The task's experiment name: the arithmetic default keeps `experiment.name`, another task
+    gets its own (NAME-judged), so its DVC experiments and outputs never replace the default's."""
+    return params.experiment.name if task == "arithmetic" else f"{params.experiment.name}-{task}"
+
+
+def output_paths(task: str) -> dict[str, str]:
+    """metrics/experiment.{json,png,md}, or metrics/experiment-TASK.* for a task other than the default."""
+    stem = "metrics/experiment" if task == "arithmetic" else f"metrics/experiment-{task}"
+    return {"json": f"{stem}.json", "plot": f"{stem}.png", "table": f"{stem}.md"}
+
+
+def run_name(params: Params, seed: int, task: str = "arithmetic") -> str:
+    return f"{experiment_name(params, task)}-seed{seed}"
+
+
+def seed_command(params: Params, seed: int, task: str = "arithmetic") -> list[str]:
     """The `dvc exp run` that produces one seed's results (up to the evaluate stage)."""
     x = params.experiment
-    return ["dvc", "exp", "run", "--temp", "-n", run_name(params, seed),
+    task_settings = [arg for setting in TASK_OVERRIDES[task] for arg in ("-S", setting)]
+    return ["dvc", "exp", "run", "--temp", "-n", run_name(params, seed, task), *task_settings,
             "-S", f"sample.seed={seed}", "-S", f"train.seed={seed}",
             "-S", f"data.n_test={x.n_test}", "-S", f"evaluate.n_samples={x.eval_samples}",
             # Experiments promote nothing: every held-out prompt reports.

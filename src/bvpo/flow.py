@@ -418,24 +418,25 @@ def starting_from_base(root: Path, registered_model: str):
 
 
 @task(name="experiment-seed")
-def run_experiment_seed(project_dir: str, params_file: str, seed: int) -> dict:
+def run_experiment_seed(project_dir: str, params_file: str, seed: int, task: str = "arithmetic") -> dict:
     """One seed: the pipeline as a DVC experiment up to evaluate; returns its eval.json."""
     from . import experiment
 
     root = Path(project_dir)
     params = load_params(params_file)
-    name = experiment.run_name(params, seed)
+    name = experiment.run_name(params, seed, task)
     experiment.remove_run(root, name)
-    command = experiment.seed_command(params, seed)
+    command = experiment.seed_command(params, seed, task)
     _stream([sys.executable, "-m", *command], root, get_run_logger())
     return experiment.run_results(root, name)
 
 
 @flow(name="bvpo-experiment", log_prints=True)
-def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml") -> dict:
+def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml", task: str = "arithmetic") -> dict:
     """Every method in `experiment.methods` × every seed in `experiment.seeds` on the shared
     base model, aggregated: metrics/experiment.json, .png and .md, one MLflow parent run with a
-    child run per model × seed, and the table as a Prefect artifact."""
+    child run per model × seed, and the table as a Prefect artifact. `task` judged runs the
+    judged task (its reward model ranks the pairs) into metrics/experiment-judged.*."""
     from prefect.runtime import flow_run
 
     from . import experiment
@@ -447,18 +448,21 @@ def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml") ->
         raise StageError(f"DVC experiments read {root / 'params.yaml'}; edit it rather than {params_path}")
     params = load_params(params_path)
     x = params.experiment
+    experiment.check_task(task)
     experiment.check_repository(root)
+    name = experiment.experiment_name(params, task)
     os.environ[tracking.FLOW_RUN_ENV] = str(flow_run.get_id() or "")
-    with project_lock(root, f"experiment {x.name}"), \
-            tracking.pipeline_run(root, params.tracking.experiment, {"experiment": params.to_dict()["experiment"]},
-                                  run_name=f"experiment-{x.name}", kind="experiment") as parent_id:
+    with project_lock(root, f"experiment {name}"), \
+            tracking.pipeline_run(root, params.tracking.experiment,
+                                  {"experiment": params.to_dict()["experiment"], "task": task},
+                                  run_name=f"experiment-{name}", kind="experiment") as parent_id:
         with starting_from_base(root, params.tracking.registered_model):
-            per_seed = {seed: run_experiment_seed(str(root), str(params_path), seed) for seed in x.seeds}
-        result = experiment.aggregate(per_seed, x.reference_method)
-        result["commands"] = {str(seed): " ".join(experiment.seed_command(params, seed)) for seed in x.seeds}
-        markdown = experiment.markdown_table(result, x.name)
-        outputs = {"json": root / PATHS["experiment"], "plot": root / PATHS["experiment_plot"],
-                   "table": root / PATHS["experiment_table"]}
+            per_seed = {seed: run_experiment_seed(str(root), str(params_path), seed, task) for seed in x.seeds}
+        result = experiment.aggregate(per_seed, x.reference_method, experiment.metrics_for(task))
+        result["task"] = task
+        result["commands"] = {str(seed): " ".join(experiment.seed_command(params, seed, task)) for seed in x.seeds}
+        markdown = experiment.markdown_table(result, name)
+        outputs = {kind: root / path for kind, path in experiment.output_paths(task).items()}
         with atomic_path(outputs["json"]) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
         with atomic_path(outputs["plot"]) as tmp:
@@ -468,13 +472,14 @@ def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml") ->
         for seed, models in per_seed.items():
             for model, entry in models.items():
                 with tracking.stage_run(root, params.tracking.experiment, f"{model}/seed{seed}",
-                                        tags={"method": model, "seed": str(seed), "experiment": x.name}):
+                                        tags={"method": model, "seed": str(seed), "experiment": name,
+                                              "task": task}):
                     tracking.log_metrics({k: v for k, v in entry.items() if isinstance(v, (int, float))})
         tracking.log_metrics({f"{model}/{metric}_mean": stats["mean"] for model, by_metric in result["models"].items()
                               for metric, stats in by_metric.items()})
         for path in outputs.values():
             tracking.log_artifact(path)
-        create_markdown_artifact(markdown=markdown, key="bvpo-experiment", description=f"Experiment {x.name}")
+        create_markdown_artifact(markdown=markdown, key="bvpo-experiment" + ("" if task == "arithmetic" else f"-{task}"), description=f"Experiment {name}")
         logger = get_run_logger()
         logger.info("\n%s", markdown)
     return {"result": result, "markdown": markdown, "mlflow_parent_run_id": parent_id}

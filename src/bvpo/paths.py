@@ -34,9 +34,6 @@ PATHS = {
     "checkpoints": "data/checkpoints",
     "cache": "data/cache",
     "run_facts": "data/cache/run_facts",
-    "experiment": "metrics/experiment.json",
-    "experiment_plot": "metrics/experiment.png",
-    "experiment_table": "metrics/experiment.md",
 }
 
 

@@ -40,10 +40,11 @@ def eval_bar_chart(results: dict[str, dict], out: str | Path) -> None:
 
 
 def experiment_chart(result: dict, out: str | Path) -> None:
-    """Grouped bars with 95% intervals over seeds: each model's accuracy, thinking on, off and
-    their mean (greedy; sampled too when evaluated)."""
+    """Grouped bars with 95% intervals over seeds: each model's accuracy (the judged task: gold
+    reward), thinking on, off and their mean (greedy; sampled too when evaluated)."""
     names = list(result["models"])
-    metrics = [m for m in ("accuracy_think", "accuracy_nothink", "accuracy_mean") if m in result["metrics"]]
+    kind = "gold" if "gold_mean" in result["metrics"] else "accuracy"
+    metrics = [m for m in (f"{kind}_think", f"{kind}_nothink", f"{kind}_mean") if m in result["metrics"]]
     sampled = [m + "_sampled" for m in metrics if m + "_sampled" in result["metrics"]]
     panels = [("greedy", metrics)] + ([("sampled, T=1", sampled)] if sampled else [])
     fig, axes = plt.subplots(len(panels), 1, figsize=(2.0 + 1.2 * len(names), 3.4 * len(panels)), dpi=120,
@@ -55,10 +56,10 @@ def experiment_chart(result: dict, out: str | Path) -> None:
             means = [100 * s["mean"] for s in stats]
             errors = [[100 * (s["mean"] - s["low"]) for s in stats], [100 * (s["high"] - s["mean"]) for s in stats]]
             xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(names))]
-            label = key.replace("accuracy_", "").replace("_sampled", "")
+            label = key.replace(f"{kind}_", "").replace("_sampled", "")
             ax.bar(xs, means, width, yerr=errors, capsize=2, label=label)
         ax.set_xticks(range(len(names)), names, fontsize=8)
-        ax.set_ylabel(f"accuracy (%), {title}")
+        ax.set_ylabel(f"{'gold reward (x100)' if kind == 'gold' else 'accuracy (%)'}, {title}")
         ax.set_ylim(0, 100)
         ax.legend(loc="upper right", fontsize=7, ncols=3)
     axes[0, 0].set_title(f"Mean over {len(result['seeds'])} seeds, 95% intervals")

@@ -126,8 +126,9 @@ class PairLoss:
     run it (an estimator's forward/backward over a step's pairs, gradient draws for α*)."""
 
     def __init__(self, params: Params, data: dict[str, PairSet], pad_id: int, reference=None,
-                 preference_weight: float = 1.0):
+                 preference_weight: float = 1.0, loss_type: str | None = None):
         self.t = params.train
+        self.loss_type = loss_type or self.t.loss_type
         self.seed = params.train_seed
         self.data = data
         self.pad_id = pad_id
@@ -152,7 +153,7 @@ class PairLoss:
                     if self.t.max_tokens_per_micro_batch else \
                     score_pairs(self.reference, chosen, rejected, self.pad_id, self.t.shared_prompt)
         result = estimator_loss(logps[:n], logps[n:], n_tokens[:n], n_tokens[n:], ref[:n], ref[n:],
-                                self.t.loss_type, self.betas[mode], self.t.label_smoothing, self.t.nll_weight,
+                                self.loss_type, self.betas[mode], self.t.label_smoothing, self.t.nll_weight,
                                 self.preference_weight)
         if not torch.isfinite(result.loss):
             raise TrainingError(f"non-finite {ESTIMATOR[mode]} loss ({result.loss.item()}); the last good "
@@ -637,7 +638,7 @@ def method_fingerprint(name: str, method, params: Params, shared: SharedSetup) -
     base model is never resumed, nor a finished method reused."""
     train_config = {k: v for k, v in params.to_dict()["train"].items() if k not in ("methods", "num_processes")}
     return hashlib.sha256(json.dumps(
-        [name, method.alpha, method.preference_weight, train_config, params.seed, params.model.max_length,
+        [name, method.alpha, method.preference_weight, method.loss_type, train_config, params.seed, params.model.max_length,
          params.model.max_length_nothink, params.model.dtype, shared.pairs_digest, shared.base_digest,
          shared.precision, code_digest(TRAINING_MODULES)], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -658,10 +659,11 @@ def main(argv: list[str] | None = None) -> int:
     train_config = {k: v for k, v in params.to_dict()["train"].items() if k not in ("methods", "num_processes")}
     for name, method in params.train.methods.items():
         pair_loss = PairLoss(params, shared.data, shared.tokenizer.pad_token_id, shared.reference,
-                             method.preference_weight)
+                             method.preference_weight, method.loss_type)
         run = tracking.stage_run(args.project_dir, params.tracking.experiment, f"train/{name}",
-                                 params={"method": name, "alpha": method.alpha,
-                                         "preference_weight": method.preference_weight, **train_config},
+                                 params={**train_config, "method": name, "alpha": method.alpha,
+                                         "preference_weight": method.preference_weight,
+                                         "loss_type": pair_loss.loss_type},
                                  tags={"method": name, "mixed_precision": shared.precision}) \
             if main_process else contextlib.nullcontext()
         with run:
