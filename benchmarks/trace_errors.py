@@ -8,7 +8,7 @@ Greedy decoding on the held-out prompts of data/prompts (the `evaluate` stage's)
 `check` line (the warmup traces end with an optional verification step). Prints, per model,
 the share of prompts answered right (verified as the `evaluate` stage does), "right trace,
 different answer", "wrong trace", and invalid completions (think block never closed, or cut
-at the length limit). Analysis for the README's Experiments section; the
+at the length limit). Analysis for docs/results.md's experiments; the
 embedded task only (it parses the trace format the warmup teaches).
 """
 

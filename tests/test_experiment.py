@@ -68,7 +68,9 @@ def test_the_task_switch_sets_the_judged_tasks_parameters_and_names():
     assert {"data.task=judged", "pairs.reward=model", "pairs.reward_model=null"} <= set(settings)
     assert output_paths("arithmetic")["json"] == "metrics/experiment.json"
     assert output_paths("judged") == {"json": "metrics/experiment-judged.json", "plot": "metrics/experiment-judged.png",
-                                      "table": "metrics/experiment-judged.md"}
+                                      "table": "metrics/experiment-judged.md",
+                                      "rounds_json": "metrics/experiment-judged-rounds.json",
+                                      "rounds_table": "metrics/experiment-judged-rounds.md"}
     with pytest.raises(ExperimentError, match="expected one of arithmetic, judged"):
         check_task("chat")
 
@@ -92,13 +94,18 @@ def git(repo: Path, *args: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_two_seed_experiment_end_to_end(tmp_path, prefect_harness, monkeypatch):
-    from bvpo.flow import bvpo_experiment
+def test_a_two_seed_experiment_and_its_second_round_end_to_end(tmp_path, prefect_harness, monkeypatch):
+    import yaml
+    from dvc.api import DVCFileSystem
+
+    from bvpo.experiment import run_ref
+    from bvpo.flow import bvpo_experiment, run_experiment_round
     from bvpo.tracking import tracking_uri
 
     repo = make_project(tmp_path / "project", {
         "experiment": {"name": "micro", "seeds": [1, 2], "reference_method": "bvpo", "n_test": 10,
-                       "eval_samples": 2, "methods": {"bvpo": {"alpha": 0.5}, "dpo_trace": {"alpha": 1.0}}}})
+                       "eval_samples": 2, "methods": {"bvpo": {"alpha": 0.5}, "dpo_trace": {"alpha": 1.0}},
+                       "round_methods": ["bvpo"]}})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(repo))
     # A round promoted version 7 (this store has none): experiments still start from the base
     # model. They used to take the pointer into every `dvc exp run` and fail on a missing version.
@@ -106,7 +113,7 @@ def test_a_two_seed_experiment_end_to_end(tmp_path, prefect_harness, monkeypatch
     (repo / "data/champion.json").write_text(pointer)
     subprocess.run(["git", "commit", "-qam", "a promoted round"], cwd=repo, check=True)
 
-    out = bvpo_experiment(project_dir=str(repo))
+    out = bvpo_experiment(project_dir=str(repo), rounds=2)
     assert (repo / "data/champion.json").read_text() == pointer  # the round's pointer is back
 
     result = json.loads((repo / "metrics/experiment.json").read_text())
@@ -147,6 +154,33 @@ def test_a_two_seed_experiment_end_to_end(tmp_path, prefect_harness, monkeypatch
     seed_run = next(r for r in children if r.info.run_name == "bvpo/seed2")
     assert seed_run.data.tags["seed"] == "2" and seed_run.data.tags["method"] == "bvpo"
     assert seed_run.data.metrics["accuracy_think"] == pytest.approx(runs["2"]["bvpo"]["accuracy_think"])
+
+    # Round 2 (`--rounds 2`): each seed's bvpo model samples again with the next sampling seed,
+    # is paired and trained from its own weights, and is evaluated; round 1 is the experiment.
+    rounds = json.loads((repo / "metrics/experiment-rounds.json").read_text())
+    assert rounds == result["rounds"] and rounds["reference"] == "bvpo@r2"
+    assert list(rounds["models"]) == ["bvpo@r1", "bvpo@r2"]
+    for seed in ("1", "2"):
+        assert rounds["runs"][seed]["bvpo@r1"] == runs[seed]["bvpo"]
+        work = repo / "data/experiment_rounds/micro/round2" / f"seed{seed}-bvpo"
+        round_params = yaml.safe_load((work / "params.yaml").read_text())
+        assert round_params["sample"]["seed"] == int(seed) + 1 and round_params["train"]["seed"] == int(seed)
+        assert list(round_params["train"]["methods"]) == ["bvpo"] and round_params["evaluate"]["n_samples"] == 2
+        evaluated = json.loads((work / "metrics/eval.json").read_text())
+        assert evaluated["bvpo"]["accuracy_mean"] == pytest.approx(rounds["runs"][seed]["bvpo@r2"]["accuracy_mean"])
+        # It started from this seed's round-1 model: the DVC experiment's bvpo weights, byte for byte.
+        fs = DVCFileSystem(str(repo), rev=run_ref(repo, f"micro-seed{seed}"))
+        assert (work / "data/policy/model.safetensors").read_bytes() == \
+            fs.read_bytes("data/models/bvpo/model.safetensors")
+        assert (work / "data/models/bvpo/model.safetensors").read_bytes() != \
+            (work / "data/policy/model.safetensors").read_bytes()
+    assert {"bvpo@r2/seed1", "bvpo@r2/seed2"} <= set(names)
+    # A round evaluated under the same params is reused, not rerun.
+    work = repo / "data/experiment_rounds/micro/round2/seed1-bvpo"
+    before = (work / "metrics/eval.json").stat().st_mtime_ns
+    again = run_experiment_round.fn(str(repo), "micro-seed1", "bvpo", 1, 2, "data/models/bvpo", str(work))
+    assert (work / "metrics/eval.json").stat().st_mtime_ns == before
+    assert again["accuracy_mean"] == pytest.approx(rounds["runs"]["1"]["bvpo@r2"]["accuracy_mean"])
 
 
 @pytest.mark.slow

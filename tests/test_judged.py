@@ -106,7 +106,6 @@ def test_a_trained_reward_model_learns_the_labels_and_loads_as_a_pipeline_reward
     config = SimpleNamespace(steps=60, batch_size=16, lr=3e-3, warmup_steps=5)
     metrics = train_reward_model(base, rows(400), rows(64), config, seed=0, out_dir=tmp_path / "rm")
     assert metrics["accuracy_vs_gold"] > 0.95 and metrics["loss_last_tenth"] < 0.5 * math.log(2)
-    assert metrics["accuracy_vs_labels"] == metrics["accuracy_vs_gold"]  # noise-free held-out labels
     judge = RewardModel(str(tmp_path / "rm"))
     scores = judge.score(["Compute 12+5.", "Compute 12+5."], ["17", "so 17"])
     assert scores[0] > scores[1]

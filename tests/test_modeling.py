@@ -310,6 +310,25 @@ def test_packed_groups_score_like_separate_sequences(tokenizer, tiny_model, thin
     assert sorted(g for row in rows for g in row) == [0, 1, 2, 3]
 
 
+def test_grouped_token_logps_are_each_sequences_own_in_input_order(tokenizer, tiny_model):
+    """The analyze stage's scoring: samples keyed by (prompt, mode), interleaved in the input,
+    grouped so each prompt runs once, batched; every sequence gets its own log-probs back in
+    input order, as scoring it alone gives."""
+    from bvpo.packing import grouped_token_logps
+
+    prompts = {"Compute 12+3-4.": ["11", "7", "1234"], "Compute 50-7.": ["43", "4"], "Compute 1+2.": ["3"]}
+    samples = [(p, a) for i in range(3) for p, options in prompts.items() if i < len(options) for a in [options[i]]]
+    encoded = [encode(tokenizer, p, completion_text(None, a, tokenizer.eos_token), False) for p, a in samples]
+    keys = [(p, "nothink") for p, _ in samples]
+    for batch_size in (1, 2, 100):
+        got = grouped_token_logps(tiny_model, encoded, keys, batch_size, tokenizer.pad_token_id)
+        for e, values in zip(encoded, got):
+            with torch.no_grad():
+                logits = tiny_model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits
+            alone = torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, torch.tensor(e.input_ids[1:])[:, None])[:, 0]
+            torch.testing.assert_close(values, alone[e.completion_start - 1:], rtol=1e-5, atol=1e-5)
+
+
 def test_one_problem_in_both_modes_packs_like_separate_sequences(tokenizer, tiny_model):
     """The warmup's layout in packed rows: a problem with and without a trace share only the
     head of their prompts; either may come first."""

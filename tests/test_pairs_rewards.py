@@ -49,7 +49,7 @@ def test_graded_reward_prefers_close_numbers():
 # ----------------------------------------------------------------------------- a reward model
 def scored(reward: str, reward_model_dir, rows: list[dict]) -> list[dict]:
     from bvpo.config import Params
-    from bvpo.stages import score_samples
+    from bvpo.rewards import score_samples
 
     params = Params()
     params.pairs.reward, params.pairs.reward_model, params.pairs.reward_batch_size = reward, str(reward_model_dir), 2

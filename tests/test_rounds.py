@@ -107,14 +107,15 @@ def test_inbox_file_without_answers_is_refused_when_the_reward_needs_them(tmp_pa
 
 def test_policy_stage_refuses_a_broken_pointer_and_an_unknown_version(tmp_path, monkeypatch):
     from bvpo.config import Params
-    from bvpo.stages import StageError, policy
+    from bvpo.paths import ChampionPointerError
+    from bvpo.stages import policy
     from bvpo.tracking import RegistryError, tracking_uri
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(tmp_path))
     (tmp_path / "mlruns").mkdir()
     (tmp_path / "data").mkdir()
     (tmp_path / "data/champion.json").write_text("{not json")
-    with pytest.raises(StageError, match="champion.json: not valid JSON"):
+    with pytest.raises(ChampionPointerError, match="champion.json: not valid JSON"):
         policy(Params(), tmp_path)
     (tmp_path / "data/champion.json").write_text(json.dumps({"registered_model": "bvpo", "version": "7"}))
     with pytest.raises(RegistryError, match="registered model 'bvpo' has no version 7"):

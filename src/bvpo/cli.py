@@ -28,6 +28,16 @@ from .runtime import configure_environment
 EXIT_USAGE = 2
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bvpo", description="BVPO preference optimisation for reasoning "
                                      "models, as a reproducible pipeline (Prefect + DVC + MLflow).")
@@ -83,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     experiment.add_argument("--task", choices=("arithmetic", "judged"), default=None,
                             help="embedded task (default: data.task). judged: pairs ranked by the reward model "
                             "the pipeline trains, scored by the hidden gold grade; writes metrics/experiment-judged.*")
+    experiment.add_argument("--rounds", type=_positive_int, default=1, metavar="N",
+                            help="rounds in all, the experiment being round 1: experiment.round_methods then sample "
+                            "from their own newest model, pair and train again, per seed (no registry, no gate); "
+                            "writes metrics/experiment[-TASK]-rounds.{json,md}. Rounds already evaluated under the "
+                            "same params are reused (default: 1)")
 
     champion = sub.add_parser("champion", help="show, list or set the registered @champion",
                               description="The registered model's @champion alias, which every round starts "
@@ -281,9 +296,10 @@ def _experiment(args) -> int:
     _stop_on_sigterm()
     root = Path(args.project_dir).resolve()
     task = args.task or load_params(root / args.params).data.task
-    result = bvpo_experiment(project_dir=str(root), params_file=args.params, task=task)
+    result = bvpo_experiment(project_dir=str(root), params_file=args.params, task=task, rounds=args.rounds)
     print("\n" + result["markdown"])
-    print(f"Written: {', '.join(output_paths(task).values())}; MLflow parent run "
+    written = [path for path in output_paths(task).values() if args.rounds > 1 or "-rounds." not in path]
+    print(f"Written: {', '.join(written)}; MLflow parent run "
           f"{result['mlflow_parent_run_id']} (`bvpo ui`); each seed is a DVC experiment (`dvc exp show`).")
     return 0
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import BvpoError
+from .paths import PATHS
 
 
 class ConfigError(BvpoError, ValueError):
@@ -27,8 +28,6 @@ class ConfigError(BvpoError, ValueError):
 
 
 # `pairs.reward_model_output`: a model output field, optionally indexed in its last dimension.
-PIPELINE_REWARD_MODEL = "data/reward_model"
-"""Where the reward_model stage saves the judged task's reward model (paths.PATHS names it too)."""
 REWARD_OUTPUT = re.compile(r"(?P<field>[A-Za-z_]\w*)(\[(?P<index>\d+)\])?")
 
 
@@ -177,7 +176,7 @@ class WarmupConfig:
     solved both ways)."""
     lr: float = 3e-3
     """Peak AdamW learning rate (linear warmup, cosine decay)."""
-    mixed_precision: str = "auto"
+    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Autocast of the SFT forward and backward: fp32, bf16, or auto (bf16 where the hardware
     computes it natively: a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX; else fp32).
     Weights and optimizer stay fp32. On a CPU bf16 (attention kept in fp32) reaches the same
@@ -189,8 +188,6 @@ class WarmupConfig:
         _check(self.batch_size >= 2 and self.batch_size % 2 == 0, "warmup.batch_size",
                "an even integer >= 2 (each problem is written in both modes)", self.batch_size)
         _check(self.lr > 0, "warmup.lr", "a number > 0", self.lr)
-        _check(self.mixed_precision in ("auto", "fp32", "bf16"), "warmup.mixed_precision", "one of auto, fp32, bf16",
-               self.mixed_precision)
 
 
 @dataclass
@@ -559,8 +556,7 @@ class RewardModelConfig:
     chosen with probability sigmoid(Δgold / noise). 0: always the better one."""
     steps: int = 1500
     """Optimizer steps. The backbone must learn to do the sum in one pass to judge closeness,
-    which it learns slowly: agreement with the gold scorer on held-out comparisons was 57.5%
-    after 600 steps on 8,192 comparisons and 70.6% after 1,500 on 16,384 (docs/results.md)."""
+    which it learns slowly (agreement with the gold scorer by steps and comparisons: docs/results.md)."""
     batch_size: int = 64
     """Comparisons per step."""
     lr: float = 3e-4
@@ -677,6 +673,9 @@ class ExperimentConfig:
     eval_samples: int = 4
     """Sampled completions per prompt and mode in every run's evaluation (sets
     `evaluate.n_samples`), for the sampled accuracy beside the greedy one."""
+    round_methods: list[str] = field(default_factory=lambda: ["bvpo", "nll_control"])
+    """Methods that `bvpo experiment --rounds N` carries on for rounds 2..N (each from its own
+    newest model, per seed); the first is the reference of the rounds table."""
 
     def check(self, base_dir: Path | None) -> None:
         _check(_is_name(self.name), "experiment.name", "a name of letters, digits, '_' or '-'", self.name)
@@ -687,6 +686,9 @@ class ExperimentConfig:
                f"one of experiment.methods {sorted(self.methods)}", self.reference_method)
         _check(self.n_test >= 1, "experiment.n_test", "an integer >= 1", self.n_test)
         _check(self.eval_samples >= 0, "experiment.eval_samples", "an integer >= 0", self.eval_samples)
+        _check(len(self.round_methods) >= 1 and all(m in self.methods for m in self.round_methods),
+               "experiment.round_methods", f"one or more of experiment.methods {sorted(self.methods)}",
+               self.round_methods)
 
 
 @dataclass
@@ -812,7 +814,7 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     else:
         _check(p.reward not in ("model", "verified_model") or p.reward_model is not None, "pairs.reward_model",
                f"a reward model directory (pairs.reward is {p.reward!r})", p.reward_model)
-    judge = e.win_rate_reward_model or p.reward_model or (PIPELINE_REWARD_MODEL if judged else None)
+    judge = e.win_rate_reward_model or p.reward_model or (PATHS["reward_model"] if judged else None)
     _check(e.win_rate_prompts is None or judge is not None, "evaluate.win_rate_reward_model",
            "a reward model directory (or pairs.reward_model) for evaluate.win_rate_prompts", judge)
     _check(not metric.startswith("reward") or judge is not None, "pairs.reward_model",

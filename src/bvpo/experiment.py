@@ -124,9 +124,38 @@ def experiment_name(params: Params, task: str) -> str:
 
 
 def output_paths(task: str) -> dict[str, str]:
-    """metrics/experiment.{json,png,md}, or metrics/experiment-TASK.* for a task other than the default."""
+    """metrics/experiment.{json,png,md}, or metrics/experiment-TASK.* for a task other than the
+    default; the rounds table (`--rounds N`) beside them as experiment[-TASK]-rounds.{json,md}."""
     stem = "metrics/experiment" if task == "arithmetic" else f"metrics/experiment-{task}"
-    return {"json": f"{stem}.json", "plot": f"{stem}.png", "table": f"{stem}.md"}
+    return {"json": f"{stem}.json", "plot": f"{stem}.png", "table": f"{stem}.md",
+            "rounds_json": f"{stem}-rounds.json", "rounds_table": f"{stem}-rounds.md"}
+
+
+# ----------------------------------------------------------------------------------- rounds
+def round_params(experiment_params: str, method: str, seed: int, round_number: int) -> str:
+    """params.yaml of one later round: the seed's own experiment parameters (as its DVC
+    experiment committed them, every -S setting included) with one method, `sample.seed` =
+    seed + round − 1 (new samples each round) and the same data order. Gradient telemetry only
+    where α is estimated (a fixed-α objective does not use it; it costs time)."""
+    import yaml
+
+    params = yaml.safe_load(experiment_params)
+    method_config = params["train"]["methods"][method]
+    params["train"]["methods"] = {method: method_config}
+    params["train"]["seed"] = seed
+    params["train"]["telemetry"] = method_config.get("alpha") == "auto"
+    params["sample"]["seed"] = seed + round_number - 1
+    params["tracking"]["register_method"] = method
+    return yaml.safe_dump(params, sort_keys=False)
+
+
+ROUND_STAGES = ("sample", "pairs", "train", "evaluate")
+ROUND_INPUTS = ("data/prompts", "data/base_model", "data/reward_model", "data/champion.json")
+"""What a later round takes from the seed's DVC experiment besides its starting model."""
+
+
+def round_label(method: str, round_number: int) -> str:
+    return f"{method}@r{round_number}"
 
 
 def run_name(params: Params, seed: int, task: str = "arithmetic") -> str:

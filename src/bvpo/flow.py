@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from . import rounds, tracking
 from .config import load_params
 from .runtime import configure_environment, project_lock, stop_process_tree
-from .paths import PATHS, atomic_path
+from .paths import PATHS, atomic_path, write_champion_pointer
 from .stages import STAGES, StageError
 
 RETRIED_STAGES = {"sample": 1, "train": 1}
@@ -90,15 +91,6 @@ def preflight(project_dir: str, params_file: str) -> None:
     GPU memory the sampling stage needs."""
     _stream([sys.executable, "-m", "bvpo.cli", "check", "--params", params_file], Path(project_dir),
             get_run_logger())
-
-
-def write_champion_pointer(root: Path, registered_model: str, version: str | None) -> None:
-    """data/champion.json, rewritten only when it changes, so DVC sees an unchanged round as unchanged."""
-    path = root / PATHS["champion"]
-    text = json.dumps({"registered_model": registered_model, "version": version}, indent=2, sort_keys=True) + "\n"
-    if not path.is_file() or path.read_text() != text:
-        with atomic_path(path) as tmp:
-            tmp.write_text(text)
 
 
 def lineage_champion(root: Path, registered_model: str, identity: str, versions: list[dict]) -> str | None:
@@ -431,12 +423,76 @@ def run_experiment_seed(project_dir: str, params_file: str, seed: int, task: str
     return experiment.run_results(root, name)
 
 
+@task(name="experiment-round")
+def run_experiment_round(project_dir: str, run: str, method: str, seed: int, round_number: int,
+                         start_model: str, work_dir: str) -> dict:
+    """One later round of one method and seed: sample from `start_model` (a path in the seed's
+    DVC experiment `run`, or a folder of the previous round), pair, train from it (policy and
+    reference) and evaluate, with the ordinary stage commands in `work_dir`. Always continues,
+    whatever the model scored (no registry, no gate), as the iterative recipe does. A folder
+    already evaluated under the same params is reused, so `--rounds 4` after 3 runs round 4 only."""
+    from dvc.api import DVCFileSystem
+
+    from . import experiment
+
+    logger = get_run_logger()
+    root, work = Path(project_dir), Path(work_dir)
+    fs = DVCFileSystem(str(root), rev=experiment.run_ref(root, run))
+    params_text = experiment.round_params(fs.read_text("params.yaml"), method, seed, round_number)
+    done = work / PATHS["eval"]
+    if done.is_file() and (work / "params.yaml").read_text() == params_text:
+        logger.info("round %d, seed %d, %s: evaluated earlier under the same params, reused", round_number, seed, method)
+        return json.loads(done.read_text())[method]
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "data").mkdir(parents=True)
+    for path in experiment.ROUND_INPUTS:
+        if fs.exists(path):
+            fs.get(path, str(work / path), recursive=True)
+    if Path(start_model).is_dir():
+        shutil.copytree(start_model, work / PATHS["policy"])
+    else:
+        fs.get(start_model, str(work / PATHS["policy"]), recursive=True)
+    (work / "params.yaml").write_text(params_text)
+    for stage in experiment.ROUND_STAGES:
+        _stream([sys.executable, "-m", "bvpo.cli", "--project-dir", str(work), "stage", stage,
+                 "--params", str(work / "params.yaml")], work, logger)
+    return json.loads(done.read_text())[method]
+
+
+def run_experiment_rounds(root: Path, params, task: str, rounds: int, per_seed: dict) -> dict:
+    """Rounds 2..`rounds` of `experiment.round_methods`, per seed, each from its own newest model;
+    round 1 is the experiment itself. The table over `<method>@r<R>`: means and 95% intervals
+    over seeds, paired differences against the first method's last round."""
+    from . import experiment
+
+    x = params.experiment
+    name = experiment.experiment_name(params, task)
+    table: dict[int, dict[str, dict]] = {}
+    for seed in x.seeds:
+        run = experiment.run_name(params, seed, task)
+        table[seed] = {}
+        for method in x.round_methods:
+            table[seed][experiment.round_label(method, 1)] = per_seed[seed][method]
+            start = f"{PATHS['models']}/{method}"
+            for round_number in range(2, rounds + 1):
+                work = root / PATHS["experiment_rounds"] / name / f"round{round_number}" / f"seed{seed}-{method}"
+                table[seed][experiment.round_label(method, round_number)] = run_experiment_round(
+                    str(root), run, method, seed, round_number, start, str(work))
+                start = str(work / PATHS["models"] / method)
+    order = [experiment.round_label(m, r) for m in x.round_methods for r in range(1, rounds + 1)]
+    table = {seed: {label: models[label] for label in order} for seed, models in table.items()}
+    return experiment.aggregate(table, experiment.round_label(x.round_methods[0], rounds), experiment.metrics_for(task))
+
+
 @flow(name="bvpo-experiment", log_prints=True)
-def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml", task: str = "arithmetic") -> dict:
+def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml", task: str = "arithmetic",
+                    rounds: int = 1) -> dict:
     """Every method in `experiment.methods` × every seed in `experiment.seeds` on the shared
     base model, aggregated: metrics/experiment.json, .png and .md, one MLflow parent run with a
     child run per model × seed, and the table as a Prefect artifact. `task` judged runs the
-    judged task (its reward model ranks the pairs) into metrics/experiment-judged.*."""
+    judged task (its reward model ranks the pairs) into metrics/experiment-judged.*. `rounds` > 1
+    carries `experiment.round_methods` on for more on-policy rounds (metrics/experiment-rounds.*)."""
     from prefect.runtime import flow_run
 
     from . import experiment
@@ -449,6 +505,8 @@ def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml", ta
     params = load_params(params_path)
     x = params.experiment
     experiment.check_task(task)
+    if rounds < 1:
+        raise StageError(f"rounds: {rounds}; expected an integer >= 1 (1: the experiment alone)")
     experiment.check_repository(root)
     name = experiment.experiment_name(params, task)
     os.environ[tracking.FLOW_RUN_ENV] = str(flow_run.get_id() or "")
@@ -469,17 +527,31 @@ def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml", ta
             experiment_chart(result, tmp)
         with atomic_path(outputs["table"]) as tmp:
             tmp.write_text(markdown)
-        for seed, models in per_seed.items():
+        logged = dict(per_seed)
+        if rounds > 1:
+            rounds_result = run_experiment_rounds(root, params, task, rounds, per_seed)
+            rounds_markdown = experiment.markdown_table(rounds_result, f"{name}, {rounds} rounds")
+            with atomic_path(outputs["rounds_json"]) as tmp:
+                tmp.write_text(json.dumps(rounds_result, indent=2) + "\n")
+            with atomic_path(outputs["rounds_table"]) as tmp:
+                tmp.write_text(rounds_markdown)
+            markdown += "\n" + rounds_markdown
+            result["rounds"] = rounds_result
+            logged = {seed: {**models, **{label: entry for label, entry in rounds_result["runs"][str(seed)].items()
+                                          if not label.endswith("@r1")}} for seed, models in per_seed.items()}
+        for seed, models in logged.items():
             for model, entry in models.items():
                 with tracking.stage_run(root, params.tracking.experiment, f"{model}/seed{seed}",
-                                        tags={"method": model, "seed": str(seed), "experiment": name,
+                                        tags={"method": model.split("@")[0], "seed": str(seed), "experiment": name,
                                               "task": task}):
                     tracking.log_metrics({k: v for k, v in entry.items() if isinstance(v, (int, float))})
         tracking.log_metrics({f"{model}/{metric}_mean": stats["mean"] for model, by_metric in result["models"].items()
                               for metric, stats in by_metric.items()})
         for path in outputs.values():
-            tracking.log_artifact(path)
-        create_markdown_artifact(markdown=markdown, key="bvpo-experiment" + ("" if task == "arithmetic" else f"-{task}"), description=f"Experiment {name}")
+            if path.is_file():
+                tracking.log_artifact(path)
+        create_markdown_artifact(markdown=markdown, key="bvpo-experiment" + ("" if task == "arithmetic" else f"-{task}"),
+                                 description=f"Experiment {name}")
         logger = get_run_logger()
         logger.info("\n%s", markdown)
     return {"result": result, "markdown": markdown, "mlflow_parent_run_id": parent_id}

@@ -100,12 +100,14 @@ def collate_packed(groups: list[Group], rows: list[list[int]], pad_id: int) -> d
                 positions[r, col:col + len(rest)] = torch.arange(p, p + len(rest))
                 group_id[r, col:col + len(rest)] = g
                 segment[r, col:col + len(rest)] = j + 1
-                for t in range(max(seq.completion_start, 1), len(seq.input_ids)):
-                    before = t - 1
-                    row_of.append(r)
-                    source.append(prefix_col + before if before < p else col + before - p)
-                    target.append(seq.input_ids[t])
-                    sequence_of.append(first_sequence[g] + j)
+                # Scored tokens t = lo..k-1, each predicted by the column of token t-1: in the
+                # prefix (t-1 < p) or in this rest (ranges, not a loop per token).
+                lo, k = max(seq.completion_start, 1), len(seq.input_ids)
+                row_of.extend([r] * (k - lo))
+                source.extend(range(prefix_col + lo - 1, prefix_col + min(p, k - 1)))
+                source.extend(range(col + max(lo - 1, p) - p, col + k - 1 - p))
+                target.extend(seq.input_ids[lo:])
+                sequence_of.extend([first_sequence[g] + j] * (k - lo))
                 col += len(rest)
     return {"input_ids": ids, "position_ids": positions, "group_id": group_id, "segment": segment,
             "row": torch.tensor(row_of, dtype=torch.long), "source": torch.tensor(source, dtype=torch.long),
@@ -195,6 +197,33 @@ def score_packed(model, groups: list[Group], rows: list[list[int]], pad_id: int)
     logps = torch.zeros(n, dtype=picked.dtype, device=picked.device).index_add(0, sequence, picked)
     counts = torch.zeros(n, dtype=picked.dtype, device=picked.device).index_add(0, sequence, torch.ones_like(picked))
     return logps, counts
+
+@torch.no_grad()
+def grouped_token_logps(model, encoded: list[Encoded], keys: list, batch_size: int, pad_id: int) -> list[torch.Tensor]:
+    """Completion-token log-probs of every sequence (input order; fp32 on the CPU). Sequences
+    with the same key (a prompt's k samples in one mode) form one group whose prompt runs once;
+    about `batch_size` sequences per forward pass, one group per row, similar sizes together."""
+    members: dict = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    groups = sorted(((m, make_group([encoded[i] for i in m])) for m in members.values()), key=lambda g: g[1].n_tokens)
+    batches, batch, n_batch = [], [], 0
+    for member, group in groups:
+        batch.append((member, group))
+        n_batch += len(member)
+        if n_batch >= batch_size:
+            batches.append(batch)
+            batch, n_batch = [], 0
+    batches += [batch] if batch else []
+    out: list[torch.Tensor] = [torch.empty(0)] * len(encoded)
+    for batch in batches:
+        picked, _ = packed_token_logps(model, [g for _, g in batch], [[j] for j in range(len(batch))], pad_id)
+        order = [i for member, _ in batch for i in member]
+        sizes = [len(encoded[i].input_ids) - max(encoded[i].completion_start, 1) for i in order]
+        for i, values in zip(order, picked.float().cpu().split(sizes)):
+            out[i] = values
+    return out
+
 
 def pair_rows(chosen: list[Encoded], rejected: list[Encoded], indices: list[int], max_tokens: int) -> list[list[int]]:
     """`indices` (pairs) cut into packed rows of at most `max_tokens` tokens, longest first."""

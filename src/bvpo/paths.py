@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from .errors import BvpoError
+
 PATHS = {
     "prompts": "data/prompts",
     "base_model": "data/base_model",
@@ -34,6 +36,7 @@ PATHS = {
     "checkpoints": "data/checkpoints",
     "cache": "data/cache",
     "run_facts": "data/cache/run_facts",
+    "experiment_rounds": "data/experiment_rounds",
 }
 
 
@@ -74,3 +77,36 @@ def write_json(path: Path, obj) -> None:
 def project_root(p: Path | str | None) -> Path:
     """The project folder, absolute (the current directory when none is given)."""
     return Path(p or ".").resolve()
+
+
+# ----------------------------------------------------------------------------- champion pointer
+class ChampionPointerError(BvpoError, ValueError):
+    """data/champion.json is not a champion pointer."""
+
+
+def read_champion_pointer(root: Path) -> dict:
+    """data/champion.json: which registered version this round starts from (version null = the
+    base model). The flow writes it from the registry's `@champion` before the stages run; it is
+    an input of the pipeline, never an output, so rounds make no dependency cycle."""
+    path = root / PATHS["champion"]
+    if not path.is_file():
+        return {"registered_model": None, "version": None}
+    try:
+        pointer = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ChampionPointerError(f"{path}: not valid JSON ({err.msg}); expected "
+                         '{"registered_model": "<name>", "version": "<n>" or null}') from None
+    if not isinstance(pointer, dict) or "version" not in pointer or (
+            pointer["version"] is not None and not pointer.get("registered_model")):
+        raise ChampionPointerError(f"{path}: expected {{\"registered_model\": \"<name>\", \"version\": \"<n>\" or null}}, "
+                         f"got {pointer!r}")
+    return pointer
+
+
+def write_champion_pointer(root: Path, registered_model: str, version: str | None) -> None:
+    """data/champion.json, rewritten only when it changes, so DVC sees an unchanged round as unchanged."""
+    path = root / PATHS["champion"]
+    text = json.dumps({"registered_model": registered_model, "version": version}, indent=2, sort_keys=True) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)

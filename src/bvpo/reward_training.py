@@ -53,21 +53,18 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def agreement(model, tokenizer, render, rows: list[dict], batch_size: int) -> dict[str, float]:
-    """On `rows` (comparisons with `gold_margin`): the share the model orders as labelled, and as
-    the gold scorer does (labels are noisy, so the second is what the proxy is good for)."""
+def agreement(model, tokenizer, texts: list[tuple[str, str]], rows: list[dict], batch_size: int) -> dict[str, float]:
+    """On `rows` (comparisons with `gold_margin`, rendered as `texts`): the share the model
+    orders as the gold scorer does, which is what the proxy is good for (training labels are noisy)."""
     model.eval()
-    labelled = gold = 0.0
+    gold = 0.0
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        scores = rewards_of(model, tokenizer, [render(r["prompt"], r["chosen"]) for r in chunk]
-                            + [render(r["prompt"], r["rejected"]) for r in chunk])
+        chunk, rendered = rows[start:start + batch_size], texts[start:start + batch_size]
+        scores = rewards_of(model, tokenizer, [c for c, _ in rendered] + [r for _, r in rendered])
         margin = scores[:len(chunk)] - scores[len(chunk):]
-        for m, r in zip(margin.tolist(), chunk):
-            labelled += m > 0
-            gold += (m > 0) == (r["gold_margin"] > 0)
+        gold += sum((m > 0) == (r["gold_margin"] > 0) for m, r in zip(margin.tolist(), chunk))
     model.train()
-    return {"accuracy_vs_labels": labelled / len(rows), "accuracy_vs_gold": gold / len(rows)}
+    return {"accuracy_vs_gold": gold / len(rows)}
 
 
 def train_reward_model(base_dir: str | Path, train_rows: list[dict], held_out: list[dict], config,
@@ -82,19 +79,20 @@ def train_reward_model(base_dir: str | Path, train_rows: list[dict], held_out: l
     tokenizer, model = load_classifier(base_dir)
     model.to(pick_device())  # fp32 throughout: a user's model on a GPU, the embedded one on the CPU
 
-    def render(prompt, answer):
-        return render_for_reward(tokenizer, prompt, answer)
+    def rendered(rows: list[dict]) -> list[tuple[str, str]]:  # once, not at every step
+        return [(render_for_reward(tokenizer, r["prompt"], r["chosen"]),
+                 render_for_reward(tokenizer, r["prompt"], r["rejected"])) for r in rows]
 
-    before = agreement(model, tokenizer, render, held_out, config.batch_size)
+    train_texts, held_out_texts = rendered(train_rows), rendered(held_out)
+    before = agreement(model, tokenizer, held_out_texts, held_out, config.batch_size)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = cosine_schedule(optimizer, config.warmup_steps, config.steps)
     rng = random.Random(f"bvpo-reward-model-{seed}")
     losses = []
     for _ in tqdm(range(config.steps), desc="reward model", unit="step"):
-        chunk = rng.sample(train_rows, min(config.batch_size, len(train_rows)))
-        scores = rewards_of(model, tokenizer, [render(r["prompt"], r["chosen"]) for r in chunk]
-                            + [render(r["prompt"], r["rejected"]) for r in chunk])
+        chunk = [train_texts[i] for i in rng.sample(range(len(train_texts)), min(config.batch_size, len(train_texts)))]
+        scores = rewards_of(model, tokenizer, [c for c, _ in chunk] + [r for _, r in chunk])
         loss = bradley_terry_loss(scores[:len(chunk)], scores[len(chunk):])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -102,7 +100,7 @@ def train_reward_model(base_dir: str | Path, train_rows: list[dict], held_out: l
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    after = agreement(model, tokenizer, render, held_out, config.batch_size)
+    after = agreement(model, tokenizer, held_out_texts, held_out, config.batch_size)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     tail = losses[-max(1, len(losses) // 10):]

@@ -239,3 +239,33 @@ def combine_verified_and_model(verified: float, model_score: float) -> float:
     import math
 
     return verified + 0.5 / (1.0 + math.exp(-model_score))
+
+
+def score_samples(samples: list[dict], params, judge: str | None = None) -> None:
+    """Set each sample's `reward` (invalid samples: 0, and they never enter a pair); `judge`:
+    the reward model directory for `pairs.reward` model / verified_model (default
+    `pairs.reward_model`). The judged task's samples also get their hidden `gold` grade, for the
+    record only: nothing ranks by it."""
+    from .modeling import pick_device
+
+    kind = params.pairs.reward
+    for r in samples:  # accuracy is reported whatever ranks the samples, when answers exist
+        r["correct"] = verified_reward(r["response"], r["answer"]) if r["valid"] and r["answer"] else 0.0
+    if params.data.task == "judged":
+        from .judged import gold_reward
+
+        for r in samples:
+            r["gold"] = gold_reward(r["response"], r["answer"]) if r["valid"] else 0.0
+    if kind in REWARDS:
+        for r in samples:
+            r["reward"] = REWARDS[kind](r["response"], r["answer"]) if r["valid"] else 0.0
+        return
+    valid = [r for r in samples if r["valid"]]
+    model = load_reward_model(judge or params.pairs.reward_model, params, str(pick_device()))
+    # The prompt and the final answer only: the reward model judges what the user sees.
+    scores = model.score([r["prompt"] for r in valid], [r["response"] for r in valid],
+                         params.pairs.reward_batch_size)
+    for r in samples:
+        r["reward"] = 0.0
+    for r, score in zip(valid, scores):
+        r["reward"] = score if kind == "model" else combine_verified_and_model(r["correct"], score)

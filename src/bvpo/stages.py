@@ -17,7 +17,7 @@ from . import tracking
 from .config import Params
 from .errors import BvpoError
 from .modes import MODES
-from .paths import PATHS, atomic_path, project_root, record_run_facts, write_json
+from .paths import PATHS, atomic_path, project_root, read_champion_pointer, record_run_facts, write_json
 
 STAGES = ("prepare", "warmup", "reward_model", "policy", "sample", "pairs", "train", "evaluate", "analyze")
 
@@ -151,25 +151,6 @@ def reward_model_path(params: Params, root: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------------- policy
-def read_champion_pointer(root: Path) -> dict:
-    """data/champion.json: which registered version this round starts from (version null = the
-    base model). The flow writes it from the registry's `@champion` before the stages run; it is
-    an input of the pipeline, never an output, so rounds make no dependency cycle."""
-    path = root / PATHS["champion"]
-    if not path.is_file():
-        return {"registered_model": None, "version": None}
-    try:
-        pointer = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise StageError(f"{path}: not valid JSON ({err.msg}); expected "
-                         '{"registered_model": "<name>", "version": "<n>" or null}') from None
-    if not isinstance(pointer, dict) or "version" not in pointer or (
-            pointer["version"] is not None and not pointer.get("registered_model")):
-        raise StageError(f"{path}: expected {{\"registered_model\": \"<name>\", \"version\": \"<n>\" or null}}, "
-                         f"got {pointer!r}")
-    return pointer
-
-
 def policy(params: Params, project_dir: Path | str = ".") -> Path:
     """The round's starting policy (and reference): the base model, or the registered version
     that data/champion.json names, fetched from the MLflow registry."""
@@ -271,37 +252,6 @@ def sample(params: Params, project_dir: Path | str = ".", params_file: str | Pat
 
 
 # --------------------------------------------------------------------------------- pairs
-def score_samples(samples: list[dict], params: Params, judge: str | None = None) -> None:
-    """Set each sample's `reward` (invalid samples: 0, and they never enter a pair); `judge`:
-    the reward model directory for `pairs.reward` model / verified_model (default
-    `pairs.reward_model`). The judged task's samples also get their hidden `gold` grade, for the
-    record only: nothing ranks by it."""
-    from .modeling import pick_device
-    from .rewards import REWARDS, combine_verified_and_model, load_reward_model, verified_reward
-
-    kind = params.pairs.reward
-    for r in samples:  # accuracy is reported whatever ranks the samples, when answers exist
-        r["correct"] = verified_reward(r["response"], r["answer"]) if r["valid"] and r["answer"] else 0.0
-    if params.data.task == "judged":
-        from .judged import gold_reward
-
-        for r in samples:
-            r["gold"] = gold_reward(r["response"], r["answer"]) if r["valid"] else 0.0
-    if kind in REWARDS:
-        for r in samples:
-            r["reward"] = REWARDS[kind](r["response"], r["answer"]) if r["valid"] else 0.0
-        return
-    valid = [r for r in samples if r["valid"]]
-    model = load_reward_model(judge or params.pairs.reward_model, params, str(pick_device()))
-    # The prompt and the final answer only: the reward model judges what the user sees.
-    scores = model.score([r["prompt"] for r in valid], [r["response"] for r in valid],
-                         params.pairs.reward_batch_size)
-    for r in samples:
-        r["reward"] = 0.0
-    for r, score in zip(valid, scores):
-        r["reward"] = score if kind == "model" else combine_verified_and_model(r["correct"], score)
-
-
 def pairs(params: Params, project_dir: Path | str = ".") -> Path:
     """Reward every sample and build D_t (think/) and D_e (nothink/)."""
     from datasets import Dataset
@@ -313,6 +263,8 @@ def pairs(params: Params, project_dir: Path | str = ".") -> Path:
     if params.pairs.reward != "model" and not any(r["answer"] for r in samples):
         raise StageError(f"pairs.reward={params.pairs.reward} needs an 'answer' column in the prompts; "
                          f"{params.data.source} has none")
+    from .rewards import score_samples
+
     score_samples(samples, params, reward_model_path(params, root))
     built = build_pairs(samples, params.pairs.max_pairs_per_prompt)
     stats = {}
@@ -499,9 +451,7 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
     """The paper's trace diagnostics on the sampled completions, under the sampling policy."""
     from .diagnostics import trace_diagnostics
     from .modeling import THINK_CLOSE, load_model, load_tokenizer, pick_device, resolve_dtype
-    import torch
-
-    from .packing import make_group, packed_token_logps
+    from .packing import grouped_token_logps
     from .sequences import encode, fits
 
     root = project_root(project_dir)
@@ -517,37 +467,18 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
     for i in set(range(len(samples))) - set(kept):
         skipped[samples[i]["mode"]] += 1
     samples, encoded = [samples[i] for i in kept], [encoded[i] for i in kept]
-    # The k samples of a prompt in a mode run their prompt once, one group per row (the same
-    # log-probs as scoring each alone, about a third fewer tokens here).
-    members: dict[tuple, list[int]] = {}
-    for i, sample_row in enumerate(samples):
-        members.setdefault((sample_row["prompt_id"], sample_row["mode"]), []).append(i)
-    groups = [(m, make_group([encoded[i] for i in m])) for m in members.values()]
-    groups.sort(key=lambda g: g[1].n_tokens)
-    batches, batch, n_batch = [], [], 0
-    for member, group in groups:
-        batch.append((member, group))
-        n_batch += len(member)
-        if n_batch >= params.analyze.batch_size:
-            batches.append(batch)
-            batch, n_batch = [], 0
-    batches += [batch] if batch else []
+    # The k samples of a prompt in a mode run their prompt once (the same log-probs as scoring
+    # each alone, fewer tokens).
+    token_logps = grouped_token_logps(model, encoded, [(r["prompt_id"], r["mode"]) for r in samples],
+                                      params.analyze.batch_size, tokenizer.pad_token_id)
     rows = []
-    for batch in batches:
-        with torch.no_grad():
-            picked, _ = packed_token_logps(model, [g for _, g in batch], [[j] for j in range(len(batch))],
-                                           tokenizer.pad_token_id)
-        order = [i for member, _ in batch for i in member]
-        sizes = [len(encoded[i].input_ids) - max(encoded[i].completion_start, 1) for i in order]
-        for i, token_logps_of_i in zip(order, picked.float().cpu().split(sizes)):
-            sample_row = samples[i]
-            picked_list = token_logps_of_i.tolist()
-            n_trace = None
-            if sample_row["mode"] == "think" and THINK_CLOSE in sample_row["completion"]:
-                head = sample_row["completion"].split(THINK_CLOSE, 1)[0] + THINK_CLOSE
-                n_trace = len(tokenizer(head, add_special_tokens=False).input_ids)
-            rows.append({"prompt_id": sample_row["prompt_id"], "mode": sample_row["mode"],
-                         "token_logps": picked_list, "n_trace_tokens": n_trace})
+    for sample_row, values in zip(samples, token_logps):
+        n_trace = None
+        if sample_row["mode"] == "think" and THINK_CLOSE in sample_row["completion"]:
+            head = sample_row["completion"].split(THINK_CLOSE, 1)[0] + THINK_CLOSE
+            n_trace = len(tokenizer(head, add_special_tokens=False).input_ids)
+        rows.append({"prompt_id": sample_row["prompt_id"], "mode": sample_row["mode"],
+                     "token_logps": values.tolist(), "n_trace_tokens": n_trace})
     result = trace_diagnostics(rows)
     out = root / PATHS["diagnostics"]
     with tracking.stage_run(root, params.tracking.experiment, "analyze"):
