@@ -262,6 +262,21 @@ def test_empty_empty_trace_pairs_are_a_clear_error(inputs, tmp_path, telemetry, 
     assert message and "no usable empty-trace pairs" in message[0] and expected in message[0], result.stderr[-2000:]
 
 
+def test_gradient_telemetry_only_watches(inputs):
+    """Telemetry (gradient draws every alpha_every steps, the step's per-estimator norms) reads
+    gradients and never changes the update: a fixed-α method trains to the same weights without
+    it, so experiments can turn it off for speed."""
+    for tag, telemetry in (("watched", True), ("unwatched", False)):
+        result = run_training(inputs, tag, {"telemetry": telemetry, "methods": {"bvpo": {"alpha": 0.5}}})
+        assert result.returncode == 0, result.stderr[-3000:]
+    watched, unwatched = final_weights(inputs, "watched", "bvpo"), final_weights(inputs, "unwatched", "bvpo")
+    assert all(torch.equal(watched[k], unwatched[k]) for k in watched)
+    rows = history(inputs, "watched", "bvpo")
+    assert any("grad/var_think" in r for r in rows) and not any("grad/var_think" in r
+                                                                for r in history(inputs, "unwatched", "bvpo"))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in history(inputs, "unwatched", "bvpo")]
+
+
 def test_a_trace_only_method_trains_without_empty_pairs(inputs, tmp_path):
     shutil.copytree(inputs / "pairs" / "think", tmp_path / "pairs" / "think")
     Dataset.from_dict({c: [] for c in ("prompt_id", "prompt", "chosen", "rejected")}).save_to_disk(

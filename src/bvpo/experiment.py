@@ -171,6 +171,9 @@ def seed_command(params: Params, seed: int, task: str = "arithmetic") -> list[st
             "-S", f"data.n_test={x.n_test}", "-S", f"evaluate.n_samples={x.eval_samples}",
             # Experiments promote nothing: every held-out prompt reports.
             "-S", "evaluate.selection_fraction=0",
+            # Gradient telemetry only watches (auto-α methods draw their estimates anyway): off, the
+            # same weights train faster.
+            "-S", "train.telemetry=false",
             # Hydra merges into an existing mapping: delete it, then add the experiment's methods.
             "-S", "~train.methods", "-S", f"+train.methods={hydra_value(x.methods)}",
             "-S", f"tracking.register_method={x.reference_method}", "evaluate"]

@@ -17,6 +17,8 @@ import math
 import random
 import re
 
+from .data import DataError
+
 _INTEGER = re.compile(r"[-+]?\d+")
 
 GOLD_SCALE = 3.0
@@ -73,7 +75,8 @@ def comparisons(prompts: list[str], answers: list[str], n: int, noise: float, se
     rng = random.Random(f"bvpo-judged-comparisons-{seed}")
     gradable = [i for i, answer in enumerate(answers) if _INTEGER.fullmatch(answer.strip())]
     if not gradable:
-        raise ValueError("judged task: no prompt has an integer answer to grade candidate answers against")
+        raise DataError("judged task: no prompt has an integer answer to grade candidate answers against "
+                        "(data.task judged grades the embedded task's answers; a prompts file needs integer answers)")
     rows = []
     while len(rows) < n:
         i = rng.choice(gradable)
