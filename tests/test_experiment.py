@@ -61,7 +61,7 @@ def test_the_task_switch_sets_the_judged_tasks_parameters_and_names():
 
     params = Params()
     arithmetic, judged = seed_command(params, 3), seed_command(params, 3, "judged")
-    assert "data.task=judged" not in arithmetic and "-n" in arithmetic
+    assert "data.task=judged" not in arithmetic and "data.task=arithmetic" in arithmetic
     assert arithmetic[arithmetic.index("-n") + 1] == "bvpo-experiment-seed3" == run_name(params, 3)
     assert judged[judged.index("-n") + 1] == "bvpo-experiment-judged-seed3"
     settings = [judged[i + 1] for i, arg in enumerate(judged) if arg == "-S"]
@@ -73,6 +73,12 @@ def test_the_task_switch_sets_the_judged_tasks_parameters_and_names():
                                       "rounds_table": "metrics/experiment-judged-rounds.md"}
     with pytest.raises(ExperimentError, match="expected one of arithmetic, judged"):
         check_task("chat")
+    from bvpo.experiment import check_rounds
+
+    params.experiment.round_methods = ["bvpo", "dpo_ipo"]
+    check_rounds(params, 1)  # no rounds asked for: nothing to check
+    with pytest.raises(ExperimentError, match=r"experiment.round_methods \['bvpo', 'dpo_ipo'\]: expected one or more"):
+        check_rounds(params, 2)
 
 
 def test_judged_tables_report_gold_in_points_and_reward_scores_as_they_are():
@@ -97,6 +103,7 @@ def git(repo: Path, *args: str) -> None:
 def test_a_two_seed_experiment_and_its_second_round_end_to_end(tmp_path, prefect_harness, monkeypatch):
     import yaml
     from dvc.api import DVCFileSystem
+    from prefect import flow
 
     from bvpo.experiment import run_ref
     from bvpo.flow import bvpo_experiment, run_experiment_round
@@ -158,7 +165,9 @@ def test_a_two_seed_experiment_and_its_second_round_end_to_end(tmp_path, prefect
     # Round 2 (`--rounds 2`): each seed's bvpo model samples again with the next sampling seed,
     # is paired and trained from its own weights, and is evaluated; round 1 is the experiment.
     rounds = json.loads((repo / "metrics/experiment-rounds.json").read_text())
-    assert rounds == result["rounds"] and rounds["reference"] == "bvpo@r2"
+    assert rounds == out["rounds"] and rounds["reference"] == "bvpo@r2"
+    assert (repo / "metrics/experiment-rounds.md").read_text() == out["rounds_markdown"]
+    assert "reward_mean" not in rounds["metrics"]
     assert list(rounds["models"]) == ["bvpo@r1", "bvpo@r2"]
     for seed in ("1", "2"):
         assert rounds["runs"][seed]["bvpo@r1"] == runs[seed]["bvpo"]
@@ -175,12 +184,20 @@ def test_a_two_seed_experiment_and_its_second_round_end_to_end(tmp_path, prefect
         assert (work / "data/models/bvpo/model.safetensors").read_bytes() != \
             (work / "data/policy/model.safetensors").read_bytes()
     assert {"bvpo@r2/seed1", "bvpo@r2/seed2"} <= set(names)
-    # A round evaluated under the same params is reused, not rerun.
+    # A round evaluated from the same start model under the same params is reused, not rerun.
     work = repo / "data/experiment_rounds/micro/round2/seed1-bvpo"
     before = (work / "metrics/eval.json").stat().st_mtime_ns
-    again = run_experiment_round.fn(str(repo), "micro-seed1", "bvpo", 1, 2, "data/models/bvpo", str(work))
+
+    @flow
+    def round_again(start: str) -> dict:
+        return run_experiment_round(str(repo), "micro-seed1", "bvpo", 1, 2, start, str(work))
+
+    again = round_again("data/models/bvpo")
     assert (work / "metrics/eval.json").stat().st_mtime_ns == before
     assert again["accuracy_mean"] == pytest.approx(rounds["runs"]["1"]["bvpo@r2"]["accuracy_mean"])
+    # From another start model (here seed 2's round-2 model) the same round is run again.
+    round_again(str(repo / "data/experiment_rounds/micro/round2/seed2-bvpo/data/models/bvpo"))
+    assert (work / "metrics/eval.json").stat().st_mtime_ns != before
 
 
 @pytest.mark.slow
@@ -206,7 +223,8 @@ def test_a_judged_experiment_with_an_ipo_variant_end_to_end(tmp_path, prefect_ha
     result = json.loads((repo / "metrics/experiment-judged.json").read_text())
     assert result["task"] == "judged" and set(result["models"]) == {"base", "bvpo", "bvpo_ipo"}
     assert {"gold_mean", "gold_mean_sampled", "accuracy_mean", "reward_mean"} <= set(result["metrics"])
-    assert "-n micro-judged-seed1 -S data.task=judged -S pairs.reward=model" in result["commands"]["1"]
+    assert "-n micro-judged-seed1 -S sample.seed=1" in result["commands"]["1"]
+    assert "-S train.telemetry=false -S data.task=judged -S pairs.reward=model" in result["commands"]["1"]
     assert "bvpo_ipo:{alpha:0.5,preference_weight:1.0,loss_type:ipo}" in result["commands"]["1"]
     for seed in ("1", "2"):
         for entry in result["runs"][seed].values():

@@ -298,6 +298,8 @@ def _experiment(args) -> int:
     task = args.task or load_params(root / args.params).data.task
     result = bvpo_experiment(project_dir=str(root), params_file=args.params, task=task, rounds=args.rounds)
     print("\n" + result["markdown"])
+    if result["rounds_markdown"]:
+        print(result["rounds_markdown"])
     written = [path for path in output_paths(task).values() if args.rounds > 1 or "-rounds." not in path]
     print(f"Written: {', '.join(written)}; MLflow parent run "
           f"{result['mlflow_parent_run_id']} (`bvpo ui`); each seed is a DVC experiment (`dvc exp show`).")

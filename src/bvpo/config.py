@@ -675,7 +675,8 @@ class ExperimentConfig:
     `evaluate.n_samples`), for the sampled accuracy beside the greedy one."""
     round_methods: list[str] = field(default_factory=lambda: ["bvpo", "nll_control"])
     """Methods that `bvpo experiment --rounds N` carries on for rounds 2..N (each from its own
-    newest model, per seed); the first is the reference of the rounds table."""
+    newest model, per seed); the first is the reference of the rounds table. Checked against
+    `methods` only when rounds are asked for."""
 
     def check(self, base_dir: Path | None) -> None:
         _check(_is_name(self.name), "experiment.name", "a name of letters, digits, '_' or '-'", self.name)
@@ -686,9 +687,6 @@ class ExperimentConfig:
                f"one of experiment.methods {sorted(self.methods)}", self.reference_method)
         _check(self.n_test >= 1, "experiment.n_test", "an integer >= 1", self.n_test)
         _check(self.eval_samples >= 0, "experiment.eval_samples", "an integer >= 0", self.eval_samples)
-        _check(len(self.round_methods) >= 1 and all(m in self.methods for m in self.round_methods),
-               "experiment.round_methods", f"one or more of experiment.methods {sorted(self.methods)}",
-               self.round_methods)
 
 
 @dataclass

@@ -31,7 +31,7 @@ gold falls is over-optimisation."""
 
 TASKS = ("arithmetic", "judged")
 TASK_OVERRIDES = {
-    "arithmetic": (),
+    "arithmetic": ("data.task=arithmetic",),
     # The judged task's pairs are ranked by the reward model its own stage trains, as a user's
     # reward model would rank them; win rates are judged by that model too.
     "judged": ("data.task=judged", "pairs.reward=model", "pairs.reward_model=null",
@@ -41,6 +41,13 @@ TASK_OVERRIDES = {
 
 def metrics_for(task: str) -> tuple[str, ...]:
     return JUDGED_METRICS if task == "judged" else METRICS
+
+
+def round_metrics(task: str) -> tuple[str, ...]:
+    """The rounds table's metrics: not the reward model's score, whose floor for an invalid
+    answer depends on which models one evaluation judged together (all methods in round 1, one
+    later), so it does not compare across rounds."""
+    return tuple(m for m in metrics_for(task) if not m.startswith("reward_"))
 
 
 class ExperimentError(BvpoError, RuntimeError):
@@ -92,8 +99,8 @@ def markdown_table(result: dict, name: str) -> str:
              "| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for model, stats in result["models"].items():
         lines.append(f"| {model} | " + " | ".join(cell(stats[m], m) for m in metrics) + " |")
-    lines += ["", f"Paired difference against `{reference}` (same seed), in points; ▲ / ▼: the 95% interval "
-              "is above / below zero.", "",
+    lines += ["", f"Paired difference against `{reference}` (same seed), in points (reward-model scores as they "
+              "are); ▲ / ▼: the 95% interval is above / below zero.", "",
               "| model − " + reference + " | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for model, stats in result["paired_vs_reference"].items():
         marks = ["▲" if stats[m]["low"] > 0 else "▼" if stats[m]["high"] < 0 else "" for m in metrics]
@@ -117,6 +124,21 @@ def check_task(task: str) -> None:
         raise ExperimentError(f"experiment task {task!r}: expected one of {', '.join(TASKS)}")
 
 
+def check_rounds(params: Params, rounds: int) -> None:
+    x = params.experiment
+    if rounds < 1:
+        raise ExperimentError(f"rounds: {rounds}; expected an integer >= 1 (1: the experiment alone)")
+    missing = [m for m in x.round_methods if m not in x.methods]
+    if rounds > 1 and (missing or not x.round_methods):
+        raise ExperimentError(f"experiment.round_methods {x.round_methods}: expected one or more of "
+                              f"experiment.methods {sorted(x.methods)} (the rounds continue from their models)")
+
+
+def commit_of(root: Path, ref: str) -> str:
+    return subprocess.run(["git", "rev-parse", ref], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def experiment_name(params: Params, task: str) -> str:
     """The task's experiment name: the arithmetic default keeps `experiment.name`, another task
     gets its own (NAME-judged), so its DVC experiments and outputs never replace the default's."""
@@ -135,15 +157,13 @@ def output_paths(task: str) -> dict[str, str]:
 def round_params(experiment_params: str, method: str, seed: int, round_number: int) -> str:
     """params.yaml of one later round: the seed's own experiment parameters (as its DVC
     experiment committed them, every -S setting included) with one method, `sample.seed` =
-    seed + round − 1 (new samples each round) and the same data order. Gradient telemetry only
-    where α is estimated (a fixed-α objective does not use it; it costs time)."""
+    seed + round − 1 (new samples each round) and the same data order."""
     import yaml
 
     params = yaml.safe_load(experiment_params)
     method_config = params["train"]["methods"][method]
     params["train"]["methods"] = {method: method_config}
     params["train"]["seed"] = seed
-    params["train"]["telemetry"] = method_config.get("alpha") == "auto"
     params["sample"]["seed"] = seed + round_number - 1
     params["tracking"]["register_method"] = method
     return yaml.safe_dump(params, sort_keys=False)
@@ -166,14 +186,14 @@ def seed_command(params: Params, seed: int, task: str = "arithmetic") -> list[st
     """The `dvc exp run` that produces one seed's results (up to the evaluate stage)."""
     x = params.experiment
     task_settings = [arg for setting in TASK_OVERRIDES[task] for arg in ("-S", setting)]
-    return ["dvc", "exp", "run", "--temp", "-n", run_name(params, seed, task), *task_settings,
+    return ["dvc", "exp", "run", "--temp", "-n", run_name(params, seed, task),
             "-S", f"sample.seed={seed}", "-S", f"train.seed={seed}",
             "-S", f"data.n_test={x.n_test}", "-S", f"evaluate.n_samples={x.eval_samples}",
             # Experiments promote nothing: every held-out prompt reports.
             "-S", "evaluate.selection_fraction=0",
             # Gradient telemetry only watches (auto-α methods draw their estimates anyway): off, the
             # same weights train faster.
-            "-S", "train.telemetry=false",
+            "-S", "train.telemetry=false", *task_settings,
             # Hydra merges into an existing mapping: delete it, then add the experiment's methods.
             "-S", "~train.methods", "-S", f"+train.methods={hydra_value(x.methods)}",
             "-S", f"tracking.register_method={x.reference_method}", "evaluate"]

@@ -426,22 +426,29 @@ def run_experiment_seed(project_dir: str, params_file: str, seed: int, task: str
 @task(name="experiment-round")
 def run_experiment_round(project_dir: str, run: str, method: str, seed: int, round_number: int,
                          start_model: str, work_dir: str) -> dict:
-    """One later round of one method and seed: sample from `start_model` (a path in the seed's
-    DVC experiment `run`, or a folder of the previous round), pair, train from it (policy and
-    reference) and evaluate, with the ordinary stage commands in `work_dir`. Always continues,
-    whatever the model scored (no registry, no gate), as the iterative recipe does. A folder
-    already evaluated under the same params is reused, so `--rounds 4` after 3 runs round 4 only."""
+    """One later round of one method and seed: sample from `start_model` (a relative path: the
+    model in the seed's DVC experiment `run`; an absolute one: the previous round's folder),
+    pair, train from it (policy and reference) and evaluate, with the ordinary stage commands in
+    `work_dir`. Always continues, whatever the model scored (no registry, no gate), as the
+    iterative recipe does. A folder evaluated earlier from the same start model under the same
+    params is reused, so a longer run extends a shorter one."""
     from dvc.api import DVCFileSystem
 
     from . import experiment
+    from .rounds import model_fingerprint
 
     logger = get_run_logger()
     root, work = Path(project_dir), Path(work_dir)
-    fs = DVCFileSystem(str(root), rev=experiment.run_ref(root, run))
+    ref = experiment.run_ref(root, run)
+    fs = DVCFileSystem(str(root), rev=ref)
     params_text = experiment.round_params(fs.read_text("params.yaml"), method, seed, round_number)
-    done = work / PATHS["eval"]
-    if done.is_file() and (work / "params.yaml").read_text() == params_text:
-        logger.info("round %d, seed %d, %s: evaluated earlier under the same params, reused", round_number, seed, method)
+    local = Path(start_model).is_absolute()
+    start = {"model": model_fingerprint(start_model) if local else f"{experiment.commit_of(root, ref)}:{start_model}",
+             "params": params_text}
+    done, start_file = work / PATHS["eval"], work / "round_start.json"
+    if done.is_file() and start_file.is_file() and json.loads(start_file.read_text()) == start:
+        logger.info("round %d, seed %d, %s: evaluated earlier from the same model and params, reused",
+                    round_number, seed, method)
         return json.loads(done.read_text())[method]
     if work.exists():
         shutil.rmtree(work)
@@ -449,7 +456,7 @@ def run_experiment_round(project_dir: str, run: str, method: str, seed: int, rou
     for path in experiment.ROUND_INPUTS:
         if fs.exists(path):
             fs.get(path, str(work / path), recursive=True)
-    if Path(start_model).is_dir():
+    if local:
         shutil.copytree(start_model, work / PATHS["policy"])
     else:
         fs.get(start_model, str(work / PATHS["policy"]), recursive=True)
@@ -457,6 +464,7 @@ def run_experiment_round(project_dir: str, run: str, method: str, seed: int, rou
     for stage in experiment.ROUND_STAGES:
         _stream([sys.executable, "-m", "bvpo.cli", "--project-dir", str(work), "stage", stage,
                  "--params", str(work / "params.yaml")], work, logger)
+    start_file.write_text(json.dumps(start) + "\n")  # last: a round cut short is never reused
     return json.loads(done.read_text())[method]
 
 
@@ -476,23 +484,25 @@ def run_experiment_rounds(root: Path, params, task: str, rounds: int, per_seed: 
             table[seed][experiment.round_label(method, 1)] = per_seed[seed][method]
             start = f"{PATHS['models']}/{method}"
             for round_number in range(2, rounds + 1):
-                work = root / PATHS["experiment_rounds"] / name / f"round{round_number}" / f"seed{seed}-{method}"
+                work = (root / PATHS["experiment_rounds"] / name / f"round{round_number}" / f"seed{seed}-{method}").resolve()
                 table[seed][experiment.round_label(method, round_number)] = run_experiment_round(
                     str(root), run, method, seed, round_number, start, str(work))
                 start = str(work / PATHS["models"] / method)
     order = [experiment.round_label(m, r) for m in x.round_methods for r in range(1, rounds + 1)]
     table = {seed: {label: models[label] for label in order} for seed, models in table.items()}
-    return experiment.aggregate(table, experiment.round_label(x.round_methods[0], rounds), experiment.metrics_for(task))
+    return experiment.aggregate(table, experiment.round_label(x.round_methods[0], rounds),
+                                experiment.round_metrics(task))
 
 
 @flow(name="bvpo-experiment", log_prints=True)
-def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml", task: str = "arithmetic",
+def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml", task: str | None = None,
                     rounds: int = 1) -> dict:
     """Every method in `experiment.methods` × every seed in `experiment.seeds` on the shared
     base model, aggregated: metrics/experiment.json, .png and .md, one MLflow parent run with a
-    child run per model × seed, and the table as a Prefect artifact. `task` judged runs the
-    judged task (its reward model ranks the pairs) into metrics/experiment-judged.*. `rounds` > 1
-    carries `experiment.round_methods` on for more on-policy rounds (metrics/experiment-rounds.*)."""
+    child run per model × seed, and the table as a Prefect artifact. `task` (default
+    `data.task`) judged runs the judged task (its reward model ranks the pairs) into
+    metrics/experiment-judged.*. `rounds` > 1 then carries `experiment.round_methods` on for
+    more on-policy rounds (metrics/experiment[-judged]-rounds.json and .md)."""
     from prefect.runtime import flow_run
 
     from . import experiment
@@ -504,15 +514,16 @@ def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml", ta
         raise StageError(f"DVC experiments read {root / 'params.yaml'}; edit it rather than {params_path}")
     params = load_params(params_path)
     x = params.experiment
+    task = task or params.data.task
     experiment.check_task(task)
-    if rounds < 1:
-        raise StageError(f"rounds: {rounds}; expected an integer >= 1 (1: the experiment alone)")
+    experiment.check_rounds(params, rounds)
     experiment.check_repository(root)
     name = experiment.experiment_name(params, task)
+    logger = get_run_logger()
     os.environ[tracking.FLOW_RUN_ENV] = str(flow_run.get_id() or "")
     with project_lock(root, f"experiment {name}"), \
             tracking.pipeline_run(root, params.tracking.experiment,
-                                  {"experiment": params.to_dict()["experiment"], "task": task},
+                                  {"experiment": params.to_dict()["experiment"], "task": task, "rounds": rounds},
                                   run_name=f"experiment-{name}", kind="experiment") as parent_id:
         with starting_from_base(root, params.tracking.registered_model):
             per_seed = {seed: run_experiment_seed(str(root), str(params_path), seed, task) for seed in x.seeds}
@@ -527,7 +538,15 @@ def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml", ta
             experiment_chart(result, tmp)
         with atomic_path(outputs["table"]) as tmp:
             tmp.write_text(markdown)
-        logged = dict(per_seed)
+        log_experiment_runs(root, params, name, task, per_seed)
+        tracking.log_metrics({f"{model}/{metric}_mean": stats["mean"] for model, by_metric in result["models"].items()
+                              for metric, stats in by_metric.items()})
+        for kind in ("json", "plot", "table"):
+            tracking.log_artifact(outputs[kind])
+        artifact_key = "bvpo-experiment" + ("" if task == "arithmetic" else f"-{task}")
+        create_markdown_artifact(markdown=markdown, key=artifact_key, description=f"Experiment {name}")
+        logger.info("\n%s", markdown)
+        rounds_result = rounds_markdown = None
         if rounds > 1:
             rounds_result = run_experiment_rounds(root, params, task, rounds, per_seed)
             rounds_markdown = experiment.markdown_table(rounds_result, f"{name}, {rounds} rounds")
@@ -535,23 +554,23 @@ def bvpo_experiment(project_dir: str = ".", params_file: str = "params.yaml", ta
                 tmp.write_text(json.dumps(rounds_result, indent=2) + "\n")
             with atomic_path(outputs["rounds_table"]) as tmp:
                 tmp.write_text(rounds_markdown)
-            markdown += "\n" + rounds_markdown
-            result["rounds"] = rounds_result
-            logged = {seed: {**models, **{label: entry for label, entry in rounds_result["runs"][str(seed)].items()
-                                          if not label.endswith("@r1")}} for seed, models in per_seed.items()}
-        for seed, models in logged.items():
-            for model, entry in models.items():
-                with tracking.stage_run(root, params.tracking.experiment, f"{model}/seed{seed}",
-                                        tags={"method": model.split("@")[0], "seed": str(seed), "experiment": name,
-                                              "task": task}):
-                    tracking.log_metrics({k: v for k, v in entry.items() if isinstance(v, (int, float))})
-        tracking.log_metrics({f"{model}/{metric}_mean": stats["mean"] for model, by_metric in result["models"].items()
-                              for metric, stats in by_metric.items()})
-        for path in outputs.values():
-            if path.is_file():
-                tracking.log_artifact(path)
-        create_markdown_artifact(markdown=markdown, key="bvpo-experiment" + ("" if task == "arithmetic" else f"-{task}"),
-                                 description=f"Experiment {name}")
-        logger = get_run_logger()
-        logger.info("\n%s", markdown)
-    return {"result": result, "markdown": markdown, "mlflow_parent_run_id": parent_id}
+            later = {seed: {label: entry for label, entry in models.items() if not label.endswith("@r1")}
+                     for seed, models in rounds_result["runs"].items()}
+            log_experiment_runs(root, params, name, task, later)
+            for kind in ("rounds_json", "rounds_table"):
+                tracking.log_artifact(outputs[kind])
+            create_markdown_artifact(markdown=rounds_markdown, key=f"{artifact_key}-rounds",
+                                     description=f"Experiment {name}, {rounds} rounds")
+            logger.info("\n%s", rounds_markdown)
+    return {"result": result, "markdown": markdown, "rounds": rounds_result, "rounds_markdown": rounds_markdown,
+            "mlflow_parent_run_id": parent_id}
+
+
+def log_experiment_runs(root: Path, params, name: str, task: str, per_seed: dict) -> None:
+    """One MLflow child run per model (or `method@rR`) and seed, with its numbers."""
+    for seed, models in per_seed.items():
+        for model, entry in models.items():
+            with tracking.stage_run(root, params.tracking.experiment, f"{model}/seed{seed}",
+                                    tags={"method": model.split("@")[0], "seed": str(seed), "experiment": name,
+                                          "task": task}):
+                tracking.log_metrics({k: v for k, v in entry.items() if isinstance(v, (int, float))})
