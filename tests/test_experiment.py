@@ -157,7 +157,8 @@ def test_a_two_seed_experiment_and_its_second_round_end_to_end(tmp_path, prefect
     assert {"bvpo/seed1", "bvpo/seed2", "dpo_trace/seed1", "base/seed2"} <= set(names)
     # Prompts and the base model are shared: the first seed's DVC experiment builds the base model
     # (a fresh project has none), the second restores it from DVC's run cache; training runs per seed.
-    assert names.count("warmup") == 1 and names.count("train/bvpo") == 2
+    # Training runs per seed, in the experiment (round 1) and in round 2.
+    assert names.count("warmup") == 1 and names.count("train/bvpo") == 4
     seed_run = next(r for r in children if r.info.run_name == "bvpo/seed2")
     assert seed_run.data.tags["seed"] == "2" and seed_run.data.tags["method"] == "bvpo"
     assert seed_run.data.metrics["accuracy_think"] == pytest.approx(runs["2"]["bvpo"]["accuracy_think"])
