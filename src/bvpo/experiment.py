@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import MethodConfig, Params
 from .errors import BvpoError
+from .paths import PATHS
 
 METRICS = ("accuracy_think", "accuracy_nothink", "accuracy_mean",
            "accuracy_think_sampled", "accuracy_nothink_sampled", "accuracy_mean_sampled")
@@ -170,7 +171,7 @@ def round_params(experiment_params: str, method: str, seed: int, round_number: i
 
 
 ROUND_STAGES = ("sample", "pairs", "train", "evaluate")
-ROUND_INPUTS = ("data/prompts", "data/base_model", "data/reward_model", "data/champion.json")
+ROUND_INPUTS = tuple(PATHS[key] for key in ("prompts", "base_model", "reward_model", "champion"))
 """What a later round takes from the seed's DVC experiment besides its starting model."""
 
 
