@@ -18,7 +18,7 @@ MICRO = {
     "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "lr": 1.0e-3,
               "alpha_every": 2, "alpha_draws": 2, "alpha_draw_size": 2,
               "methods": {"bvpo": {"alpha": 0.5}, "bvpo_auto": {"alpha": "auto"},
-                          "dpo_trace": {"alpha": 1.0}, "dpo_empty": {"alpha": 0.0},
+                          "dpo_think": {"alpha": 1.0}, "dpo_nothink": {"alpha": 0.0},
                           "nll_control": {"alpha": 0.5, "preference_weight": 0.0}}},
     "evaluate": {"max_new_tokens": 40},
     # Round 1 always promotes its candidate (a micro model rarely beats its base by chance).

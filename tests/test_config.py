@@ -24,8 +24,8 @@ def write(tmp_path: Path, overrides: dict) -> Path:
 def test_repository_params_load_with_documented_defaults():
     params = load_params(ROOT / "params.yaml")
     assert params.train.methods["bvpo"].alpha == 0.5
-    assert params.train.methods["dpo_trace"].alpha == 1.0
-    assert params.train.methods["dpo_empty"].alpha == 0.0
+    assert params.train.methods["dpo_think"].alpha == 1.0
+    assert params.train.methods["dpo_nothink"].alpha == 0.0
     assert params.train.lr == pytest.approx(1e-4)
 
 
@@ -62,6 +62,7 @@ def test_shipped_params_equal_the_declared_defaults():
         ({"train.max_grad_norm": float("nan")}, "train.max_grad_norm"),
         ({"experiment.methods.bvpo.preference_weight": -1.0}, "experiment.methods.bvpo.preference_weight"),
         ({"experiment.methods.base": {"alpha": 0.5}}, "experiment.methods.base"),
+        ({"experiment.judged_train_steps": 0}, "experiment.judged_train_steps"),
         ({"train.max_tokens_per_micro_batch": 1}, "train.max_tokens_per_micro_batch"),
         ({"train.max_tokens_per_micro_batch": 512, "train.shared_prompt": False}, "train.max_tokens_per_micro_batch"),
         ({"train.attention": "flash_attention_2"}, "train.attention"),

@@ -29,21 +29,21 @@ def test_aggregate_pairs_each_seed_with_the_reference():
     per_seed = {
         0: {"base": {"accuracy_think": 0.5, "accuracy_nothink": 0.3, "accuracy_mean": 0.4},
             "bvpo": {"accuracy_think": 0.6, "accuracy_nothink": 0.4, "accuracy_mean": 0.5},
-            "dpo_trace": {"accuracy_think": 0.62, "accuracy_nothink": 0.3, "accuracy_mean": 0.46}},
+            "dpo_think": {"accuracy_think": 0.62, "accuracy_nothink": 0.3, "accuracy_mean": 0.46}},
         1: {"base": {"accuracy_think": 0.5, "accuracy_nothink": 0.3, "accuracy_mean": 0.4},
             "bvpo": {"accuracy_think": 0.7, "accuracy_nothink": 0.5, "accuracy_mean": 0.6},
-            "dpo_trace": {"accuracy_think": 0.71, "accuracy_nothink": 0.41, "accuracy_mean": 0.56}},
+            "dpo_think": {"accuracy_think": 0.71, "accuracy_nothink": 0.41, "accuracy_mean": 0.56}},
     }
     result = aggregate(per_seed, "bvpo")
     assert result["metrics"] == ["accuracy_think", "accuracy_nothink", "accuracy_mean"]
     assert result["models"]["bvpo"]["accuracy_think"]["mean"] == pytest.approx(0.65)
-    # Paired: dpo_trace − bvpo per seed = −0.04 and −0.04 on the mean: a zero-width interval below 0,
+    # Paired: dpo_think − bvpo per seed = −0.04 and −0.04 on the mean: a zero-width interval below 0,
     # although the unpaired intervals of the two overlap widely.
-    paired = result["paired_vs_reference"]["dpo_trace"]["accuracy_mean"]
+    paired = result["paired_vs_reference"]["dpo_think"]["accuracy_mean"]
     assert paired["mean"] == pytest.approx(-0.04) and paired["high"] == pytest.approx(-0.04)
     assert "bvpo" not in result["paired_vs_reference"]
     table = markdown_table(result, "demo")
-    assert "| dpo_trace | 1.5 [" in table and "▼" in table.split("Paired difference")[1]
+    assert "| dpo_think | 1.5 [" in table and "▼" in table.split("Paired difference")[1]
 
 
 def test_methods_as_a_hydra_override():
@@ -65,7 +65,10 @@ def test_the_task_switch_sets_the_judged_tasks_parameters_and_names():
     assert arithmetic[arithmetic.index("-n") + 1] == "bvpo-experiment-seed3" == run_name(params, 3)
     assert judged[judged.index("-n") + 1] == "bvpo-experiment-judged-seed3"
     settings = [judged[i + 1] for i, arg in enumerate(judged) if arg == "-S"]
-    assert {"data.task=judged", "pairs.reward=model", "pairs.reward_model=null"} <= set(settings)
+    assert {"data.task=judged", "pairs.reward=model", "pairs.reward_model=null", "train.steps=200"} <= set(settings)
+    assert not any(arg.startswith("train.steps=") for arg in arithmetic)
+    params.experiment.judged_train_steps = None
+    assert not any(arg.startswith("train.steps=") for arg in seed_command(params, 3, "judged"))
     assert output_paths("arithmetic")["json"] == "metrics/experiment.json"
     assert output_paths("judged") == {"json": "metrics/experiment-judged.json", "plot": "metrics/experiment-judged.png",
                                       "table": "metrics/experiment-judged.md",
@@ -111,7 +114,7 @@ def test_a_two_seed_experiment_and_its_second_round_end_to_end(tmp_path, prefect
 
     repo = make_project(tmp_path / "project", {
         "experiment": {"name": "micro", "seeds": [1, 2], "reference_method": "bvpo", "n_test": 10,
-                       "eval_samples": 2, "methods": {"bvpo": {"alpha": 0.5}, "dpo_trace": {"alpha": 1.0}},
+                       "eval_samples": 2, "methods": {"bvpo": {"alpha": 0.5}, "dpo_think": {"alpha": 1.0}},
                        "round_methods": ["bvpo"]}})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(repo))
     # A round promoted version 7 (this store has none): experiments still start from the base
@@ -124,12 +127,12 @@ def test_a_two_seed_experiment_and_its_second_round_end_to_end(tmp_path, prefect
     assert (repo / "data/champion.json").read_text() == pointer  # the round's pointer is back
 
     result = json.loads((repo / "metrics/experiment.json").read_text())
-    assert result["seeds"] == [1, 2] and set(result["models"]) == {"base", "bvpo", "dpo_trace"}
+    assert result["seeds"] == [1, 2] and set(result["models"]) == {"base", "bvpo", "dpo_think"}
     assert "accuracy_mean_sampled" in result["metrics"]
     runs = result["runs"]
     # The base model is shared: identical in every run. Training changes with the seed.
     assert runs["1"]["base"] == runs["2"]["base"]
-    for model in ("bvpo", "dpo_trace"):
+    for model in ("bvpo", "dpo_think"):
         for metric in result["metrics"]:
             assert 0 <= runs["1"][model][metric] <= 1
     # Mean and 95% t-interval over the two seeds, by hand: t(0.975, 1 df) = 12.706, sd = |a - b| / sqrt(2).
@@ -154,7 +157,7 @@ def test_a_two_seed_experiment_and_its_second_round_end_to_end(tmp_path, prefect
     assert parent.data.tags["kind"] == "experiment"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = [run.info.run_name for run in children]
-    assert {"bvpo/seed1", "bvpo/seed2", "dpo_trace/seed1", "base/seed2"} <= set(names)
+    assert {"bvpo/seed1", "bvpo/seed2", "dpo_think/seed1", "base/seed2"} <= set(names)
     # Prompts and the base model are shared: the first seed's DVC experiment builds the base model
     # (a fresh project has none), the second restores it from DVC's run cache; training runs per seed.
     # Training runs per seed, in the experiment (round 1) and in round 2.
@@ -215,8 +218,8 @@ def test_a_judged_experiment_with_an_ipo_variant_end_to_end(tmp_path, prefect_ha
     repo = make_project(tmp_path / "project", {
         "pairs": {"reward": "verified"},
         "experiment": {"name": "micro", "seeds": [1, 2], "reference_method": "bvpo", "n_test": 10,
-                       "eval_samples": 2, "methods": {"bvpo": {"alpha": 0.5},
-                                                      "bvpo_ipo": {"alpha": 0.5, "loss_type": "ipo"}}}})
+                       "eval_samples": 2, "judged_train_steps": 4,
+                       "methods": {"bvpo": {"alpha": 0.5}, "bvpo_ipo": {"alpha": 0.5, "loss_type": "ipo"}}}})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(repo))
     out = bvpo_experiment(project_dir=str(repo), task="judged")
 
@@ -226,6 +229,7 @@ def test_a_judged_experiment_with_an_ipo_variant_end_to_end(tmp_path, prefect_ha
     assert {"gold_mean", "gold_mean_sampled", "accuracy_mean", "reward_mean"} <= set(result["metrics"])
     assert "-n micro-judged-seed1 -S sample.seed=1" in result["commands"]["1"]
     assert "-S train.telemetry=false -S data.task=judged -S pairs.reward=model" in result["commands"]["1"]
+    assert "-S evaluate.win_rate_reward_model=null -S train.steps=4 " in result["commands"]["1"]
     assert "bvpo_ipo:{alpha:0.5,preference_weight:1.0,loss_type:ipo}" in result["commands"]["1"]
     for seed in ("1", "2"):
         for entry in result["runs"][seed].values():

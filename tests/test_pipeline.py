@@ -41,7 +41,7 @@ def test_eval_json_has_every_model_in_both_modes(project, pipeline_result):
     from bvpo.evaluation import selection_split
 
     results = json.loads((project / "metrics/eval.json").read_text())
-    assert set(results) == {"base", "bvpo", "bvpo_auto", "dpo_trace", "dpo_empty", "nll_control"}
+    assert set(results) == {"base", "bvpo", "bvpo_auto", "dpo_think", "dpo_nothink", "nll_control"}
     held_out = load_from_disk(str(project / "data/prompts"))["test"]["prompt"]
     selection, report = selection_split(held_out, 0.5)
     assert selection and report and len(selection) + len(report) == 12
@@ -75,12 +75,12 @@ def test_trained_models_differ_from_base_and_each_other(project, pipeline_result
 
     weights = {name: load_file(project / "data" / sub / "model.safetensors")
                for name, sub in [("base", "base_model"), ("bvpo", "models/bvpo"),
-                                 ("dpo_trace", "models/dpo_trace"), ("dpo_empty", "models/dpo_empty")]}
+                                 ("dpo_think", "models/dpo_think"), ("dpo_nothink", "models/dpo_nothink")]}
     key = "model.layers.0.mlp.up_proj.weight"
     assert (project / "metrics/train/gradients.png").read_bytes()[:4] == b"\x89PNG"
     assert not weights["bvpo"][key].equal(weights["base"][key])
-    assert not weights["bvpo"][key].equal(weights["dpo_trace"][key])
-    assert not weights["dpo_trace"][key].equal(weights["dpo_empty"][key])
+    assert not weights["bvpo"][key].equal(weights["dpo_think"][key])
+    assert not weights["dpo_think"][key].equal(weights["dpo_nothink"][key])
     control = load_file(project / "data/models/nll_control/model.safetensors")
     assert not control[key].equal(weights["bvpo"][key])  # same data and α, no DPO term
 
@@ -106,8 +106,8 @@ def test_mlflow_holds_parent_children_and_registered_models(project, pipeline_re
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {run.info.run_name for run in children}
-    assert {"prepare", "warmup", "sample", "pairs", "train/bvpo", "train/bvpo_auto", "train/dpo_trace",
-            "train/dpo_empty", "train/nll_control", "evaluate", "analyze", "register"} <= names
+    assert {"prepare", "warmup", "sample", "pairs", "train/bvpo", "train/bvpo_auto", "train/dpo_think",
+            "train/dpo_nothink", "train/nll_control", "evaluate", "analyze", "register"} <= names
     train_run = next(r for r in children if r.info.run_name == "train/bvpo")
     # `auto` precision as it resolved on this machine, for the warmup and for training alike.
     from bvpo.modeling import resolve_precision
@@ -126,7 +126,7 @@ def test_mlflow_holds_parent_children_and_registered_models(project, pipeline_re
                 "grad/step_cos_think_nothink"):
         assert key in auto_run.data.metrics
     versions = client.search_model_versions("name = 'bvpo'")
-    assert {v.tags["method"] for v in versions} == {"bvpo", "bvpo_auto", "dpo_trace", "dpo_empty", "nll_control"}
+    assert {v.tags["method"] for v in versions} == {"bvpo", "bvpo_auto", "dpo_think", "dpo_nothink", "nll_control"}
     for version in versions:  # lineage: round, what it started from, the run, the commit, the lock
         assert version.tags["round"] == "1" and version.tags["started_from_version"] == "base"
         assert version.tags["pipeline_run_id"] == parent.info.run_id
@@ -359,10 +359,10 @@ def test_mlflow_ui_shows_runs_metrics_and_the_champion_in_a_browser(project, pip
     assert "Child runs" in run, run[:2000]
     children = run[run.find("Child runs"):][:1000]
     # The page lists the latest ten children ("Load more" for the rest): every method's training run.
-    for name in ("train/bvpo", "train/bvpo_auto", "train/dpo_trace", "train/dpo_empty", "train/nll_control",
+    for name in ("train/bvpo", "train/bvpo_auto", "train/dpo_think", "train/dpo_nothink", "train/nll_control",
                  "evaluate", "register"):
         assert name in children, children
-    for metric in ("bvpo/accuracy_think", "dpo_trace/accuracy_nothink", "base/accuracy_mean"):
+    for metric in ("bvpo/accuracy_think", "dpo_think/accuracy_nothink", "base/accuracy_mean"):
         assert metric in run
 
     model = browse(f"{ui}/#/models/bvpo?workflowType=machine_learning", SCREENSHOTS / "registered-model.png")

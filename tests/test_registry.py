@@ -12,7 +12,7 @@ import pytest
 from micro_params import make_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-METHODS = {"bvpo": {"alpha": 0.5}, "dpo_trace": {"alpha": 1.0}}
+METHODS = {"bvpo": {"alpha": 0.5}, "dpo_think": {"alpha": 1.0}}
 LINEAGE = ("method", "fingerprint", "round", "started_from_version", "pipeline_run_id")
 
 
@@ -35,7 +35,7 @@ def round_outputs(tmp_path, tokenizer, monkeypatch):
         save_model(build_tiny_model(tokenizer, 32, 2, 4, 64, 96, seed=seed), tokenizer, project / "data/models" / method)
     scores = {"base": {"accuracy_think": [0, 1, 0, 0], "accuracy_nothink": [0, 0, 0, 1]},
               "bvpo": {"accuracy_think": [1, 1, 1, 0], "accuracy_nothink": [1, 0, 1, 1]},
-              "dpo_trace": {"accuracy_think": [0, 1, 1, 0], "accuracy_nothink": [0, 0, 0, 0]}}
+              "dpo_think": {"accuracy_think": [0, 1, 1, 0], "accuracy_nothink": [0, 0, 0, 0]}}
     (project / "data/eval_prompts.json").write_text(json.dumps({"prompts": ["a", "b", "c", "d"], "scores": scores}))
     return project
 
@@ -121,7 +121,7 @@ def test_champion_commands_show_list_and_roll_back(round_outputs, capsys):
     # The rolled-back candidate is marked: rerunning its round (same weights) does not promote it again.
     assert registry(round_outputs)[0][champion]["champion_replaced_by"] == "base"
     assert register(round_outputs)["finished_promotion"] is None and registry(round_outputs)[1] is None
-    other = next(v for v, tags in versions.items() if tags["method"] == "dpo_trace")
+    other = next(v for v, tags in versions.items() if tags["method"] == "dpo_think")
     assert main([*project, "champion", "set", other, "--reason", "by hand"]) == 0
     assert registry(round_outputs)[1] == other
     assert registry(round_outputs)[0][other]["champion_set_reason"] == "by hand"

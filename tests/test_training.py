@@ -22,7 +22,7 @@ from bvpo.tracking import tracking_uri
 from micro_params import write_micro_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-FIXED = {"bvpo": {"alpha": 0.5}, "dpo_trace": {"alpha": 1.0}, "dpo_empty": {"alpha": 0.0}}
+FIXED = {"bvpo": {"alpha": 0.5}, "dpo_think": {"alpha": 1.0}, "dpo_nothink": {"alpha": 0.0}}
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_reference_precompute_is_sharded_over_processes(inputs):
 
 
 RESUME = {"steps": 6, "checkpoint_every": 2, "methods": {"bvpo": {"alpha": 0.5}, "bvpo_auto": {"alpha": "auto"},
-                                                        "dpo_trace": {"alpha": 1.0}, "dpo_empty": {"alpha": 0.0}}}
+                                                        "dpo_think": {"alpha": 1.0}, "dpo_nothink": {"alpha": 0.0}}}
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +281,7 @@ def test_a_trace_only_method_trains_without_empty_pairs(inputs, tmp_path):
     shutil.copytree(inputs / "pairs" / "think", tmp_path / "pairs" / "think")
     Dataset.from_dict({c: [] for c in ("prompt_id", "prompt", "chosen", "rejected")}).save_to_disk(
         str(tmp_path / "pairs" / "nothink"), num_shards=1)  # as the pairs stage writes an empty set
-    result = run_training(inputs, "traceonly", {"telemetry": False, "steps": 2, "methods": {"dpo_trace": {"alpha": 1.0}}},
+    result = run_training(inputs, "traceonly", {"telemetry": False, "steps": 2, "methods": {"dpo_think": {"alpha": 1.0}}},
                           pairs=tmp_path / "pairs")
     assert result.returncode == 0, result.stderr[-2000:]
 

@@ -328,8 +328,8 @@ class TrainConfig:
     methods: dict[str, MethodConfig] = field(
         default_factory=lambda: {
             "bvpo": MethodConfig(alpha=0.5),
-            "dpo_trace": MethodConfig(alpha=1.0),
-            "dpo_empty": MethodConfig(alpha=0.0),
+            "dpo_think": MethodConfig(alpha=1.0),
+            "dpo_nothink": MethodConfig(alpha=0.0),
         }
     )
     """Methods to train, each from the same base model and pairs; the name keys eval.json."""
@@ -648,8 +648,8 @@ def _experiment_methods() -> dict[str, MethodConfig]:
     return {
         "bvpo": MethodConfig(alpha=0.5),
         "bvpo_auto": MethodConfig(alpha="auto"),
-        "dpo_trace": MethodConfig(alpha=1.0),
-        "dpo_empty": MethodConfig(alpha=0.0),
+        "dpo_think": MethodConfig(alpha=1.0),
+        "dpo_nothink": MethodConfig(alpha=0.0),
         "nll_control": MethodConfig(alpha=0.5, preference_weight=0.0),
         "bvpo_ipo": MethodConfig(alpha=0.5, loss_type="ipo"),
     }
@@ -677,6 +677,11 @@ class ExperimentConfig:
     """Methods that `bvpo experiment --rounds N` carries on for rounds 2..N (each from its own
     newest model, per seed); the first is the reference of the rounds table. Checked against
     `methods` only when rounds are asked for."""
+    judged_train_steps: int | None = 200
+    """`train.steps` of every run on the judged task (`--task judged`); null keeps `train.steps`.
+    Half the arithmetic recipe's 400: the judge is a ~70%-accurate proxy, and at 400 steps every
+    method ended below the base model's greedy gold grade while the judge scored it higher
+    (over-optimisation grows with the distance from the reference; docs/results.md)."""
 
     def check(self, base_dir: Path | None) -> None:
         _check(_is_name(self.name), "experiment.name", "a name of letters, digits, '_' or '-'", self.name)
@@ -687,6 +692,8 @@ class ExperimentConfig:
                f"one of experiment.methods {sorted(self.methods)}", self.reference_method)
         _check(self.n_test >= 1, "experiment.n_test", "an integer >= 1", self.n_test)
         _check(self.eval_samples >= 0, "experiment.eval_samples", "an integer >= 0", self.eval_samples)
+        _check(self.judged_train_steps is None or self.judged_train_steps >= 1, "experiment.judged_train_steps",
+               "null or an integer >= 1", self.judged_train_steps)
 
 
 @dataclass

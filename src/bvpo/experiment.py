@@ -186,7 +186,10 @@ def run_name(params: Params, seed: int, task: str = "arithmetic") -> str:
 def seed_command(params: Params, seed: int, task: str = "arithmetic") -> list[str]:
     """The `dvc exp run` that produces one seed's results (up to the evaluate stage)."""
     x = params.experiment
-    task_settings = [arg for setting in TASK_OVERRIDES[task] for arg in ("-S", setting)]
+    settings = list(TASK_OVERRIDES[task])
+    if task == "judged" and x.judged_train_steps is not None:
+        settings.append(f"train.steps={x.judged_train_steps}")
+    task_settings = [arg for setting in settings for arg in ("-S", setting)]
     return ["dvc", "exp", "run", "--temp", "-n", run_name(params, seed, task),
             "-S", f"sample.seed={seed}", "-S", f"train.seed={seed}",
             "-S", f"data.n_test={x.n_test}", "-S", f"evaluate.n_samples={x.eval_samples}",
