@@ -186,19 +186,25 @@ def sampling(project: Path, args) -> None:
     base = project / "data" / "policy"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer, model = load_tokenizer(base), load_model(base, "bf16", device)
-    prompts = [f"What is {a} + {b}?" for a, b in zip(range(100, 164), range(200, 264))]
+    prompts = [f"What is {a} + {b}?" for a, b in zip(range(100, 356), range(200, 456))]
     print(f"sampling: {args.new_tokens} new tokens per sequence, T = 1, bf16")
     for thinking in (True, False):
         rates = {}
-        for batch_size, n, new in ((1, 2, args.new_tokens // 4), (64, 64, args.new_tokens)):
+        for batch_size, n, new, kv_cache in ((1, 2, args.new_tokens // 4, "dynamic"),
+                                             (64, 64, args.new_tokens, "dynamic"),
+                                             (64, 64, args.new_tokens, "static"),
+                                             (256, 256, args.new_tokens, "static")):
+            if kv_cache == "static":  # the first batch of a shape compiles the decode step: not timed
+                generate(model, tokenizer, prompts[:n], thinking, new, batch_size, kv_cache=kv_cache)
             torch.manual_seed(0)
             start = time.perf_counter()
-            out = generate(model, tokenizer, prompts[:n], thinking, new, batch_size)
+            out = generate(model, tokenizer, prompts[:n], thinking, new, batch_size, kv_cache=kv_cache)
             elapsed = time.perf_counter() - start
-            rates[batch_size] = sum(g.n_tokens for g in out) / elapsed
-            print(f"  {'think' if thinking else 'nothink':8s} batch {batch_size:3d}: {rates[batch_size]:8.0f} tokens/s "
-                  f"({n} prompts, {elapsed:.1f} s)", flush=True)
-        print(f"  batched / one-by-one: {rates[64] / rates[1]:.1f}x", flush=True)
+            rates[batch_size, kv_cache] = sum(g.n_tokens for g in out) / elapsed
+            print(f"  {'think' if thinking else 'nothink':8s} batch {batch_size:3d} {kv_cache:7s} cache: "
+                  f"{rates[batch_size, kv_cache]:8.0f} tokens/s ({n} prompts, {elapsed:.1f} s)", flush=True)
+        print(f"  batch 64 / one-by-one: {rates[64, 'dynamic'] / rates[1, 'dynamic']:.1f}x; static / dynamic "
+              f"cache at batch 64: {rates[64, 'static'] / rates[64, 'dynamic']:.1f}x", flush=True)
 
 
 if __name__ == "__main__":

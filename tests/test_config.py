@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bvpo.config import ConfigError, load_params
+from bvpo.config import ConfigError, Params, load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,6 +102,20 @@ def test_the_judged_task_needs_no_reward_model_path(tmp_path):
     params = load_params(write(tmp_path, {"data.task": "judged", "pairs.reward": "model",
                                           "promotion.metric": "gold_mean"}))
     assert (params.data.task, params.pairs.reward_model) == ("judged", None)
+    # It ranks and judges with the reward model its own stage trains.
+    assert params.ranking_reward_model() == params.judging_reward_model() == "data/reward_model"
+
+
+def test_which_reward_model_ranks_and_which_judges(tmp_path):
+    (tmp_path / "rm").mkdir()
+    assert (Params().ranking_reward_model(), Params().judging_reward_model()) == (None, None)
+    params = Params()
+    params.evaluate.win_rate_reward_model = "judge"
+    assert (params.ranking_reward_model(), params.judging_reward_model()) == (None, "judge")
+    params = load_params(write(tmp_path, {"pairs.reward": "model", "pairs.reward_model": "rm"}))
+    assert (params.ranking_reward_model(), params.judging_reward_model()) == ("rm", "rm")
+    params.evaluate.win_rate_reward_model = "other/judge"
+    assert (params.ranking_reward_model(), params.judging_reward_model()) == ("rm", "other/judge")
 
 
 def test_methods_replace_the_default_set(tmp_path):

@@ -84,7 +84,9 @@ def test_the_closure_sees_lazy_and_subprocess_imports():
 # ----------------------------------------------------------------------------- params
 # Params read through a property or method stand for the fields behind them.
 DERIVED = {"sample_seed": {"seed", "sample.seed"}, "train_seed": {"seed", "train.seed"},
-           "model.max_length_for": {"model.max_length", "model.max_length_nothink"}}
+           "model.max_length_for": {"model.max_length", "model.max_length_nothink"},
+           "ranking_reward_model": {"data.task", "pairs.reward_model"},
+           "judging_reward_model": {"data.task", "pairs.reward_model", "evaluate.win_rate_reward_model"}}
 # Where a stage's runs are logged, and which servers it talks to, never change its outputs.
 NOT_INPUTS = {"tracking", "stack", "to_dict"}
 

@@ -392,3 +392,31 @@ def test_packed_rows_under_eager_attention_mask_like_sdpa(tokenizer):
     model.config._attn_implementation = "flash_attention_2"  # what the check reads; no kernel runs
     with pytest.raises(ValueError, match="flash_attention_2"):
         score_packed(model, [make_group(g) for g in groups], [[0, 1]], tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_static_kv_cache_generates_what_the_dynamic_one_does(tokenizer, tiny_model, greedy, monkeypatch):
+    """`sample.kv_cache: static` preallocates one cache length for every batch (the shape a GPU
+    compiles once); the tokens must not change: greedy, and sampled at the same seed, over
+    uneven prompt lengths and a smaller last batch."""
+    from bvpo.modeling import render_prompt
+    from bvpo.sequences import generate
+
+    prompts = ["What is 12 + 7?", "What is 3 * 4 - 5 + 61 * 2?", "Hi", "What is 99 - 98?",
+               "Compute " + "1 + " * 20 + "1."]
+    calls, real_generate = [], tiny_model.generate
+
+    def spy(**kwargs):
+        calls.append((kwargs.get("cache_implementation"), kwargs.get("max_cache_len")))
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(tiny_model, "generate", spy)
+    out = {}
+    for kv_cache in ("dynamic", "static"):
+        torch.manual_seed(0)
+        out[kv_cache] = generate(tiny_model, tokenizer, prompts, True, 12, 3, greedy=greedy, kv_cache=kv_cache)
+    assert [g.text for g in out["static"]] == [g.text for g in out["dynamic"]]
+    assert [g.n_tokens for g in out["static"]] == [g.n_tokens for g in out["dynamic"]]
+    longest = max(len(tokenizer(render_prompt(tokenizer, p, True), add_special_tokens=False).input_ids)
+                  for p in prompts)
+    assert calls == [(None, None)] * 2 + [("static", longest + 12)] * 2

@@ -207,6 +207,12 @@ class SampleConfig:
     the KV cache it needs (longest prompt + max_new_tokens) against the GPU's free memory and
     refuses a batch that cannot fit, naming one that does. `auto`: the largest batch (up to 256)
     that fits, decided on the machine that samples (the samples then depend on its memory)."""
+    kv_cache: Literal["dynamic", "static"] = "dynamic"
+    """Hugging Face `generate` (the `hf` backend, and evaluation): `dynamic` grows the KV cache
+    as tokens come; `static` preallocates one length for every batch (longest prompt +
+    max_new_tokens), and on a GPU transformers then compiles the decode step (`torch.compile`;
+    the first batch of each batch size pays the compile; not yet measured on a GPU). Same
+    samples at a fixed seed up to kernel rounding (tested equal on the CPU)."""
     backend: Literal["hf", "vllm"] = "hf"
     """`hf`: Hugging Face `generate`, sharded over `num_processes`. `vllm`: vLLM's offline
     engine in one process (optional extra, `pip install 'bvpo[vllm]'`; needs a GPU), parallel
@@ -722,6 +728,21 @@ class Params:
     def train_seed(self) -> int:
         return self.seed if self.train.seed is None else self.train.seed
 
+    def ranking_reward_model(self) -> str | None:
+        """The reward model that ranks samples into pairs: `pairs.reward_model`, or on the judged
+        task the one its reward_model stage trains; None when nothing needs one."""
+        if self.pairs.reward_model is not None:
+            return self.pairs.reward_model
+        return PATHS["reward_model"] if self.data.task == "judged" else None
+
+    def judging_reward_model(self) -> str | None:
+        """The reward model that judges evaluation's answers (win rates, `reward_*`): on the judged
+        task the one that ranked the pairs, so that the proxy-vs-gold gap measures that proxy;
+        else `evaluate.win_rate_reward_model`, else the ranking one."""
+        if self.data.task == "judged":
+            return self.ranking_reward_model()
+        return self.evaluate.win_rate_reward_model or self.ranking_reward_model()
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -806,10 +827,9 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     what spans sections. Raises ConfigError naming the field. `base_dir`: the params file's folder,
     against which relative file names resolve."""
     _check(params.seed >= 0, "seed", "an integer >= 0", params.seed)
-    for section in (params.data, params.model, params.warmup, params.sample, params.reward_model, params.pairs,
-                    params.train,
-                    params.evaluate, params.analyze, params.tracking, params.promotion, params.experiment, params.stack):
-        section.check(base_dir)
+    for section in (getattr(params, f.name) for f in dataclasses.fields(params)):
+        if dataclasses.is_dataclass(section):
+            section.check(base_dir)
     p, e, metric = params.pairs, params.evaluate, params.promotion.metric
     judged = params.data.task == "judged"
     if judged:
@@ -819,7 +839,7 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     else:
         _check(p.reward not in ("model", "verified_model") or p.reward_model is not None, "pairs.reward_model",
                f"a reward model directory (pairs.reward is {p.reward!r})", p.reward_model)
-    judge = e.win_rate_reward_model or p.reward_model or (PATHS["reward_model"] if judged else None)
+    judge = params.judging_reward_model()
     _check(e.win_rate_prompts is None or judge is not None, "evaluate.win_rate_reward_model",
            "a reward model directory (or pairs.reward_model) for evaluate.win_rate_prompts", judge)
     _check(not metric.startswith("reward") or judge is not None, "pairs.reward_model",

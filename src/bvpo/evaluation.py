@@ -55,7 +55,7 @@ def score_prompts(model, tokenizer, prompts: list[str], answers: list[str], para
     for thinking in (True, False):
         mode = mode_name(thinking)
         generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens, e.batch_size, greedy=True,
-                             desc=f"evaluate {label} ({mode})")
+                             desc=f"evaluate {label} ({mode})", kv_cache=params.sample.kv_cache)
         scores[f"accuracy_{mode}"], scores[f"invalid_{mode}"] = accuracy(generated, answers, thinking)
         scores[f"length_{mode}"] = [float(g.n_tokens) for g in generated]
         shown = shown_answers(generated, thinking)
@@ -67,7 +67,8 @@ def score_prompts(model, tokenizer, prompts: list[str], answers: list[str], para
             # The same RNG stream for every model, so models differ by their weights only.
             torch.manual_seed(params.seed + (0 if thinking else 1))
             sampled = generate(model, tokenizer, prompts * e.n_samples, thinking, e.max_new_tokens, e.batch_size,
-                               temperature=e.temperature, desc=f"evaluate {label} ({mode}, {e.n_samples} samples)")
+                               temperature=e.temperature, desc=f"evaluate {label} ({mode}, {e.n_samples} samples)",
+                               kv_cache=params.sample.kv_cache)
             scores[f"accuracy_{mode}_sampled"], _ = accuracy(sampled, answers, thinking)
             if gold:  # per prompt, the mean over its samples (generated prompt-major, as above)
                 grades = [0.0 if a is None else gold_reward(a, answer) for a, answer
@@ -138,7 +139,7 @@ def final_answers(model, tokenizer, prompts: list, params: Params, label: str) -
     for thinking in (True, False):
         mode = mode_name(thinking)
         generated = generate(model, tokenizer, prompts, thinking, e.max_new_tokens, e.batch_size, greedy=True,
-                             desc=f"answers {label} ({mode})")
+                             desc=f"answers {label} ({mode})", kv_cache=params.sample.kv_cache)
         out[mode] = shown_answers(generated, thinking)
         stats[f"length_{mode}"] = [float(g.n_tokens) for g in generated]
         stats[f"invalid_{mode}"] = [float(a is None) for a in out[mode]]

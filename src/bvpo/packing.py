@@ -198,6 +198,7 @@ def score_packed(model, groups: list[Group], rows: list[list[int]], pad_id: int)
     counts = torch.zeros(n, dtype=picked.dtype, device=picked.device).index_add(0, sequence, torch.ones_like(picked))
     return logps, counts
 
+
 @torch.no_grad()
 def grouped_token_logps(model, encoded: list[Encoded], keys: list, batch_size: int, pad_id: int) -> list[torch.Tensor]:
     """Completion-token log-probs of every sequence (input order; fp32 on the CPU). Sequences

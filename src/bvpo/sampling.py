@@ -93,7 +93,9 @@ class HFSampler:
         self.sample = s
         longest = max(max(prompt_tokens(self.tokenizer, prompts, thinking)) for thinking in (True, False))
         # The weights are loaded: what is free now is what the KV cache can have.
-        self.batch_size = sampling_batch(s.batch_size, Sizes.of(self.model.config), longest + s.max_new_tokens, dtype,
+        # One static cache length for every shard this process samples: one compiled shape.
+        self.max_cache_len = longest + s.max_new_tokens
+        self.batch_size = sampling_batch(s.batch_size, Sizes.of(self.model.config), self.max_cache_len, dtype,
                                          free_memory(device))
 
     def __call__(self, prompts: list, thinking: bool, seed: int) -> list[Generated]:
@@ -105,7 +107,8 @@ class HFSampler:
         torch.manual_seed(seed)
         repeated = [p for p in prompts for _ in range(s.k)]
         return generate(self.model, self.tokenizer, repeated, thinking, s.max_new_tokens, self.batch_size,
-                        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+                        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, kv_cache=s.kv_cache,
+                        max_cache_len=self.max_cache_len)
 
 
 def prompt_seed(shard_seed_value: int, position: int) -> int:

@@ -169,10 +169,17 @@ def generate(
     greedy: bool = False,
     desc: str | None = None,
     top_k: int = 0,
+    kv_cache: str = "dynamic",
+    max_cache_len: int | None = None,
 ) -> list[Generated]:
     """One completion per prompt (repeat a prompt to sample it several times), batched with
     the KV cache. A completion ends at the first stop token (`modeling.stop_token_ids`);
-    `truncated` marks completions that hit `max_new_tokens` without one."""
+    `truncated` marks completions that hit `max_new_tokens` without one.
+
+    `kv_cache="static"`: a preallocated cache, with which transformers compiles the decode step
+    on a GPU. Every batch gets a cache of one length, `max_cache_len` (default: this call's
+    longest prompt + max_new_tokens), so the compiled step is reused; a caller that generates
+    over several calls passes its longest overall."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -181,6 +188,9 @@ def generate(
     order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i]))
     results: list[Generated | None] = [None] * len(rendered)
     stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    if kv_cache == "static" and max_cache_len is None:
+        longest = max(len(ids) for ids in tokenizer(rendered, add_special_tokens=False).input_ids)
+        max_cache_len = longest + max_new_tokens
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -191,6 +201,8 @@ def generate(
                             add_special_tokens=False).to(device)
             kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                           pad_token_id=tokenizer.pad_token_id)
+            if kv_cache == "static":
+                kwargs.update(cache_implementation="static", max_cache_len=max_cache_len)
             if greedy:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             else:

@@ -143,11 +143,10 @@ def reward_model(params: Params, project_dir: Path | str = ".") -> Path:
     return out
 
 
-def reward_model_path(params: Params, root: Path) -> str | None:
-    """The reward model that ranks samples: `pairs.reward_model`, or the judged task's own."""
-    if params.pairs.reward_model is not None:
-        return params.pairs.reward_model
-    return str(root / PATHS["reward_model"]) if params.data.task == "judged" else None
+def reward_model_path(path: str | None, root: Path) -> str | None:
+    """Where a reward model that params name loads from: the pipeline's own in this project; a
+    user's as given (a local directory or a hub id)."""
+    return str(root / path) if path == PATHS["reward_model"] else path
 
 
 # --------------------------------------------------------------------------------- policy
@@ -265,7 +264,7 @@ def pairs(params: Params, project_dir: Path | str = ".") -> Path:
                          f"{params.data.source} has none")
     from .rewards import score_samples
 
-    score_samples(samples, params, reward_model_path(params, root))
+    score_samples(samples, params, reward_model_path(params.ranking_reward_model(), root))
     built = build_pairs(samples, params.pairs.max_pairs_per_prompt)
     stats = {}
     for mode in MODES:
@@ -352,10 +351,9 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
     test = _load_prompts(root)["test"]
     e = params.evaluate
     has_answers = "answer" in test.column_names
-    # The judged task has answers (for the gold grade) and its reward model's judgement too: the
-    # proxy it trained judges there, so that the proxy-vs-gold gap measures that proxy.
+    # The judged task has answers (for the gold grade) and its reward model's judgement too.
     judged = params.data.task == "judged"
-    judge_path = reward_model_path(params, root) if judged else e.win_rate_reward_model or reward_model_path(params, root)
+    judge_path = reward_model_path(params.judging_reward_model(), root)
     if not has_answers and judge_path is None:
         raise StageError("the held-out prompts have no 'answer' column, so evaluation needs a reward model to judge "
                          "the answers: set pairs.reward_model (or evaluate.win_rate_reward_model)")
