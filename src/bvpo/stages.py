@@ -110,9 +110,6 @@ def reward_model(params: Params, project_dir: Path | str = ".") -> Path:
     """The judged task's reward model (`data.task: judged`): Bradley–Terry on noisy comparisons
     the hidden gold scorer labelled, from the base model's backbone (`reward_training`). Other
     tasks train none: the folder then holds a note saying so, and the metrics `trained: 0`."""
-    from .judged import comparisons
-    from .reward_training import train_reward_model
-
     root = project_root(project_dir)
     out, metrics_file = root / PATHS["reward_model"], root / PATHS["reward_model_metrics"]
     if params.data.task != "judged":
@@ -123,6 +120,10 @@ def reward_model(params: Params, project_dir: Path | str = ".") -> Path:
         with atomic_path(metrics_file) as tmp:
             write_json(tmp, {"trained": 0})
         return out
+    # Here, not at the top: the other tasks' note needs no torch (a stage's imports are seconds).
+    from .judged import comparisons
+    from .reward_training import train_reward_model
+
     r = params.reward_model
     prompts = _load_prompts(root)["train"]
     texts, answers = list(prompts["prompt"]), list(prompts["answer"])
@@ -447,13 +448,15 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
 # --------------------------------------------------------------------------------- analyze
 def analyze(params: Params, project_dir: Path | str = ".") -> Path:
     """The paper's trace diagnostics on the sampled completions, under the sampling policy."""
-    from .diagnostics import trace_diagnostics
+    from .diagnostics import prompt_subset, trace_diagnostics
     from .modeling import THINK_CLOSE, load_model, load_tokenizer, pick_device, resolve_dtype
     from .packing import grouped_token_logps
     from .sequences import encode, fits
 
     root = project_root(project_dir)
     samples = _load_samples(root)
+    chosen = prompt_subset([r["prompt_id"] for r in samples], params.analyze.n_prompts, params.seed)
+    samples = [r for r in samples if r["prompt_id"] in chosen]
     tokenizer = load_tokenizer(root / PATHS["policy"])
     device = pick_device()
     model = load_model(root / PATHS["policy"], resolve_dtype(params.model.dtype, device), device)
@@ -484,6 +487,7 @@ def analyze(params: Params, project_dir: Path | str = ".") -> Path:
             write_json(tmp, result)
         tracking.log_metrics({f"{group}/{k}": v for group, stats in result.items() for k, v in stats.items()})
         tracking.log_metrics({f"{mode}/skipped_too_long": n for mode, n in skipped.items()})
+        tracking.log_metrics({"n_prompts": len(chosen)})
         tracking.log_artifact(out)
     return out
 
