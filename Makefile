@@ -29,15 +29,19 @@ help:
 	@echo "make bench-trl - the trainer vs TRL DPOTrainer on the same work (installs trl)"
 
 # uv installs the same pinned versions as pip, faster (53 s instead of 137 s from
-# local wheels here); it reads pip's index settings (find-links, extra index) from pip itself and
-# picks the best version across indexes as pip does. Without uv (no network), plain pip.
-PIP_INSTALL = if [ -x $(BIN)/uv ]; then \
+# local wheels here, cold caches); it takes pip's index settings (index, extra indexes, find-links)
+# from pip's environment or config and picks the best version across indexes as pip does. It must
+# byte-compile: where PYTHONDONTWRITEBYTECODE is set, every import would compile from source. If
+# uv cannot be installed (no network), plain pip.
+PIP_INSTALL = if [ -x $(BIN)/uv ] && ( \
 	  fl="$${PIP_FIND_LINKS:-$$($(BIN)/pip config get global.find-links 2>/dev/null)}"; \
 	  ei="$${PIP_EXTRA_INDEX_URL:-$$($(BIN)/pip config get global.extra-index-url 2>/dev/null)}"; \
+	  ix="$${PIP_INDEX_URL:-$$($(BIN)/pip config get global.index-url 2>/dev/null)}"; \
 	  $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python --index-strategy unsafe-best-match \
+	    $$(for u in $$ix; do echo --index-url $$u; done) \
 	    $$(for l in $$fl; do echo --find-links $$l; done) $$(for u in $$ei; do echo --extra-index-url $$u; done) \
-	    $(1); \
-	else $(BIN)/pip install --quiet $(1); fi
+	    $(1) ); then :; \
+	else echo "installing with pip (uv missing or failed)"; $(BIN)/pip install --quiet $(1); fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
