@@ -28,9 +28,10 @@ def main() -> None:
 
     import torch
 
+    from bvpo.chat import build_tokenizer
     from bvpo.config import load_params
     from bvpo.data import synthetic_prompts
-    from bvpo.modeling import build_tiny_model, build_tokenizer, load_model, load_tokenizer
+    from bvpo.modeling import build_tiny_model, load_model, load_tokenizer
     from bvpo.runtime import configure_environment
     from bvpo.sequences import generate
 

@@ -43,8 +43,9 @@ def synthetic_inputs(root: Path, params) -> tuple[Path, Path]:
     """Pairs from the task's own traces (chosen: right answer; rejected: off by a little)."""
     from datasets import Dataset
 
+    from bvpo.chat import build_tokenizer, completion_text
     from bvpo.data import make_trace, warmup_examples
-    from bvpo.modeling import build_tiny_model, build_tokenizer, completion_text, save_model
+    from bvpo.modeling import build_tiny_model, save_model
 
     tokenizer = build_tokenizer()
     m = params.model

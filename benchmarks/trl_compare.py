@@ -135,7 +135,8 @@ def run_trl(args, params) -> StepClock:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from bvpo.modeling import load_model, render_prompt
+    from bvpo.chat import render_prompt
+    from bvpo.modeling import load_model
 
     t = params.train
     tokenizer, rows, _, _ = encoded_think_pairs(params, Path(args.base), Path(args.pairs))

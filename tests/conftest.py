@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from bvpo.modeling import build_tokenizer
+    from bvpo.chat import build_tokenizer
 
     return build_tokenizer()
 

@@ -28,7 +28,8 @@ class FSDPAccelerator:
 def main(model_dir: str, out_path: str) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from bvpo.modeling import completion_text, load_model, load_tokenizer, sdpa_in_fp32
+    from bvpo.chat import completion_text
+    from bvpo.modeling import load_model, load_tokenizer, sdpa_in_fp32
     from bvpo.sequences import encode
     from bvpo.reference import cpu_bf16, load_reference_model, reference_logps
 

@@ -39,9 +39,10 @@ def main(out_path: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from bvpo.alpha import gradient_statistics
+    from bvpo.chat import build_tokenizer, completion_text
     from bvpo.config import Params
     from bvpo.gradients import GradientVector
-    from bvpo.modeling import build_tiny_model, build_tokenizer, completion_text
+    from bvpo.modeling import build_tiny_model
     from bvpo.sequences import encode
     from bvpo.reference import reference_logps
     from bvpo.train import PairLoss, PairSet

@@ -23,9 +23,10 @@ def write(tmp_path: Path, overrides: dict) -> Path:
 
 def test_repository_params_load_with_documented_defaults():
     params = load_params(ROOT / "params.yaml")
-    assert params.train.methods["bvpo"].alpha == 0.5
-    assert params.train.methods["dpo_think"].alpha == 1.0
-    assert params.train.methods["dpo_nothink"].alpha == 0.0
+    # The candidate alone: the controls are the experiment's (each is a whole training run).
+    assert {name: m.alpha for name, m in params.train.methods.items()} == {"bvpo": 0.5}
+    assert params.tracking.register_method in params.train.methods
+    assert {"dpo_think", "dpo_nothink", "bvpo"} <= set(params.experiment.methods)
     assert params.train.lr == pytest.approx(1e-4)
 
 

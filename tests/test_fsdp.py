@@ -42,7 +42,8 @@ def test_reference_under_fsdp_mixed_precision_matches_the_policy_at_step_0(tmp_p
     """FSDP casts parameters (not buffers) to bf16 for the forward; the reference is loaded the
     same way, so the policy/reference log-ratio is exactly 0 before the first update. Scored the
     DDP way (fp32 weights under autocast) it is not: 0.51 nats on 4k-token pairs on an H200."""
-    from bvpo.modeling import build_tiny_model, build_tokenizer, save_model
+    from bvpo.chat import build_tokenizer
+    from bvpo.modeling import build_tiny_model, save_model
 
     tokenizer = build_tokenizer()
     save_model(build_tiny_model(tokenizer, 64, 2, 4, 256, 1024, seed=0), tokenizer, tmp_path / "model")

@@ -2,17 +2,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from bvpo.modeling import (
-    EMPTY_THINK,
-    ModelError,
-    check_thinking_template,
-    completion_text,
-    load_model,
-    load_tokenizer,
-    render_prompt,
-    save_model,
-    write_model_pointer,
-)
+from bvpo.chat import EMPTY_THINK, ModelError, check_thinking_template, completion_text, render_prompt
+from bvpo.modeling import load_model, load_tokenizer, save_model, write_model_pointer
 from bvpo.sequences import collate, encode, fits, parse_completion
 
 
@@ -399,7 +390,7 @@ def test_a_static_kv_cache_generates_what_the_dynamic_one_does(tokenizer, tiny_m
     """`sample.kv_cache: static` preallocates one cache length for every batch (the shape a GPU
     compiles once); the tokens must not change: greedy, and sampled at the same seed, over
     uneven prompt lengths and a smaller last batch."""
-    from bvpo.modeling import render_prompt
+    from bvpo.chat import render_prompt
     from bvpo.sequences import generate
 
     prompts = ["What is 12 + 7?", "What is 3 * 4 - 5 + 61 * 2?", "Hi", "What is 99 - 98?",

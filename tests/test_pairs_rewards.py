@@ -104,8 +104,8 @@ def test_verified_first_then_the_reward_model_breaks_ties(reward_model_dir):
 def test_reward_model_settings_are_checked(tmp_path, reward_model_dir):
     import yaml
 
+    from bvpo.chat import ModelError
     from bvpo.config import ConfigError, load_params
-    from bvpo.modeling import ModelError
     from bvpo.rewards import RewardModel
 
     path = tmp_path / "params.yaml"
@@ -170,7 +170,7 @@ def test_a_reward_model_with_its_own_code_needs_consent_and_names_its_output(cus
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from bvpo.modeling import ModelError
+    from bvpo.chat import ModelError
     from bvpo.rewards import RewardModel
 
     with pytest.raises(ModelError, match="ships its own modeling code.*reward_model_trust_remote_code: true"):
@@ -196,7 +196,7 @@ def test_a_multi_label_classifier_needs_its_label_named(tmp_path, tokenizer):
     import torch
     from transformers import Qwen3Config, Qwen3ForSequenceClassification
 
-    from bvpo.modeling import ModelError
+    from bvpo.chat import ModelError
     from bvpo.rewards import RewardModel
 
     torch.manual_seed(0)

@@ -184,8 +184,9 @@ def test_vllm_sampler_context_stops_and_seeds(project, tmp_path, vllm_standin):
     per prompt (every prompt of a shard shared one), and the inference dtype."""
     from transformers import GenerationConfig
 
+    from bvpo.chat import render_prompt
     from bvpo.config import load_params
-    from bvpo.modeling import load_tokenizer, render_prompt
+    from bvpo.modeling import load_tokenizer
     from bvpo.sampling import VLLMSampler, prompt_seed
 
     model = tmp_path / "two-stops"
@@ -218,7 +219,7 @@ def test_vllm_sampler_context_stops_and_seeds(project, tmp_path, vllm_standin):
 def test_a_completion_ends_at_whichever_stop_token_the_model_wrote(tokenizer):
     """Qwen3 stops at <|im_end|> or <|endoftext|>: the completion that is scored keeps the one the
     model wrote (the tokenizer's EOS was appended whatever it was)."""
-    from bvpo.modeling import stop_token_ids
+    from bvpo.chat import stop_token_ids
     from bvpo.sequences import finish
     from transformers import GenerationConfig
 

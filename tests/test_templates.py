@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from bvpo.modeling import (EMPTY_THINK, ModelError, check_thinking_template, completion_text, opens_think_block,
-                           render_prompt)
+from bvpo.chat import (
+    EMPTY_THINK, ModelError, check_thinking_template, completion_text, opens_think_block, render_prompt)
 from bvpo.sequences import encode, parse_completion
 from realistic_model import template, train_tokenizer
 

@@ -15,8 +15,9 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
+from bvpo.chat import completion_text
 from bvpo.config import load_params
-from bvpo.modeling import completion_text, resolve_precision, save_model
+from bvpo.modeling import resolve_precision, save_model
 from bvpo.train import accelerate_command
 from bvpo.tracking import tracking_uri
 from micro_params import write_micro_params

@@ -56,9 +56,10 @@ def micro_overlay(path: Path, case: dict, reward_model: Path) -> None:
 def test_micro_pipeline_runs_on_a_users_model(style, tmp_path, monkeypatch):
     from datasets import load_from_disk
 
+    from bvpo.chat import opens_think_block
     from bvpo.cli import main
     from bvpo.config import load_params
-    from bvpo.modeling import load_tokenizer, opens_think_block
+    from bvpo.modeling import load_tokenizer
     from bvpo.rounds import decide
     from bvpo.sequences import encode
     from bvpo.stages import run_stage

@@ -331,14 +331,12 @@ def _check_methods(methods: dict[str, MethodConfig], where: str, reserved: tuple
 
 @dataclass
 class TrainConfig:
-    methods: dict[str, MethodConfig] = field(
-        default_factory=lambda: {
-            "bvpo": MethodConfig(alpha=0.5),
-            "dpo_think": MethodConfig(alpha=1.0),
-            "dpo_nothink": MethodConfig(alpha=0.0),
-        }
-    )
-    """Methods to train, each from the same base model and pairs; the name keys eval.json."""
+    methods: dict[str, MethodConfig] = field(default_factory=lambda: {"bvpo": MethodConfig(alpha=0.5)})
+    """Methods to train, each from the same base model and pairs; the name keys eval.json. The
+    default trains the round's candidate alone: each method costs a whole training run (on a real
+    model, GPU hours), and comparing methods is what `experiment.methods` does, over seeds and
+    with intervals. Add the single estimators as controls to see them every round, e.g.
+    `dpo_think: {alpha: 1.0}` and `dpo_nothink: {alpha: 0.0}`."""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """`sigmoid`: DPO (Rafailov et al.); `ipo`: squared-margin IPO (Azar et al.)."""
     beta: float = 2.0
@@ -882,8 +880,8 @@ def _check_accelerate_config(config_file: str, base_dir: Path | None) -> None:
 def _check_task_fits(params: Params) -> None:
     """The embedded task's longest prompt plus the generation budget must fit the model's
     context, or samples would be scored without their prompt (and then skipped)."""
+    from .chat import build_tokenizer, render_prompt
     from .data import longest_prompt
-    from .modeling import build_tokenizer, render_prompt
 
     tokenizer = build_tokenizer()
     text = longest_prompt(params.data.max_ops)

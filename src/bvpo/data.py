@@ -11,9 +11,12 @@ import json
 import random
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict
+from typing import TYPE_CHECKING
 
 from .errors import BvpoError
+
+if TYPE_CHECKING:  # datasets costs ~0.8 s to import; validating params needs only the task's text
+    from datasets import Dataset, DatasetDict
 
 OPENERS = ("", "", "Let me see.", "Step by step.", "OK.")
 STEP_FORMS = ("{a}{op}{b}={r}",)
@@ -91,6 +94,8 @@ def make_trace(rng: random.Random, chain: list) -> str:
 def synthetic_prompts(n_train: int, n_test: int, min_ops: int, max_ops: int, seed: int,
                       operands: tuple[int, int] = (10, 99), small_fraction: float = 0.0) -> DatasetDict:
     """Disjoint train/test prompt sets with exact answers, from one seeded generator."""
+    from datasets import Dataset, DatasetDict
+
     rng = random.Random(f"bvpo-task-{seed}")
     seen: set[str] = set()
     rows: list[dict] = []
@@ -184,6 +189,8 @@ def read_prompts_file(path: str | Path, prompt_columns: tuple[str, ...] = ("prom
     files such as MATH-500 call it `problem`, GSM8K `question`). Optional: `answer` (text or
     number, used by the verified reward). Other columns are kept as they are.
     """
+    from datasets import Dataset
+
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a .jsonl or .parquet prompts file")
@@ -252,6 +259,8 @@ def read_inbox(inbox: str | Path, test_prompts: set[str], needs_answer: bool) ->
     test prompts (`test_prompts`: their `prompt_key`s) are dropped (evaluation stays clean across
     rounds) and counted; other files (README, .gitkeep) are ignored. Returns (None, stats) when
     no prompts arrived."""
+    from datasets import Dataset
+
     files = inbox_files(inbox)
     rows, dropped = [], 0
     for path in files:

@@ -80,7 +80,7 @@ def sampling_batch(setting: int | str, sizes: Sizes, sequence_tokens: int, dtype
 
 def prompt_tokens(tokenizer, prompts: list, thinking: bool) -> list[int]:
     """Rendered prompt lengths in tokens in one mode."""
-    from .modeling import render_prompt
+    from .chat import render_prompt
 
     return [len(tokenizer(render_prompt(tokenizer, p, thinking), add_special_tokens=False).input_ids)
             for p in prompts]
@@ -192,7 +192,8 @@ def run(params: Params, project_dir: Path | str = ".", params_file: Path | str |
     `params_file` (default the project's params.yaml) is checked against dvc.yaml's params."""
     from transformers import AutoConfig
 
-    from .modeling import build_tokenizer, hub_kwargs, load_tokenizer, pick_device, resolve_dtype, tiny_config
+    from .chat import build_tokenizer
+    from .modeling import hub_kwargs, load_tokenizer, pick_device, resolve_dtype, tiny_config
 
     root = Path(project_dir).resolve()
     params_path = Path(params_file) if params_file is not None else root / "params.yaml"

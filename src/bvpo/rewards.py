@@ -121,7 +121,7 @@ REWARDS = {"verified": verified_reward, "graded": graded_reward}
 def render_for_reward(tokenizer, prompt, answer: str) -> str:
     """What a reward model reads: the prompt and the final answer as a chat in its tokenizer's
     template (joined by blank lines without one). Training and scoring both render with this."""
-    from .modeling import as_messages
+    from .chat import as_messages
 
     messages = as_messages(prompt) + [{"role": "assistant", "content": answer}]
     if getattr(tokenizer, "chat_template", None):
@@ -142,8 +142,9 @@ class RewardModel:
                  output: str = "logits", trust_remote_code: bool = False):
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+        from .chat import ModelError
         from .config import REWARD_OUTPUT
-        from .modeling import TORCH_DTYPES, ModelError, hub_kwargs
+        from .modeling import TORCH_DTYPES, hub_kwargs
 
         spec = REWARD_OUTPUT.fullmatch(output)
         if spec is None:
@@ -186,7 +187,7 @@ class RewardModel:
         return render_for_reward(self.tokenizer, prompt, answer)
 
     def _pick(self, outputs) -> list[float]:
-        from .modeling import ModelError
+        from .chat import ModelError
 
         value = getattr(outputs, self.field, None)
         if value is None and hasattr(outputs, "get"):
@@ -246,8 +247,6 @@ def score_samples(samples: list[dict], params, judge: str | None = None) -> None
     the reward model directory for `pairs.reward` model / verified_model (default
     `pairs.reward_model`). The judged task's samples also get their hidden `gold` grade, for the
     record only: nothing ranks by it."""
-    from .modeling import pick_device
-
     kind = params.pairs.reward
     for r in samples:  # accuracy is reported whatever ranks the samples, when answers exist
         r["correct"] = verified_reward(r["response"], r["answer"]) if r["valid"] and r["answer"] else 0.0
@@ -260,6 +259,8 @@ def score_samples(samples: list[dict], params, judge: str | None = None) -> None
         for r in samples:
             r["reward"] = REWARDS[kind](r["response"], r["answer"]) if r["valid"] else 0.0
         return
+    from .modeling import pick_device  # torch and model code: only a reward model needs them
+
     valid = [r for r in samples if r["valid"]]
     model = load_reward_model(judge or params.pairs.reward_model, params, str(pick_device()))
     # The prompt and the final answer only: the reward model judges what the user sees.

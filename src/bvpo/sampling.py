@@ -119,7 +119,7 @@ def prompt_seed(shard_seed_value: int, position: int) -> int:
 def vllm_context_length(tokenizer, prompts: list, max_new_tokens: int) -> int:
     """vLLM's max_model_len: the longest rendered prompt (either mode) plus the generation budget,
     so no prompt is refused and no KV cache is reserved for lengths that never occur."""
-    from .modeling import render_prompt
+    from .chat import render_prompt
 
     longest = max(len(tokenizer(render_prompt(tokenizer, p, thinking), add_special_tokens=False).input_ids)
                   for p in prompts for thinking in (True, False))
@@ -140,7 +140,8 @@ class VLLMSampler:
                                 "(pip install 'bvpo[vllm]') on a machine with a GPU, or set sample.backend: hf") from None
         from transformers import GenerationConfig
 
-        from .modeling import hub_kwargs, load_tokenizer, resolve_dtype, resolve_model_dir, stop_token_ids
+        from .chat import stop_token_ids
+        from .modeling import hub_kwargs, load_tokenizer, resolve_dtype, resolve_model_dir
 
         s = params.sample
         path = resolve_model_dir(model_dir)
@@ -163,7 +164,7 @@ class VLLMSampler:
     def __call__(self, prompts: list, thinking: bool, seed: int) -> list[Generated]:
         from vllm import SamplingParams
 
-        from .modeling import render_prompt
+        from .chat import render_prompt
         from .sequences import finish
 
         s, tokenizer = self.sample, self.tokenizer

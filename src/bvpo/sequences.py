@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .chat import THINK_CLOSE, THINK_OPEN, render_prompt, stop_token_ids
 from .losses import completion_token_logps, sequence_logps
-from .modeling import SDPA_FP32, THINK_CLOSE, THINK_OPEN, render_prompt, stop_token_ids
+from .modeling import SDPA_FP32
 
 
 @dataclass

@@ -448,8 +448,9 @@ def evaluate(params: Params, project_dir: Path | str = ".") -> Path:
 # --------------------------------------------------------------------------------- analyze
 def analyze(params: Params, project_dir: Path | str = ".") -> Path:
     """The paper's trace diagnostics on the sampled completions, under the sampling policy."""
+    from .chat import THINK_CLOSE
     from .diagnostics import prompt_subset, trace_diagnostics
-    from .modeling import THINK_CLOSE, load_model, load_tokenizer, pick_device, resolve_dtype
+    from .modeling import load_model, load_tokenizer, pick_device, resolve_dtype
     from .packing import grouped_token_logps
     from .sequences import encode, fits
 

@@ -13,10 +13,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .chat import build_tokenizer, completion_text, opens_think_block
 from .config import Params
 from .data import make_trace, warmup_examples
-from .modeling import (build_tiny_model, build_tokenizer, completion_text, opens_think_block, resolve_precision,
-                       sdpa_in_fp32)
+from .modeling import build_tiny_model, resolve_precision, sdpa_in_fp32
 from .sequences import encode, score_pairs, shares_prompt
 
 
