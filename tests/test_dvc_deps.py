@@ -146,3 +146,22 @@ def test_the_params_scan_follows_params_into_other_modules():
     assert {"model.dtype", "pairs.reward_batch_size"} <= stage_params_reads("pairs")  # rewards.reward_model
     assert {"seed", "sample.seed", "sample.k"} <= stage_params_reads("sample")  # sampling.main, -m bvpo.sampling
     assert "seed" in stage_params_reads("evaluate")  # evaluation.score_prompts' sampling seed
+
+
+# Modules that cannot change a log-prob or a trained weight: messages, names, locations, process
+# settings, logging; parameter values (config) and prompts (data) enter the fingerprints as values.
+FINGERPRINT_EXEMPT = {"errors", "modes", "paths", "runtime", "tracking", "config", "data"}
+
+
+@pytest.mark.parametrize("owner, start", [("reference.SCORING_MODULES", {"sequences", "packing", "losses", "reference"}),
+                                          ("train.TRAINING_MODULES", {"train"})])
+def test_code_fingerprints_name_all_the_code_they_stand_for(owner, start):
+    """The reference cache key and the training fingerprint hash the files they name: a module
+    their code imports but they leave out (as chat.py once was) would let an edit there reuse
+    reference log-probs or a finished method computed by the old code."""
+    import importlib
+
+    module, name = owner.split(".")
+    listed = {f.removesuffix(".py") for f in getattr(importlib.import_module(f"bvpo.{module}"), name)}
+    missing = closure(start | listed) - listed - FINGERPRINT_EXEMPT
+    assert not missing, f"{owner} leaves out {sorted(missing)}, which its code imports"

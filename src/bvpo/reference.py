@@ -22,7 +22,7 @@ from .packing import pair_rows, score_pairs_packed
 from .sequences import Encoded, score_pairs
 
 # The code that turns pairs into scored log-probs: a change to it invalidates cached references.
-SCORING_MODULES = ("sequences.py", "packing.py", "modeling.py", "losses.py", "reference.py")
+SCORING_MODULES = ("sequences.py", "packing.py", "chat.py", "modeling.py", "losses.py", "reference.py")
 
 
 def model_digest(model_dir: str | Path) -> str:

@@ -56,8 +56,8 @@ KILL_ENV = "BVPO_KILL_AFTER_CHECKPOINT"  # tests: "METHOD:STEP" dies (SIGKILL) r
 RUN_FACTS = "run_facts.json"  # a method's wall time and peak memory, in its work folder
 # The code that decides a method's weights: a change to it (or to the libraries) makes a finished
 # method or a checkpoint of the old code stale.
-TRAINING_MODULES = ("train.py", "losses.py", "sequences.py", "packing.py", "modeling.py", "alpha.py", "gradients.py",
-                    "reference.py", "warmup.py")
+TRAINING_MODULES = ("train.py", "losses.py", "sequences.py", "packing.py", "chat.py", "modeling.py", "alpha.py",
+                    "gradients.py", "reference.py", "warmup.py")
 
 
 class TrainingError(BvpoError, RuntimeError):
