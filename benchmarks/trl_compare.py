@@ -1,7 +1,7 @@
 """The BVPO trainer against Hugging Face TRL's `DPOTrainer` on the same work, side by side.
 
     make bench-trl            # installs the `bench` extra (trl==1.16.0), then runs this
-    python benchmarks/trl_compare.py [--project-dir .] [--steps 30] [--rounds 3]
+    python benchmarks/trl_compare.py [--project-dir .] [--steps 30] [--rounds 3] [--emulated-bf16]
 
 Same model (the project's data/base_model), same trace pairs (data/pairs/think), same batch,
 β, NLL weight, learning rate, schedule, clipping, threads; α = 1, so the BVPO trainer does what
@@ -11,8 +11,9 @@ micro-batch with gradient accumulation (`trl_micro`, per-device batch `train.mic
 so the project's micro-batching is not counted as its own win; the ratio is against the faster
 TRL shape of each round. Then both again under bf16 autocast (`bvpo_bf16`: the project's bf16
 path, attention kept in fp32 on a CPU; `trl_bf16`: TRL's `bf16=True`, whole batch), which is
-what `mixed_precision: auto` picks on a CPU with native bf16. The utilisation column is always
-against the fp32 matmul rate. The trainers alternate over `rounds` (the order flips every round, so
+what `mixed_precision: auto` picks on a CPU with native bf16 (on a CPU without it the bf16 rows are
+skipped: emulated bf16 ran 16× slower than fp32; `--emulated-bf16` runs them anyway). The
+utilisation column is always against the fp32 matmul rate. The trainers alternate over `rounds` (the order flips every round, so
 drift of the machine hits all), each in a fresh process. Without a pipeline run it falls back to synthetic
 pairs and an untrained embedded-size model.
 
