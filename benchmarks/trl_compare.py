@@ -267,9 +267,8 @@ def main() -> int:
               for b, t, m in zip(results["bvpo"], results["trl"], results["trl_micro"])]
     print(f"BVPO / best TRL, fp32, per round: {', '.join(f'{x:.2f}x' for x in ratios)} "
           f"(median {statistics.median(ratios):.2f}x)")
-    ratios = [b["pairs_per_s"] / t["pairs_per_s"]
-              for b, t in zip(results.get("bvpo_bf16", []), results.get("trl_bf16", []))]
-    if ratios:
+    if "bvpo_bf16" in results:
+        ratios = [b["pairs_per_s"] / t["pairs_per_s"] for b, t in zip(results["bvpo_bf16"], results["trl_bf16"])]
         print(f"BVPO / TRL, bf16, per round: {', '.join(f'{x:.2f}x' for x in ratios)} "
               f"(median {statistics.median(ratios):.2f}x)")
     return 0

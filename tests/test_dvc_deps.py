@@ -149,7 +149,8 @@ def test_the_params_scan_follows_params_into_other_modules():
 
 
 # Modules that cannot change a log-prob or a trained weight: messages, names, locations, process
-# settings, logging; parameter values (config) and prompts (data) enter the fingerprints as values.
+# settings, logging. config and data reach the training fingerprint as what they produce (the
+# params' values, the pairs' and base model's file digests), not as code.
 FINGERPRINT_EXEMPT = {"errors", "modes", "paths", "runtime", "tracking", "config", "data"}
 
 
