@@ -4,8 +4,9 @@ trained by the project's own train stage on pairs with ~2k-token traces, then sa
     python benchmarks/gpu_scale.py [--steps 6] [--trace-tokens 2000]   # on a machine with CUDA
 
 What the small gpu_check cannot show: memory and speed where the vocabulary and the traces are
-real-sized. Per variant (1-process DDP; DDP with packed rows under FlexAttention; 1-process
-FSDP2 with activation checkpointing), both
+real-sized. Per variant (1-process DDP; DDP with packed rows under FlexAttention; the same with
+rows twice as long under `train.gradient_checkpointing`; 1-process FSDP2 with activation
+checkpointing), both
 `bvpo` (α = 0.5) and `bvpo_auto` train in bf16 with a precomputed reference; printed per
 method: pairs/s, completion+prompt tokens/s, peak GPU memory, finite losses, step-0 log-ratio
 ~ 0, α in [0, 1], achieved TFLOP/s and MFU (6 × matmul parameters × tokens + attention, against the
@@ -85,7 +86,8 @@ def main() -> int:
     parser.add_argument("--trace-tokens", type=int, default=2000, help="about this many tokens per trace")
     parser.add_argument("--answer-tokens", type=int, default=200, help="about this many per no-thinking answer")
     parser.add_argument("--new-tokens", type=int, default=512, help="sampling: tokens generated per sequence")
-    parser.add_argument("--variants", default="ddp,packed,fsdp", help="comma-separated: ddp, packed, fsdp")
+    parser.add_argument("--variants", default="ddp,packed,packed_ckpt,fsdp",
+                        help="comma-separated: ddp, packed, packed_ckpt, fsdp")
     parser.add_argument("--no-sampling", action="store_true", help="skip the generate throughput part")
     parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -114,7 +116,11 @@ def main() -> int:
         # pairs each) under FlexAttention's block mask, instead of micro-batches of 2 padded pairs.
         configs = {"ddp": {"accelerate_config": None}, "fsdp": {"accelerate_config": str(ROOT / "configs" / "fsdp.yaml")},
                    "packed": {"accelerate_config": None, "max_tokens_per_micro_batch": 16384,
-                              "attention": "flex_attention"}}
+                              "attention": "flex_attention"},
+                   # Activations recomputed in the backward: rows of 32k tokens (a whole step's
+                   # pairs of a mode in one or two rows); MFU counts the useful FLOPs, not the recompute.
+                   "packed_ckpt": {"accelerate_config": None, "max_tokens_per_micro_batch": 32768,
+                                   "attention": "flex_attention", "gradient_checkpointing": True}}
         flops = None
         for variant in args.variants.split(","):
             print(f"{variant}:", flush=True)

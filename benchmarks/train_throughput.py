@@ -1,5 +1,5 @@
 """Training throughput of the BVPO recipe: fixed vs `auto` α, telemetry off vs on, precomputed vs
-live reference, padded micro-batches vs packed rows.
+live reference, padded micro-batches vs packed rows, gradient checkpointing.
 
     python benchmarks/train_throughput.py [--steps 30] [--project-dir .] [--only CONFIG ...]
 
@@ -36,6 +36,9 @@ CONFIGS = {
     "fixed α=0.5, packed rows ≤256": {"alpha": 0.5, "reference": "precomputed", "telemetry": False, "max_tokens": 256},
     "fixed α=0.5, packed rows ≤1024": {"alpha": 0.5, "reference": "precomputed", "telemetry": False,
                                         "max_tokens": 1024},
+    # Activations recomputed in the backward (train.gradient_checkpointing): what the memory costs in time.
+    "fixed α=0.5, gradient checkpointing": {"alpha": 0.5, "reference": "precomputed", "telemetry": False,
+                                            "gradient_checkpointing": True},
 }
 
 
@@ -94,6 +97,7 @@ def run_one(args) -> None:
     params.train.reference = config["reference"]
     params.train.telemetry = config["telemetry"]
     params.train.max_tokens_per_micro_batch = config.get("max_tokens")
+    params.train.gradient_checkpointing = config.get("gradient_checkpointing", False)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     tokenizer = load_tokenizer(args.base)
     rows = load_pair_rows(Path(args.pairs))
@@ -169,12 +173,12 @@ def main() -> int:
                 return 1
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     by_name = {r["config"]: r for r in results}
-    print(f"\n{'configuration':<32} {'pairs/s':>9} {'tokens/s':>10} {'peak MB':>9} {'overhead':>9}")
+    print(f"\n{'configuration':<38} {'pairs/s':>9} {'tokens/s':>10} {'peak MB':>9} {'overhead':>9}")
     print('(pairs: both modes; tokens: scored completion tokens, chosen + rejected; overhead: time vs fixed α)')
     for r in results:
         ref = by_name["fixed α=0.5, live ref" if "live" in r["config"] else "fixed α=0.5, precomputed ref"]
         overhead = 100 * (r["seconds"] / ref["seconds"] - 1)
-        print(f"{r['config']:<32} {r['pairs_per_s']:>9.1f} {r['tokens_per_s']:>10.0f} {r['peak_mb']:>9.0f} "
+        print(f"{r['config']:<38} {r['pairs_per_s']:>9.1f} {r['tokens_per_s']:>10.0f} {r['peak_mb']:>9.0f} "
               f"{overhead:>8.1f}%")
     return 0
 

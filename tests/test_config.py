@@ -172,6 +172,16 @@ def test_deepspeed_is_refused_with_the_reason(tmp_path):
         load_params(write(tmp_path, {"train.accelerate_config": str(shipped)}))
 
 
+def test_gradient_checkpointing_is_refused_beside_fsdp_activation_checkpointing(tmp_path):
+    shipped = str(ROOT / "configs" / "fsdp.yaml")  # sets fsdp_activation_checkpointing: true
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing: expected false while .*fsdp.yaml sets "
+                                          "fsdp_activation_checkpointing"):
+        load_params(write(tmp_path, {"train.accelerate_config": shipped, "train.gradient_checkpointing": True}))
+    for config in ("ddp_multi_gpu.yaml", "fsdp.yaml"):
+        load_params(write(tmp_path, {"train.accelerate_config": str(ROOT / "configs" / config),
+                                     "train.gradient_checkpointing": config != "fsdp.yaml"}))
+
+
 def test_the_embedded_task_must_fit_the_context(tmp_path):
     with pytest.raises(ConfigError, match=r"model.max_length: expected at least \d+ .*max_new_tokens 170"):
         load_params(write(tmp_path, {"sample.max_new_tokens": 170}))

@@ -186,6 +186,26 @@ def test_killed_run_resumes_every_method_to_the_same_weights(uninterrupted, proc
         assert history(inputs, tag, method) == history(inputs, f"full{processes}", method)
 
 
+def test_a_run_killed_without_gradient_checkpointing_resumes_with_it_to_the_same_weights(uninterrupted):
+    """What a user does after running out of memory: turn on train.gradient_checkpointing and
+    rerun. The setting is not part of the fingerprint, so the finished method is reused and the
+    interrupted one resumes from its checkpoint, and recomputing the activations changes no
+    gradient: every method ends bit for bit where the uninterrupted run (without it) ends."""
+    inputs, tag = uninterrupted, "resume-ckpt"
+    killed = run_training(inputs, tag, {**RESUME, "num_processes": 1}, {"BVPO_KILL_AFTER_CHECKPOINT": "bvpo_auto:3"})
+    assert killed.returncode != 0
+    resumed = run_training(inputs, tag, {**RESUME, "num_processes": 1, "gradient_checkpointing": True})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert "train bvpo: already trained in an earlier, interrupted run" in output
+    assert "train bvpo_auto: resuming from step-000003" in output
+    for method in RESUME["methods"]:
+        a, b = final_weights(inputs, "full1", method), final_weights(inputs, tag, method)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (method, key)
+        assert history(inputs, tag, method) == history(inputs, "full1", method)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_auto_alpha_is_the_same_with_one_and_two_processes(uninterrupted, precision):
     """A draw's pairs do not depend on the process count. In fp32 the statistics agree to
@@ -380,6 +400,70 @@ def test_accumulated_update_gradient_is_the_bvpo_objective_gradient(inputs, toke
         # the embedding's gradient (max 0.9) differed by 3e-6: the bound stays 1e-5 of each tensor's scale.
         torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
     model.zero_grad(set_to_none=True)
+
+
+def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_update_gradient(inputs, tokenizer, tiny_model):
+    """train.gradient_checkpointing: the trainer's update passes (both estimators, micro-batches
+    of 2, under the autocast and attention switch the trainer uses) run every decoder layer
+    twice, the forward and its recomputation in the backward, and give exactly the gradient
+    of the same passes without it; under bf16 autocast too (the recomputation must run under the
+    autocast of the forward it replays, not the fp32 of the backward)."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from bvpo.modeling import sdpa_in_fp32
+    from bvpo.reference import reference_logps
+    from bvpo.sequences import encode
+    from bvpo.train import PairLoss, PairSet, enable_gradient_checkpointing, load_pair_rows
+
+    params = load_params(write_micro_params(inputs / "params-ckpt.yaml", {
+        "train": {"micro_batch_size": 2}, "model": {"max_length": 96}}))
+    rows = load_pair_rows(inputs / "pairs")
+    data = {}
+    for mode in ("think", "nothink"):
+        chosen = [encode(tokenizer, r["prompt"], r["chosen"], mode == "think") for r in rows[mode]]
+        rejected = [encode(tokenizer, r["prompt"], r["rejected"], mode == "think") for r in rows[mode]]
+        ref_chosen, ref_rejected = reference_logps(tiny_model, chosen, rejected, tokenizer.pad_token_id)
+        data[mode] = PairSet(chosen, rejected, ref_chosen - 0.3, ref_rejected + 0.2)
+    pair_loss = PairLoss(params, data, tokenizer.pad_token_id)
+    accelerator = Accelerator(cpu=True)  # fp32: one AcceleratorState per process; bf16 below
+    indices = [0, 3, 5, 7, 9, 11]
+
+    def gradient(checkpointing: bool, precision: str = "fp32"):
+        model = copy.deepcopy(tiny_model)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        calls = []
+        # A module inside the layer (transformers checkpoints the layer's forward, not its hooks), and
+        # a pre-hook: the recomputation stops inside the MLP once its last saved tensor is back.
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        if precision == "fp32":
+            pair_loss.update_pass(model, "think", indices, len(indices), accelerator, sync_last=False, alpha=0.3)
+            pair_loss.update_pass(model, "nothink", indices, len(indices), accelerator, sync_last=True, alpha=0.3)
+        else:
+            # As the trainer does: the backward (and so the recomputation) inside the attention switch.
+            with sdpa_in_fp32(model):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = pair_loss.loss(model, "think", indices)[0].loss
+                loss.backward()
+        return [p.grad for p in model.parameters()], len(calls)
+
+    (plain, plain_calls), (recomputed, recomputed_calls) = gradient(False), gradient(True)
+    assert plain_calls == 6 and recomputed_calls == 12  # 3 micro-batches of 2 pairs per estimator
+    for a, b in zip(recomputed, plain):
+        assert torch.equal(a, b)
+    (plain, plain_calls), (recomputed, recomputed_calls) = gradient(False, "bf16"), gradient(True, "bf16")
+    assert plain_calls == 1 and recomputed_calls == 2
+    for a, b in zip(recomputed, plain):
+        assert torch.equal(a, b)
+    tiny_model.supports_gradient_checkpointing = False
+    try:
+        with pytest.raises(Exception, match="train.gradient_checkpointing: Qwen3ForCausalLM does not support"):
+            enable_gradient_checkpointing(tiny_model)
+    finally:
+        del tiny_model.supports_gradient_checkpointing
 
 
 def test_a_method_can_choose_its_own_preference_loss(inputs, tokenizer, tiny_model):

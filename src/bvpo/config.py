@@ -379,6 +379,16 @@ class TrainConfig:
     `micro_batch_size` pairs per forward, padded to the longest. Needs SDPA, eager or
     FlexAttention, and DDP (not FSDP: its collective passes need the same number of rows on
     every process)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations during the backward pass instead of keeping them
+    from the forward (transformers' `gradient_checkpointing_enable`, non-reentrant): about a
+    third more compute per step, for activation memory that no longer grows with the model's
+    depth, so a GPU fits longer rows or more pairs per forward (`micro_batch_size`,
+    `max_tokens_per_micro_batch`). The same gradients as without it (tested on the CPU), so it
+    does not enter the training fingerprint: a run stopped by an out-of-memory error resumes from
+    its last checkpoint with it turned on. Under FSDP use the accelerate config's
+    `fsdp_activation_checkpointing` instead (configs/fsdp.yaml sets it); both at once is refused.
+    The policy only: the reference runs without gradients."""
     attention: str = "sdpa"
     """The policy's (and live reference's) attention kernel while training: `sdpa`, or
     `flex_attention` (GPU only: torch has no FlexAttention backward on a CPU), which needs
@@ -477,7 +487,7 @@ class TrainConfig:
                self.max_skipped_fraction)
         _check(self.seed is None or self.seed >= 0, "train.seed", "an integer >= 0 or null", self.seed)
         if self.accelerate_config is not None:
-            _check_accelerate_config(self.accelerate_config, base_dir)
+            _check_accelerate_config(self.accelerate_config, base_dir, self.gradient_checkpointing)
 
 
 @dataclass
@@ -862,7 +872,7 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     return params
 
 
-def _check_accelerate_config(config_file: str, base_dir: Path | None) -> None:
+def _check_accelerate_config(config_file: str, base_dir: Path | None, gradient_checkpointing: bool = False) -> None:
     path = Path(config_file)
     if base_dir is not None and not path.is_absolute() and not path.is_file():
         path = base_dir / path
@@ -875,6 +885,10 @@ def _check_accelerate_config(config_file: str, base_dir: Path | None) -> None:
     _check(kind != "DEEPSPEED", "train.accelerate_config",
            "a DDP or FSDP config (DeepSpeed steps its engine on every backward pass, but a BVPO step runs "
            "several and clips the mixed gradient itself)", config_file)
+    fsdp = raw.get("fsdp_config") if isinstance(raw, dict) else None
+    _check(not (gradient_checkpointing and isinstance(fsdp, dict) and fsdp.get("fsdp_activation_checkpointing")),
+           "train.gradient_checkpointing", f"false while {config_file} sets fsdp_activation_checkpointing (FSDP "
+           "already recomputes each layer; both would checkpoint every layer twice)", gradient_checkpointing)
 
 
 def _check_task_fits(params: Params) -> None:

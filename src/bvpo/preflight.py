@@ -1,7 +1,7 @@
 """Preflight: what can be checked before any sampling, for any model.
 
 A real run fails late in three ways this catches in seconds: a chat template that cannot run
-both modes (`modeling.check_thinking_template`), prompts that with `max_new_tokens` do not fit
+both modes (`chat.check_thinking_template`), prompts that with `max_new_tokens` do not fit
 `model.max_length` (the samples would be generated, then skipped in training), and a sampling
 batch whose KV cache does not fit the device. It also refuses settings that need answers the
 prompts do not have. `bvpo check` runs it; the flow runs it before the first stage, and the

@@ -174,7 +174,7 @@ def generate(
     max_cache_len: int | None = None,
 ) -> list[Generated]:
     """One completion per prompt (repeat a prompt to sample it several times), batched with
-    the KV cache. A completion ends at the first stop token (`modeling.stop_token_ids`);
+    the KV cache. A completion ends at the first stop token (`chat.stop_token_ids`);
     `truncated` marks completions that hit `max_new_tokens` without one.
 
     `kv_cache="static"`: a preallocated cache, with which transformers compiles the decode step

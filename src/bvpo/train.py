@@ -284,6 +284,17 @@ def save_checkpoint(accelerator, method_dir: Path, name: str, step: int, state: 
 
 
 # ----------------------------------------------------------------------------------- one method
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' activation checkpointing of every decoder layer. Non-reentrant: it needs no
+    input that requires grad (the embeddings' output does not, for a frozen or tied embedding)
+    and it is the variant DDP and autocast support."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise TrainingError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient "
+                            "checkpointing in transformers; set it to false (and lower train.micro_batch_size or "
+                            "train.max_tokens_per_micro_batch if memory is short)")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 @dataclass
 class TrainState:
     """Everything one method's training holds; built by `setup`, dropped after `save_final`."""
@@ -316,6 +327,8 @@ def setup(name: str, alpha: float | str, params: Params, base_dir: str, method_d
     model = load_model(base_dir, "fp32")
     if t.attention != "sdpa":
         model.set_attn_implementation(t.attention)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     # Not prepared: accelerate's scheduler wrapper steps once per process per call.
@@ -636,7 +649,10 @@ def setup_pairs(args, params: Params, accelerator) -> SharedSetup:
 def method_fingerprint(name: str, method, params: Params, shared: SharedSetup) -> str:
     """Everything that decides a method's weights: a checkpoint made with other settings, pairs or
     base model is never resumed, nor a finished method reused."""
-    train_config = {k: v for k, v in params.to_dict()["train"].items() if k not in ("methods", "num_processes")}
+    # Settings that change how the work is spread or memory is spent, not the weights, stay out,
+    # so a run resumes after changing them (more processes, or checkpointing after running out of memory).
+    train_config = {k: v for k, v in params.to_dict()["train"].items()
+                    if k not in ("methods", "num_processes", "gradient_checkpointing")}
     return hashlib.sha256(json.dumps(
         [name, method.alpha, method.preference_weight, method.loss_type, train_config, params.seed, params.model.max_length,
          params.model.max_length_nothink, params.model.dtype, shared.pairs_digest, shared.base_digest,
