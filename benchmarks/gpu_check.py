@@ -5,7 +5,8 @@ with 1-process FSDP2 (configs/fsdp.yaml), each checked and timed.
 
 Checks per variant: the train stage exits 0; at step 0 the policy/reference log-ratio is ~0
 (the reference is scored under the same bf16 autocast); losses and final weights are finite;
-`auto` α stays in [0, 1]. Prints PASS/FAIL per check and pairs/s; exits non-zero on any FAIL.
+`auto` α stays in [0, 1]. Then `train.gradient_checkpointing`'s gradient against the plain one
+on this device. Prints PASS/FAIL per check and pairs/s; exits non-zero on any FAIL.
 `--allow-cpu` runs the same on a CPU (DDP passes; FSDP is refused with a clear error, since
 accelerate enables FSDP only on GPU-class devices) to check the script itself.
 """
@@ -118,7 +119,42 @@ def main() -> int:
                 check(f"{method}: finite saved weights", all(bool(torch.isfinite(w).all()) for w in weights.values()))
         result = bvpo(project, "stage", "evaluate", "--params", str(params))
         check("stage evaluate", result.returncode == 0)
+        checkpointing_gradient(check, project / "data" / "base_model", project / "data" / "pairs" / "think")
     return check.exit_code()
+
+
+def checkpointing_gradient(check: Checks, base: Path, pairs: Path, n_pairs: int = 8) -> None:
+    """train.gradient_checkpointing on this device: one bf16-autocast micro-batch's gradient with
+    and without recomputation (bit for bit on a CPU; GPU attention backward kernels may sum in
+    another order, so a relative bound, and whether it was exact)."""
+    import copy
+
+    import torch
+    from datasets import load_from_disk
+
+    from bvpo.modeling import load_model, load_tokenizer
+    from bvpo.sequences import encode, score_pairs
+    from bvpo.train import enable_gradient_checkpointing
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer, model = load_tokenizer(base), load_model(base, "fp32", device)
+    rows = load_from_disk(str(pairs)).select(range(n_pairs))
+    chosen = [encode(tokenizer, r["prompt"], r["chosen"], True) for r in rows]
+    rejected = [encode(tokenizer, r["prompt"], r["rejected"], True) for r in rows]
+    grads = []
+    for checkpointing in (False, True):
+        policy = copy.deepcopy(model)
+        if checkpointing:
+            enable_gradient_checkpointing(policy)
+        policy.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logps, counts = score_pairs(policy, chosen, rejected, tokenizer.pad_token_id)
+        (-(logps / counts).mean()).backward()
+        grads.append(torch.cat([p.grad.flatten().float() for p in policy.parameters()]))
+    plain, recomputed = grads
+    relative = ((recomputed - plain).norm() / plain.norm()).item()
+    check("gradient checkpointing: the same gradient", relative < 1e-3,
+          f"relative difference {relative:.1e}{' (bit for bit)' if torch.equal(plain, recomputed) else ''}")
 
 
 if __name__ == "__main__":

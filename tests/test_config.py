@@ -177,9 +177,16 @@ def test_gradient_checkpointing_is_refused_beside_fsdp_activation_checkpointing(
     with pytest.raises(ConfigError, match="train.gradient_checkpointing: expected false while .*fsdp.yaml sets "
                                           "fsdp_activation_checkpointing"):
         load_params(write(tmp_path, {"train.accelerate_config": shipped, "train.gradient_checkpointing": True}))
-    for config in ("ddp_multi_gpu.yaml", "fsdp.yaml"):
-        load_params(write(tmp_path, {"train.accelerate_config": str(ROOT / "configs" / config),
-                                     "train.gradient_checkpointing": config != "fsdp.yaml"}))
+    unprefixed = tmp_path / "fsdp-unprefixed.yaml"  # accelerate reads fsdp_config keys without fsdp_ too
+    unprefixed.write_text("distributed_type: FSDP\nfsdp_config:\n  activation_checkpointing: true\n")
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing: expected false"):
+        load_params(write(tmp_path, {"train.accelerate_config": str(unprefixed), "train.gradient_checkpointing": True}))
+    # A DDP config with a leftover fsdp_config block does not run FSDP.
+    leftover = tmp_path / "ddp-leftover.yaml"
+    leftover.write_text("distributed_type: MULTI_GPU\nfsdp_config:\n  fsdp_activation_checkpointing: true\n")
+    for config in (ROOT / "configs" / "ddp_multi_gpu.yaml", leftover, ROOT / "configs" / "fsdp.yaml"):
+        load_params(write(tmp_path, {"train.accelerate_config": str(config),
+                                     "train.gradient_checkpointing": config.name != "fsdp.yaml"}))
 
 
 def test_the_embedded_task_must_fit_the_context(tmp_path):

@@ -175,3 +175,25 @@ def test_packing_under_fsdp_and_flex_attention_on_a_cpu_are_refused_at_launch(mo
         check_launch(accelerator("NO", "cpu"), "flex_attention", packed=True)
     check_launch(accelerator("FSDP", "cuda"), "sdpa", packed=False)
     check_launch(accelerator("MULTI_GPU", "cuda"), "flex_attention", packed=True)
+
+
+def test_gradient_checkpointing_beside_fsdp_checkpointing_is_refused_at_launch(monkeypatch):
+    """FSDP's activation checkpointing can come from the environment or accelerate's default
+    config, which the params check does not read: the launch check asks the FSDP plugin. (A
+    stand-in accelerator, as above: FSDP runs only on GPU-class devices.)"""
+    from types import SimpleNamespace
+
+    from bvpo.train import TrainingError, check_launch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def accelerator(kind: str, fsdp_checkpointing: bool | None):
+        plugin = None if fsdp_checkpointing is None else SimpleNamespace(activation_checkpointing=fsdp_checkpointing)
+        return SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(name=kind), mixed_precision="bf16",
+                               scaler=None, device=torch.device("cuda"), state=SimpleNamespace(fsdp_plugin=plugin))
+
+    with pytest.raises(TrainingError, match="would recompute every layer twice: set train.gradient_checkpointing"):
+        check_launch(accelerator("FSDP", True), gradient_checkpointing=True)
+    check_launch(accelerator("FSDP", True), gradient_checkpointing=False)
+    check_launch(accelerator("FSDP", False), gradient_checkpointing=True)
+    check_launch(accelerator("MULTI_GPU", None), gradient_checkpointing=True)

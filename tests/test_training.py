@@ -198,6 +198,7 @@ def test_a_run_killed_without_gradient_checkpointing_resumes_with_it_to_the_same
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
     assert "train bvpo: already trained in an earlier, interrupted run" in output
+    assert "train bvpo_auto: gradient checkpointing, 2 decoder layers recomputed in the backward" in output
     assert "train bvpo_auto: resuming from step-000003" in output
     for method in RESUME["methods"]:
         a, b = final_weights(inputs, "full1", method), final_weights(inputs, tag, method)
@@ -415,7 +416,7 @@ def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_update_grad
     from bvpo.modeling import sdpa_in_fp32
     from bvpo.reference import reference_logps
     from bvpo.sequences import encode
-    from bvpo.train import PairLoss, PairSet, enable_gradient_checkpointing, load_pair_rows
+    from bvpo.train import PairLoss, PairSet, TrainingError, enable_gradient_checkpointing, load_pair_rows
 
     params = load_params(write_micro_params(inputs / "params-ckpt.yaml", {
         "train": {"micro_batch_size": 2}, "model": {"max_length": 96}}))
@@ -433,7 +434,7 @@ def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_update_grad
     def gradient(checkpointing: bool, precision: str = "fp32"):
         model = copy.deepcopy(tiny_model)
         if checkpointing:
-            enable_gradient_checkpointing(model)
+            assert enable_gradient_checkpointing(model) == len(model.model.layers) == 2
         model.train()
         calls = []
         # A module inside the layer (transformers checkpoints the layer's forward, not its hooks), and
@@ -460,7 +461,7 @@ def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_update_grad
         assert torch.equal(a, b)
     tiny_model.supports_gradient_checkpointing = False
     try:
-        with pytest.raises(Exception, match="train.gradient_checkpointing: Qwen3ForCausalLM does not support"):
+        with pytest.raises(TrainingError, match="train.gradient_checkpointing: Qwen3ForCausalLM does not support"):
             enable_gradient_checkpointing(tiny_model)
     finally:
         del tiny_model.supports_gradient_checkpointing

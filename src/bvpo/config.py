@@ -381,12 +381,14 @@ class TrainConfig:
     every process)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations during the backward pass instead of keeping them
-    from the forward (transformers' `gradient_checkpointing_enable`, non-reentrant): about a
-    third more compute per step, for activation memory that no longer grows with the model's
-    depth, so a GPU fits longer rows or more pairs per forward (`micro_batch_size`,
-    `max_tokens_per_micro_batch`). The same gradients as without it (tested on the CPU), so it
-    does not enter the training fingerprint: a run stopped by an out-of-memory error resumes from
-    its last checkpoint with it turned on. Under FSDP use the accelerate config's
+    from the forward (transformers' activation checkpointing, non-reentrant): each layer keeps
+    only its input, so a GPU fits longer rows or more pairs per forward (`micro_batch_size`,
+    `max_tokens_per_micro_batch`), for one more forward of the decoder layers per step (at most
+    a third more FLOPs; the LM head and loss are not recomputed; on the embedded CPU model the
+    step took 52% longer, docs/benchmarks.md). The same gradients as without it (bit for bit on
+    the CPU, fp32 and bf16 autocast; the same computation on a GPU), so it does not enter the
+    training fingerprint: a run stopped by an out-of-memory error resumes from its last
+    checkpoint with it turned on. Under FSDP use the accelerate config's
     `fsdp_activation_checkpointing` instead (configs/fsdp.yaml sets it); both at once is refused.
     The policy only: the reference runs without gradients."""
     attention: str = "sdpa"
@@ -885,10 +887,13 @@ def _check_accelerate_config(config_file: str, base_dir: Path | None, gradient_c
     _check(kind != "DEEPSPEED", "train.accelerate_config",
            "a DDP or FSDP config (DeepSpeed steps its engine on every backward pass, but a BVPO step runs "
            "several and clips the mixed gradient itself)", config_file)
-    fsdp = raw.get("fsdp_config") if isinstance(raw, dict) else None
-    _check(not (gradient_checkpointing and isinstance(fsdp, dict) and fsdp.get("fsdp_activation_checkpointing")),
-           "train.gradient_checkpointing", f"false while {config_file} sets fsdp_activation_checkpointing (FSDP "
-           "already recomputes each layer; both would checkpoint every layer twice)", gradient_checkpointing)
+    fsdp = raw.get("fsdp_config") if kind == "FSDP" else None
+    # accelerate reads the key with or without its fsdp_ prefix.
+    fsdp_checkpoints = isinstance(fsdp, dict) and any(
+        str(fsdp.get(key)).lower() == "true" for key in ("fsdp_activation_checkpointing", "activation_checkpointing"))
+    _check(not (gradient_checkpointing and fsdp_checkpoints), "train.gradient_checkpointing",
+           f"false while {config_file} sets fsdp_activation_checkpointing (FSDP already recomputes each layer; "
+           "both would recompute every layer twice: keep one of them)", gradient_checkpointing)
 
 
 def _check_task_fits(params: Params) -> None:

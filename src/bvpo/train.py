@@ -284,15 +284,19 @@ def save_checkpoint(accelerator, method_dir: Path, name: str, step: int, state: 
 
 
 # ----------------------------------------------------------------------------------- one method
-def enable_gradient_checkpointing(model) -> None:
-    """transformers' activation checkpointing of every decoder layer. Non-reentrant: it needs no
-    input that requires grad (the embeddings' output does not, for a frozen or tied embedding)
-    and it is the variant DDP and autocast support."""
+def enable_gradient_checkpointing(model) -> int:
+    """transformers' activation checkpointing of every decoder layer; returns how many layers it
+    checkpoints. Non-reentrant (transformers' default, said here so it cannot drift): a step
+    runs several backward passes under DDP's no_sync, and the layers take keyword arguments,
+    which the reentrant variant does not replay."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise TrainingError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient "
                             "checkpointing in transformers; set it to false (and lower train.micro_batch_size or "
                             "train.max_tokens_per_micro_batch if memory is short)")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in model.modules())
 
 
 @dataclass
@@ -328,7 +332,10 @@ def setup(name: str, alpha: float | str, params: Params, base_dir: str, method_d
     if t.attention != "sdpa":
         model.set_attn_implementation(t.attention)
     if t.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        layers = enable_gradient_checkpointing(model)
+        if accelerator.is_main_process:
+            print(f"train {name}: gradient checkpointing, {layers} decoder layers recomputed in the backward",
+                  flush=True)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     # Not prepared: accelerate's scheduler wrapper steps once per process per call.
@@ -536,8 +543,10 @@ def accelerate_command(params: Params, module_args: list[str],
                           resolve_precision(t.mixed_precision, pick_device()), threads_per_process)
 
 
-def check_launch(accelerator, attention: str = "sdpa", packed: bool = False) -> None:
-    """Refuse set-ups that would silently train something other than the BVPO objective."""
+def check_launch(accelerator, attention: str = "sdpa", packed: bool = False,
+                 gradient_checkpointing: bool = False) -> None:
+    """Refuse set-ups that would silently train something other than the BVPO objective, or do
+    the same work twice."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise TrainingError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "
@@ -551,6 +560,13 @@ def check_launch(accelerator, attention: str = "sdpa", packed: bool = False) -> 
                             "as many rows as they need, but FSDP's forward and backward passes are collective, so "
                             "processes with fewer rows would leave the others waiting. Use DDP with packing, or "
                             "FSDP with train.micro_batch_size")
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if gradient_checkpointing and kind == "FSDP" and getattr(plugin, "activation_checkpointing", False):
+        # config.py refuses it in the config file; this catches the environment and default configs.
+        raise TrainingError("train.gradient_checkpointing with FSDP's own activation checkpointing (the accelerate "
+                            "config's fsdp_activation_checkpointing, or FSDP_ACTIVATION_CHECKPOINTING in the "
+                            "environment) would recompute every layer twice: set train.gradient_checkpointing: "
+                            "false, or turn FSDP's off")
     if str(accelerator.mixed_precision) == "fp16" and accelerator.scaler is None:
         raise TrainingError("train.mixed_precision fp16 needs a GPU: on a CPU accelerate runs it without autocast "
                             "or loss scaling (no GradScaler), i.e. silently in fp32. Use bf16 (or auto) or fp32 here")
@@ -669,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     accelerator = Accelerator()  # for the shared setup; each method gets its own in `setup`
-    check_launch(accelerator, params.train.attention, params.train.max_tokens_per_micro_batch is not None)
+    check_launch(accelerator, params.train.attention, params.train.max_tokens_per_micro_batch is not None,
+                 params.train.gradient_checkpointing)
     shared = setup_pairs(args, params, accelerator)
     main_process, work_dir = accelerator.is_main_process, Path(args.work)
     train_config = {k: v for k, v in params.to_dict()["train"].items() if k not in ("methods", "num_processes")}
