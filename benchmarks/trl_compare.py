@@ -2,6 +2,7 @@
 
     make bench-trl            # installs the `bench` extra (trl==1.16.0), then runs this
     python benchmarks/trl_compare.py [--project-dir .] [--steps 30] [--rounds 3] [--emulated-bf16]
+    python benchmarks/trl_compare.py --qwen3-shape [--steps 8] [--rounds 2]   # on a GPU
 
 Same model (the project's data/base_model), same trace pairs (data/pairs/think), same batch,
 β, NLL weight, learning rate, schedule, clipping, threads; α = 1, so the BVPO trainer does what
@@ -25,6 +26,14 @@ forwarded: the BVPO trainer runs each prompt once per pair, TRL twice) + 12 × l
 (heads × head size) × (causal attention context summed over those tokens: QKᵀ and ·V). The
 attention kernels compute masked blocks too; those are not counted. tokens/s counts chosen +
 rejected sequences whole for both, so it compares work done, not tokens run.
+
+On a GPU (CUDA available) only the bf16 rows run (fp32 training is not what a GPU run uses),
+TRL in both shapes (`trl_bf16` whole batch, `trl_bf16_micro` micro-batched), the utilisation is
+against the GPU's dense bf16 peak and the memory column is peak GPU memory; a trainer that fails
+(out of memory, say) is reported and the others still run. `--qwen3-shape` compares on
+`gpu_scale.py`'s work instead of the project's: a Qwen3-0.6B-shaped random model (152k
+vocabulary) and 48 trace pairs of ~2k tokens, batch 8, micro-batch 2, max length 8,192 (issue
+22's "≥ 1.5× TRL" is measured there).
 """
 
 from __future__ import annotations
@@ -111,6 +120,15 @@ class StepClock:
         return batch_size * (len(self.ends) - 1) / seconds, seconds
 
 
+def meta_model(base: Path):
+    """The model's shape on the meta device: FLOP counting without loading weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+
+
 def run_bvpo(args, params) -> StepClock:
     import torch
     from accelerate import Accelerator
@@ -149,17 +167,22 @@ def run_trl(args, params) -> StepClock:
         def on_step_end(self, *_, **__):
             clock.log({})
 
-    micro = t.micro_batch_size if args.trainer == "trl_micro" else t.batch_size
+    import torch
+
+    gpu = torch.cuda.is_available()
+    micro = t.micro_batch_size if args.trainer.endswith("_micro") else t.batch_size
     with tempfile.TemporaryDirectory() as work:
         config = DPOConfig(
             output_dir=work, per_device_train_batch_size=micro, gradient_accumulation_steps=t.batch_size // micro,
             max_steps=t.steps, learning_rate=t.lr,
             lr_scheduler_type="cosine", warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm, beta=t.beta, loss_type=["sigmoid", "sft"],
-            loss_weights=[1.0, t.nll_weight], precompute_ref_log_probs=True, precompute_ref_batch_size=64,
+            loss_weights=[1.0, t.nll_weight], precompute_ref_log_probs=True,
+            # Long rows on a GPU: the reference pass batched like the training forward.
+            precompute_ref_batch_size=t.micro_batch_size if gpu else 64,
             max_length=params.model.max_length, report_to=[], save_strategy="no", logging_steps=10**6,
-            disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, seed=params.train_seed,
-            bf16=args.trainer == "trl_bf16",
+            disable_tqdm=True, use_cpu=not gpu, dataloader_num_workers=0, seed=params.train_seed,
+            bf16=args.trainer.startswith("trl_bf16"),
             # TRL's DPOConfig turns gradient checkpointing on by default, which recomputes every
             # forward: off, TRL runs at its fastest, and that is what the ratio is against.
             gradient_checkpointing=False,
@@ -171,8 +194,9 @@ def run_trl(args, params) -> StepClock:
 
 
 def run_one(args) -> None:
+    import torch
+
     from bvpo.config import load_params
-    from bvpo.modeling import load_model
 
     params = load_params(args.params)
     params.train.steps = args.steps
@@ -184,12 +208,13 @@ def run_one(args) -> None:
     _, _, chosen, rejected = encoded_think_pairs(params, Path(args.base), Path(args.pairs))
     tokens_per_pair = sum(len(e.input_ids) for e in chosen + rejected) / len(chosen)
     # What the trainer actually runs: with prefix sharing the prompt once per pair.
-    flops = pair_flops(load_model(args.base, "fp32"), chosen, rejected,
+    flops = pair_flops(meta_model(Path(args.base)), chosen, rejected,
                        args.trainer.startswith("bvpo") and params.train.shared_prompt)
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"trainer": args.trainer, "pairs_per_s": pairs_per_s, "seconds": seconds,
                       "tokens_per_s": pairs_per_s * tokens_per_pair,
-                      "flops_per_s": flops * pairs_per_s,
-                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "flops_per_s": flops * pairs_per_s, "peak_mb": peak_mb}))
 
 
 def main() -> int:
@@ -199,6 +224,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--emulated-bf16", action="store_true",
                         help="run the bf16 rows on a CPU without native bf16 (emulated: very slow)")
+    parser.add_argument("--qwen3-shape", action="store_true",
+                        help="gpu_scale.py's Qwen3-0.6B-shaped model and ~2k-token trace pairs (for a GPU)")
     for hidden in ("--trainer", "--params", "--pairs", "--base"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,22 +249,47 @@ def main() -> int:
 
     root = Path(args.project_dir).resolve()
     params_file = root / "params.yaml"
-    params = load_params(params_file)
     sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(root / "tests"))
     from train_throughput import benchmark_inputs
 
+    gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
-        pairs, base, source = benchmark_inputs(root, params, Path(tmp))
-        peak = matmul_rate()
+        if args.qwen3_shape:
+            from gpu_scale import build_project
+            from micro_params import write_micro_params
+
+            build_project(Path(tmp), argparse.Namespace(pairs=48, trace_tokens=2000, answer_tokens=200))
+            pairs, base = Path(tmp) / "data" / "pairs", Path(tmp) / "data" / "policy"
+            params_file = write_micro_params(Path(tmp) / "params.yaml", {
+                "model": {"max_length": 8192},
+                "train": {"batch_size": 8, "micro_batch_size": 2, "lr": 1e-5, "warmup_steps": 1,
+                          "max_skipped_fraction": 0.0}})
+            source = "Qwen3-0.6B-shaped random model, 48 trace pairs of ~2k tokens (gpu_scale.py)"
+        else:
+            pairs, base, source = benchmark_inputs(root, load_params(params_file), Path(tmp))
+        params = load_params(params_file)
+        if gpu:
+            from gpu_scale import BF16_PEAK
+
+            name = torch.cuda.get_device_name()
+            peak = next((v for k, v in BF16_PEAK.items() if k in name), float("nan"))
+            peak_text = f"{name}, dense bf16 peak {peak / 1e12:.0f} TFLOP/s"
+            # fp32 training is not what a GPU run uses; TRL in both of its shapes.
+            trainers = ("bvpo_bf16", "trl_bf16", "trl_bf16_micro")
+        else:
+            peak = matmul_rate()
+            peak_text = f"{torch.get_num_threads()} threads; dense fp32 matmul {peak / 1e9:.1f} GFLOP/s"
+            trainers = ("bvpo", "trl", "trl_micro", "bvpo_bf16", "trl_bf16")
+            if not native_bf16(torch.device("cpu")) and not args.emulated_bf16:
+                # Emulated bf16 ran 16x slower than fp32 on an AVX2-only CPU: rows nobody would train with.
+                print("no native bf16 on this CPU (AVX512-BF16/AMX): the bf16 rows are skipped "
+                      "(--emulated-bf16 runs them)")
+                trainers = trainers[:3]
         print(f"{source}; {args.steps} steps x batch {params.train.batch_size}, alpha = 1, precomputed reference; "
-              f"torch {torch.__version__}, trl {trl.__version__}, {torch.get_num_threads()} threads; "
-              f"dense fp32 matmul {peak / 1e9:.1f} GFLOP/s")
-        trainers = ("bvpo", "trl", "trl_micro", "bvpo_bf16", "trl_bf16")
-        if not native_bf16(torch.device("cpu")) and not args.emulated_bf16:
-            # Emulated bf16 ran 16x slower than fp32 on an AVX2-only CPU: rows nobody would train with.
-            print("no native bf16 on this CPU (AVX512-BF16/AMX): the bf16 rows are skipped (--emulated-bf16 runs them)")
-            trainers = trainers[:3]
+              f"torch {torch.__version__}, trl {trl.__version__}; {peak_text}")
         results: dict[str, list[dict]] = {name: [] for name in trainers}
+        failed: dict[str, str] = {}
         for r in range(args.rounds):
             for trainer in (trainers if r % 2 == 0 else trainers[::-1]):
                 # The BVPO trainer's Accelerator reads its precision from accelerate's variable.
@@ -246,32 +298,41 @@ def main() -> int:
                                       "--pairs", str(pairs), "--base", str(base), "--steps", str(args.steps),
                                       "--project-dir", str(root)], capture_output=True, text=True,
                                      env={**os.environ, "TQDM_DISABLE": "1", "ACCELERATE_MIXED_PRECISION": precision})
-                if out.returncode != 0:
-                    print(out.stderr[-3000:], file=sys.stderr)
-                    return 1
+                if out.returncode != 0:  # reported, and the other trainers still run (a GPU may run out of memory)
+                    lines = out.stderr.strip().splitlines() or ["?"]
+                    failed[trainer] = next((x for x in reversed(lines) if "Error" in x), lines[-1])[:300]
+                    print(f"  round {r + 1} {trainer:9s} FAILED: {failed[trainer]}", flush=True)
+                    continue
                 row = json.loads(out.stdout.strip().splitlines()[-1])
-                results[trainer].append(row)
+                results[trainer].append({**row, "round": r})
                 print(f"  round {r + 1} {trainer:9s} {row['pairs_per_s']:7.1f} pairs/s", flush=True)
 
     def spread(values: list[float]) -> str:
         return f"{statistics.median(values):8.1f} ({min(values):.1f}–{max(values):.1f})"
 
-    print(f"\n{'trainer':9s} {'pairs/s median (min–max)':>28s} {'tokens/s':>10s} {'peak MB':>8s} {'of matmul peak':>15s}")
+    memory = "GPU peak MB" if gpu else "peak MB"
+    print(f"\n{'trainer':14s} {'pairs/s median (min–max)':>28s} {'tokens/s':>10s} {memory:>12s} "
+          f"{'of ' + ('bf16' if gpu else 'matmul') + ' peak':>15s}")
     for trainer, rows in results.items():
-        print(f"{trainer:9s} {spread([r['pairs_per_s'] for r in rows]):>28s} "
+        if not rows:
+            print(f"{trainer:14s} failed: {failed.get(trainer, '?')}")
+            continue
+        print(f"{trainer:14s} {spread([r['pairs_per_s'] for r in rows]):>28s} "
               f"{statistics.median(r['tokens_per_s'] for r in rows):10.0f} "
-              f"{max(r['peak_mb'] for r in rows):8.0f} "
+              f"{max(r['peak_mb'] for r in rows):12.0f} "
               f"{100 * statistics.median(r['flops_per_s'] for r in rows) / peak:14.1f}%")
-    # Against the faster of TRL's two shapes in the same round.
-    ratios = [b["pairs_per_s"] / max(t["pairs_per_s"], m["pairs_per_s"])
-              for b, t, m in zip(results["bvpo"], results["trl"], results["trl_micro"])]
-    print(f"BVPO / best TRL, fp32, per round: {', '.join(f'{x:.2f}x' for x in ratios)} "
-          f"(median {statistics.median(ratios):.2f}x)")
-    if "bvpo_bf16" in results:
-        ratios = [b["pairs_per_s"] / t["pairs_per_s"] for b, t in zip(results["bvpo_bf16"], results["trl_bf16"])]
-        print(f"BVPO / TRL, bf16, per round: {', '.join(f'{x:.2f}x' for x in ratios)} "
-              f"(median {statistics.median(ratios):.2f}x)")
-    return 0
+    # Against the faster of TRL's shapes in the same round (a shape that failed does not count).
+    for label, ours, theirs in (("fp32", "bvpo", ("trl", "trl_micro")),
+                                ("bf16", "bvpo_bf16", ("trl_bf16", "trl_bf16_micro"))):
+        if not results.get(ours):
+            continue
+        rounds = [(row, [x["pairs_per_s"] for t in theirs for x in results.get(t, []) if x["round"] == row["round"]])
+                  for row in results[ours]]
+        ratios = [row["pairs_per_s"] / max(trl) for row, trl in rounds if trl]
+        if ratios:
+            print(f"BVPO / best TRL, {label}, per round: {', '.join(f'{x:.2f}x' for x in ratios)} "
+                  f"(median {statistics.median(ratios):.2f}x)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
