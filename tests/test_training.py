@@ -352,6 +352,23 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(input
     assert not (inputs / "work-nan" / "bvpo" / "final").exists()
 
 
+def shifted_reference_pairs(inputs: Path, tokenizer, model) -> dict:
+    """The fixture's pairs encoded per mode, with reference log-probs of `model` shifted apart,
+    so the DPO term has a non-trivial gradient (a reference equal to the policy would not)."""
+    from bvpo.reference import reference_logps
+    from bvpo.sequences import encode
+    from bvpo.train import PairSet, load_pair_rows
+
+    rows = load_pair_rows(inputs / "pairs")
+    data = {}
+    for mode in ("think", "nothink"):
+        chosen = [encode(tokenizer, r["prompt"], r["chosen"], mode == "think") for r in rows[mode]]
+        rejected = [encode(tokenizer, r["prompt"], r["rejected"], mode == "think") for r in rows[mode]]
+        ref_chosen, ref_rejected = reference_logps(model, chosen, rejected, tokenizer.pad_token_id)
+        data[mode] = PairSet(chosen, rejected, ref_chosen - 0.3, ref_rejected + 0.2)
+    return data
+
+
 @pytest.mark.parametrize("cut", [{"micro_batch_size": 2}, {"max_tokens_per_micro_batch": 200}],
                          ids=["micro-batches", "packed-rows"])
 def test_accumulated_update_gradient_is_the_bvpo_objective_gradient(inputs, tokenizer, tiny_model, cut):
@@ -360,20 +377,11 @@ def test_accumulated_update_gradient_is_the_bvpo_objective_gradient(inputs, toke
     from accelerate import Accelerator
 
     from bvpo.losses import bvpo_loss
-    from bvpo.sequences import encode
-    from bvpo.reference import reference_logps
-    from bvpo.train import PairLoss, PairSet, load_pair_rows
+    from bvpo.train import PairLoss
 
     params = load_params(write_micro_params(inputs / "params-grad.yaml", {
         "train": {**cut, "nll_weight": 0.7, "beta": 1.5}, "model": {"max_length": 96}}))
-    rows = load_pair_rows(inputs / "pairs")
-    data = {}
-    for mode in ("think", "nothink"):
-        chosen = [encode(tokenizer, r["prompt"], r["chosen"], mode == "think") for r in rows[mode]]
-        rejected = [encode(tokenizer, r["prompt"], r["rejected"], mode == "think") for r in rows[mode]]
-        # A reference that differs from the policy, so the DPO term has a non-trivial gradient.
-        ref_chosen, ref_rejected = reference_logps(tiny_model, chosen, rejected, tokenizer.pad_token_id)
-        data[mode] = PairSet(chosen, rejected, ref_chosen - 0.3, ref_rejected + 0.2)
+    data = shifted_reference_pairs(inputs, tokenizer, tiny_model)
     pair_loss = PairLoss(params, data, tokenizer.pad_token_id)
     accelerator = Accelerator(cpu=True)
     model = tiny_model.train()
@@ -414,20 +422,11 @@ def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_update_grad
     from accelerate import Accelerator
 
     from bvpo.modeling import sdpa_in_fp32
-    from bvpo.reference import reference_logps
-    from bvpo.sequences import encode
-    from bvpo.train import PairLoss, PairSet, TrainingError, enable_gradient_checkpointing, load_pair_rows
+    from bvpo.train import PairLoss, TrainingError, enable_gradient_checkpointing
 
     params = load_params(write_micro_params(inputs / "params-ckpt.yaml", {
         "train": {"micro_batch_size": 2}, "model": {"max_length": 96}}))
-    rows = load_pair_rows(inputs / "pairs")
-    data = {}
-    for mode in ("think", "nothink"):
-        chosen = [encode(tokenizer, r["prompt"], r["chosen"], mode == "think") for r in rows[mode]]
-        rejected = [encode(tokenizer, r["prompt"], r["rejected"], mode == "think") for r in rows[mode]]
-        ref_chosen, ref_rejected = reference_logps(tiny_model, chosen, rejected, tokenizer.pad_token_id)
-        data[mode] = PairSet(chosen, rejected, ref_chosen - 0.3, ref_rejected + 0.2)
-    pair_loss = PairLoss(params, data, tokenizer.pad_token_id)
+    pair_loss = PairLoss(params, shifted_reference_pairs(inputs, tokenizer, tiny_model), tokenizer.pad_token_id)
     accelerator = Accelerator(cpu=True)  # fp32: one AcceleratorState per process; bf16 below
     indices = [0, 3, 5, 7, 9, 11]
 
