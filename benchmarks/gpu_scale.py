@@ -27,8 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by the name CUDA reports.
-BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by the name CUDA reports; the first key in
+# the name wins, so the PCIe and NVL H100s come before the SXM one.
+BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
+             "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def bf16_peak(name: str) -> float | None:
+    """This GPU's dense bf16 peak from its CUDA name, or None for a GPU not in BF16_PEAK."""
+    return next((value for key, value in BF16_PEAK.items() if key in name), None)
 
 QWEN3_06B = {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
              "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936}
@@ -179,7 +186,7 @@ def mfu(achieved: float) -> str:
     import torch
 
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
-    peak = next((value for key, value in BF16_PEAK.items() if key in name), None)
+    peak = bf16_peak(name)
     return f", MFU {100 * achieved / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else ""
 
 

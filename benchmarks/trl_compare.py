@@ -2,7 +2,7 @@
 
     make bench-trl            # installs the `bench` extra (trl==1.16.0), then runs this
     python benchmarks/trl_compare.py [--project-dir .] [--steps 30] [--rounds 3] [--emulated-bf16]
-    python benchmarks/trl_compare.py --qwen3-shape [--steps 8] [--rounds 2]   # on a GPU
+    python benchmarks/trl_compare.py --qwen3-shape [--steps 20] [--rounds 1]   # on a GPU
 
 Same model (the project's data/base_model), same trace pairs (data/pairs/think), same batch,
 β, NLL weight, learning rate, schedule, clipping, threads; α = 1, so the BVPO trainer does what
@@ -13,27 +13,31 @@ so the project's micro-batching is not counted as its own win; the ratio is agai
 TRL shape of each round. Then both again under bf16 autocast (`bvpo_bf16`: the project's bf16
 path, attention kept in fp32 on a CPU; `trl_bf16`: TRL's `bf16=True`, whole batch), which is
 what `mixed_precision: auto` picks on a CPU with native bf16 (on a CPU without it the bf16 rows are
-skipped: emulated bf16 ran 16× slower than fp32; `--emulated-bf16` runs them anyway). The
-utilisation column is always against the fp32 matmul rate. The trainers alternate over `rounds` (the order flips every round, so
+skipped: emulated bf16 ran 16× slower than fp32; `--emulated-bf16` runs them anyway). On a CPU
+the utilisation column is against the fp32 matmul rate. The trainers alternate over `rounds` (the order flips every round, so
 drift of the machine hits all), each in a fresh process. Without a pipeline run it falls back to synthetic
 pairs and an untrained embedded-size model.
 
 Reported per trainer: pairs/s and tokens/s over the steps after the first (the first pays for
-allocation), peak RSS, and achieved FLOP/s as a share of the machine's dense fp32 matmul rate,
-measured here in the same invocation. FLOPs per pair are what each trainer usefully runs,
+allocation), peak RSS (on a GPU: peak allocated GPU memory while training), and achieved FLOP/s
+as a share of the machine's dense fp32 matmul rate, measured here in the same invocation (on a
+GPU: of its dense bf16 peak). FLOPs per pair are what each trainer usefully runs,
 forward + backward (3× forward), padding excluded: 6 × (matmul parameters) × (tokens
 forwarded: the BVPO trainer runs each prompt once per pair, TRL twice) + 12 × layers ×
 (heads × head size) × (causal attention context summed over those tokens: QKᵀ and ·V). The
 attention kernels compute masked blocks too; those are not counted. tokens/s counts chosen +
 rejected sequences whole for both, so it compares work done, not tokens run.
 
-On a GPU (CUDA available) only the bf16 rows run (fp32 training is not what a GPU run uses),
-TRL in both shapes (`trl_bf16` whole batch, `trl_bf16_micro` micro-batched), the utilisation is
-against the GPU's dense bf16 peak and the memory column is peak GPU memory; a trainer that fails
-(out of memory, say) is reported and the others still run. `--qwen3-shape` compares on
-`gpu_scale.py`'s work instead of the project's: a Qwen3-0.6B-shaped random model (152k
-vocabulary) and 48 trace pairs of ~2k tokens, batch 8, micro-batch 2, max length 8,192 (issue
-22's "≥ 1.5× TRL" is measured there).
+On a GPU (CUDA available) only the bf16 rows run (fp32 training is not what a GPU run uses):
+BVPO with padded micro-batches (`bvpo_bf16`) and, under `--qwen3-shape`, with packed rows under
+FlexAttention (`bvpo_bf16_packed`, rows of ≤ 16,384 tokens: the GPU configuration of
+docs/scaling.md), against TRL in both shapes (`trl_bf16` whole batch, `trl_bf16_micro`
+micro-batched); a trainer that fails (out of memory, say) is reported, not retried in later
+rounds, and the others still run; the exit code is 0 when BVPO and at least one TRL shape ran.
+`--qwen3-shape` (GPU only) compares on `gpu_scale.py`'s work instead of the project's: a
+Qwen3-0.6B-shaped random model (152k vocabulary) and 48 trace pairs of ~2k tokens, batch 8,
+micro-batch 2, max length 8,192 (issue 22's "≥ 1.5× TRL" is measured there). Use 20 steps or
+more there: step times are synchronised with the GPU, and short runs let one-off costs weigh.
 """
 
 from __future__ import annotations
@@ -109,6 +113,10 @@ class StepClock:
         self.ends: list[float] = []
 
     def log(self, row: dict) -> None:  # the BVPO trainer's logger interface
+        import torch
+
+        if torch.cuda.is_available():  # the step's kernels done, not merely queued
+            torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
 
     def flush(self) -> None:
@@ -136,10 +144,15 @@ def run_bvpo(args, params) -> StepClock:
     from bvpo.reference import load_reference_model, reference_logps
     from bvpo.train import PairLoss, PairSet, train_method
 
+    t = params.train
     tokenizer, _, chosen, rejected = encoded_think_pairs(params, Path(args.base), Path(args.pairs))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    reference = load_reference_model(args.base, accelerator)
-    logps = reference_logps(reference, chosen, rejected, tokenizer.pad_token_id, autocast=accelerator.autocast)
+    reference = load_reference_model(args.base, accelerator, t.attention)
+    # Scored in the layout the policy trains in (packed or padded); long rows on a GPU: the
+    # reference pass batched like the training forward.
+    logps = reference_logps(reference, chosen, rejected, tokenizer.pad_token_id,
+                            batch_size=t.micro_batch_size if torch.cuda.is_available() else 32,
+                            autocast=accelerator.autocast, max_tokens=t.max_tokens_per_micro_batch)
     data = {"think": PairSet(chosen, rejected, *logps), "nothink": PairSet([], [], torch.empty(0), torch.empty(0))}
     del reference
     clock = StepClock()
@@ -164,6 +177,11 @@ def run_trl(args, params) -> StepClock:
     clock = StepClock()
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            # The peak of training, as the BVPO trainer reports it (not the reference precompute).
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
         def on_step_end(self, *_, **__):
             clock.log({})
 
@@ -203,6 +221,9 @@ def run_one(args) -> None:
     params.train.checkpoint_every = 0
     params.train.telemetry = False
     params.train.reference = "precomputed"
+    if args.trainer == "bvpo_bf16_packed":
+        params.train.max_tokens_per_micro_batch = 16384
+        params.train.attention = "flex_attention"
     clock = (run_bvpo if args.trainer.startswith("bvpo") else run_trl)(args, params)
     pairs_per_s, seconds = clock.rate(params.train.batch_size)
     _, _, chosen, rejected = encoded_think_pairs(params, Path(args.base), Path(args.pairs))
@@ -214,7 +235,8 @@ def run_one(args) -> None:
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"trainer": args.trainer, "pairs_per_s": pairs_per_s, "seconds": seconds,
                       "tokens_per_s": pairs_per_s * tokens_per_pair,
-                      "flops_per_s": flops * pairs_per_s, "peak_mb": peak_mb}))
+                      "flops_per_s": flops * pairs_per_s, "peak_mb": peak_mb,
+                      "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}))
 
 
 def main() -> int:
@@ -225,7 +247,9 @@ def main() -> int:
     parser.add_argument("--emulated-bf16", action="store_true",
                         help="run the bf16 rows on a CPU without native bf16 (emulated: very slow)")
     parser.add_argument("--qwen3-shape", action="store_true",
-                        help="gpu_scale.py's Qwen3-0.6B-shaped model and ~2k-token trace pairs (for a GPU)")
+                        help="gpu_scale.py's Qwen3-0.6B-shaped model and ~2k-token trace pairs (GPU only)")
+    parser.add_argument("--trainer-timeout", type=float, default=1800,
+                        help="seconds one trainer's process may run before it counts as failed")
     for hidden in ("--trainer", "--params", "--pairs", "--base"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -253,7 +277,11 @@ def main() -> int:
     sys.path.insert(0, str(root / "tests"))
     from train_throughput import benchmark_inputs
 
-    gpu = torch.cuda.is_available()
+    gpu = torch.cuda.is_available()  # no CUDA context in this process: the trainers' processes get the memory
+    if args.qwen3_shape and not gpu:
+        print("--qwen3-shape needs a GPU: on a CPU its fp32 rows on a 0.6B model with 4k-token pairs take hours",
+              file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         if args.qwen3_shape:
             from gpu_scale import build_project
@@ -270,13 +298,11 @@ def main() -> int:
             pairs, base, source = benchmark_inputs(root, load_params(params_file), Path(tmp))
         params = load_params(params_file)
         if gpu:
-            from gpu_scale import BF16_PEAK
-
-            name = torch.cuda.get_device_name()
-            peak = next((v for k, v in BF16_PEAK.items() if k in name), float("nan"))
-            peak_text = f"{name}, dense bf16 peak {peak / 1e12:.0f} TFLOP/s"
+            peak = float("nan")  # from the device name the first trainer reports
+            peak_text = "GPU: bf16 rows"
             # fp32 training is not what a GPU run uses; TRL in both of its shapes.
-            trainers = ("bvpo_bf16", "trl_bf16", "trl_bf16_micro")
+            trainers = ("bvpo_bf16", "bvpo_bf16_packed", "trl_bf16", "trl_bf16_micro") if args.qwen3_shape else \
+                ("bvpo_bf16", "trl_bf16", "trl_bf16_micro")
         else:
             peak = matmul_rate()
             peak_text = f"{torch.get_num_threads()} threads; dense fp32 matmul {peak / 1e9:.1f} GFLOP/s"
@@ -292,47 +318,64 @@ def main() -> int:
         failed: dict[str, str] = {}
         for r in range(args.rounds):
             for trainer in (trainers if r % 2 == 0 else trainers[::-1]):
+                if trainer in failed:  # not retried: a row that ran out of memory would again
+                    continue
                 # The BVPO trainer's Accelerator reads its precision from accelerate's variable.
-                precision = "bf16" if trainer == "bvpo_bf16" else "no"
-                out = subprocess.run([sys.executable, __file__, "--trainer", trainer, "--params", str(params_file),
-                                      "--pairs", str(pairs), "--base", str(base), "--steps", str(args.steps),
-                                      "--project-dir", str(root)], capture_output=True, text=True,
-                                     env={**os.environ, "TQDM_DISABLE": "1", "ACCELERATE_MIXED_PRECISION": precision})
+                precision = "bf16" if trainer.startswith("bvpo_bf16") else "no"
+                try:
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--trainer", trainer, "--params", str(params_file),
+                         "--pairs", str(pairs), "--base", str(base), "--steps", str(args.steps),
+                         "--project-dir", str(root)], capture_output=True, text=True, timeout=args.trainer_timeout,
+                        env={**os.environ, "TQDM_DISABLE": "1", "ACCELERATE_MIXED_PRECISION": precision})
+                except subprocess.TimeoutExpired:
+                    out = subprocess.CompletedProcess([], 1, "", f"TimeoutError: over {args.trainer_timeout:.0f} s")
                 if out.returncode != 0:  # reported, and the other trainers still run (a GPU may run out of memory)
                     lines = out.stderr.strip().splitlines() or ["?"]
                     failed[trainer] = next((x for x in reversed(lines) if "Error" in x), lines[-1])[:300]
-                    print(f"  round {r + 1} {trainer:9s} FAILED: {failed[trainer]}", flush=True)
+                    print(f"  round {r + 1} {trainer:16s} FAILED: {failed[trainer]}", flush=True)
                     continue
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 results[trainer].append({**row, "round": r})
-                print(f"  round {r + 1} {trainer:9s} {row['pairs_per_s']:7.1f} pairs/s", flush=True)
+                print(f"  round {r + 1} {trainer:16s} {row['pairs_per_s']:7.1f} pairs/s", flush=True)
+        if gpu:
+            from gpu_scale import bf16_peak
+
+            device = next((row["device"] for rows in results.values() for row in rows), "?")
+            peak = bf16_peak(device) or float("nan")
+            print(f"{device}: dense bf16 peak {peak / 1e12:.0f} TFLOP/s")
 
     def spread(values: list[float]) -> str:
         return f"{statistics.median(values):8.1f} ({min(values):.1f}–{max(values):.1f})"
 
-    memory = "GPU peak MB" if gpu else "peak MB"
-    print(f"\n{'trainer':14s} {'pairs/s median (min–max)':>28s} {'tokens/s':>10s} {memory:>12s} "
+    memory = "GPU MiB, training" if gpu else "peak RSS MB"
+    print(f"\n{'trainer':16s} {'pairs/s median (min–max)':>28s} {'tokens/s':>10s} {memory:>18s} "
           f"{'of ' + ('bf16' if gpu else 'matmul') + ' peak':>15s}")
     for trainer, rows in results.items():
         if not rows:
-            print(f"{trainer:14s} failed: {failed.get(trainer, '?')}")
+            print(f"{trainer:16s} failed: {failed.get(trainer, '?')}")
             continue
-        print(f"{trainer:14s} {spread([r['pairs_per_s'] for r in rows]):>28s} "
+        print(f"{trainer:16s} {spread([r['pairs_per_s'] for r in rows]):>28s} "
               f"{statistics.median(r['tokens_per_s'] for r in rows):10.0f} "
-              f"{max(r['peak_mb'] for r in rows):12.0f} "
-              f"{100 * statistics.median(r['flops_per_s'] for r in rows) / peak:14.1f}%")
+              f"{max(r['peak_mb'] for r in rows):18.0f} "
+              f"{100 * statistics.median(r['flops_per_s'] for r in rows) / peak:14.1f}%"
+              f"{'  (failed in a later round: ' + failed[trainer] + ')' if trainer in failed else ''}")
     # Against the faster of TRL's shapes in the same round (a shape that failed does not count).
+    compared = False
     for label, ours, theirs in (("fp32", "bvpo", ("trl", "trl_micro")),
-                                ("bf16", "bvpo_bf16", ("trl_bf16", "trl_bf16_micro"))):
-        if not results.get(ours):
+                                ("bf16", "bvpo_bf16", ("trl_bf16", "trl_bf16_micro")),
+                                ("bf16, packed rows", "bvpo_bf16_packed", ("trl_bf16", "trl_bf16_micro"))):
+        ran = [t for t in theirs if results.get(t)]
+        if not results.get(ours) or not ran:
             continue
-        rounds = [(row, [x["pairs_per_s"] for t in theirs for x in results.get(t, []) if x["round"] == row["round"]])
+        rounds = [(row, [x["pairs_per_s"] for t in ran for x in results[t] if x["round"] == row["round"]])
                   for row in results[ours]]
         ratios = [row["pairs_per_s"] / max(trl) for row, trl in rounds if trl]
         if ratios:
-            print(f"BVPO / best TRL, {label}, per round: {', '.join(f'{x:.2f}x' for x in ratios)} "
-                  f"(median {statistics.median(ratios):.2f}x)")
-    return 1 if failed else 0
+            compared = True
+            print(f"BVPO ({ours}) / best of {' and '.join(ran)}, {label}, per round: "
+                  f"{', '.join(f'{x:.2f}x' for x in ratios)} (median {statistics.median(ratios):.2f}x)")
+    return 0 if compared else 1
 
 
 if __name__ == "__main__":
