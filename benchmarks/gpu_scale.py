@@ -37,6 +37,13 @@ def bf16_peak(name: str) -> float | None:
     """This GPU's dense bf16 peak from its CUDA name, or None for a GPU not in BF16_PEAK."""
     return next((value for key, value in BF16_PEAK.items() if key in name), None)
 
+# The work both this script and trl_compare.py --qwen3-shape train on: batch, length, lr.
+QWEN3_TRAIN = {"batch_size": 8, "micro_batch_size": 2, "warmup_steps": 1, "lr": 1e-5, "max_skipped_fraction": 0.0}
+QWEN3_MODEL = {"max_length": 8192}
+# packed: the step's pairs in padding-free rows of up to 16k tokens (about four 2k-trace pairs
+# each) under FlexAttention's block mask, instead of micro-batches of 2 padded pairs.
+PACKED = {"max_tokens_per_micro_batch": 16384, "attention": "flex_attention"}
+
 QWEN3_06B = {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
              "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936}
 
@@ -114,20 +121,16 @@ def main() -> int:
         start = time.perf_counter()
         build_project(project, args)
         print(f"built model and {args.pairs} pairs per mode in {time.perf_counter() - start:.0f} s", flush=True)
-        base_train = {"steps": args.steps, "batch_size": 8, "micro_batch_size": 2, "warmup_steps": 1, "lr": 1e-5,
-                      "alpha_every": 3, "alpha_draws": 2, "alpha_draw_size": 2, "checkpoint_every": 0,
-                      "telemetry": False, "mixed_precision": "bf16", "max_skipped_fraction": 0.0,
+        base_train = {**QWEN3_TRAIN, "steps": args.steps, "alpha_every": 3, "alpha_draws": 2, "alpha_draw_size": 2,
+                      "checkpoint_every": 0, "telemetry": False, "mixed_precision": "bf16",
                       "methods": {"bvpo": {"alpha": 0.5}, "bvpo_auto": {"alpha": "auto"}}}
-        model = {"max_length": 8192}
-        # packed: the step's pairs in padding-free rows of up to 16k tokens (about four 2k-trace
-        # pairs each) under FlexAttention's block mask, instead of micro-batches of 2 padded pairs.
+        model = QWEN3_MODEL
         configs = {"ddp": {"accelerate_config": None}, "fsdp": {"accelerate_config": str(ROOT / "configs" / "fsdp.yaml")},
-                   "packed": {"accelerate_config": None, "max_tokens_per_micro_batch": 16384,
-                              "attention": "flex_attention"},
+                   "packed": {"accelerate_config": None, **PACKED},
                    # Activations recomputed in the backward: rows of 32k tokens (a whole step's
                    # pairs of a mode in one or two rows); MFU counts the useful FLOPs, not the recompute.
-                   "packed_ckpt": {"accelerate_config": None, "max_tokens_per_micro_batch": 32768,
-                                   "attention": "flex_attention", "gradient_checkpointing": True}}
+                   "packed_ckpt": {"accelerate_config": None, **PACKED, "max_tokens_per_micro_batch": 32768,
+                                   "gradient_checkpointing": True}}
         flops = None
         for variant in args.variants.split(","):
             print(f"{variant}:", flush=True)

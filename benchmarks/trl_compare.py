@@ -222,8 +222,10 @@ def run_one(args) -> None:
     params.train.telemetry = False
     params.train.reference = "precomputed"
     if args.trainer == "bvpo_bf16_packed":
-        params.train.max_tokens_per_micro_batch = 16384
-        params.train.attention = "flex_attention"
+        from gpu_scale import PACKED
+
+        for key, value in PACKED.items():
+            setattr(params.train, key, value)
     clock = (run_bvpo if args.trainer.startswith("bvpo") else run_trl)(args, params)
     pairs_per_s, seconds = clock.rate(params.train.batch_size)
     _, _, chosen, rejected = encoded_think_pairs(params, Path(args.base), Path(args.pairs))
@@ -274,7 +276,6 @@ def main() -> int:
     root = Path(args.project_dir).resolve()
     params_file = root / "params.yaml"
     sys.path.insert(0, str(Path(__file__).parent))
-    sys.path.insert(0, str(root / "tests"))
     from train_throughput import benchmark_inputs
 
     gpu = torch.cuda.is_available()  # no CUDA context in this process: the trainers' processes get the memory
@@ -284,15 +285,12 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         if args.qwen3_shape:
-            from gpu_scale import build_project
+            from gpu_scale import QWEN3_MODEL, QWEN3_TRAIN, build_project  # puts tests/ on the path
             from micro_params import write_micro_params
 
             build_project(Path(tmp), argparse.Namespace(pairs=48, trace_tokens=2000, answer_tokens=200))
             pairs, base = Path(tmp) / "data" / "pairs", Path(tmp) / "data" / "policy"
-            params_file = write_micro_params(Path(tmp) / "params.yaml", {
-                "model": {"max_length": 8192},
-                "train": {"batch_size": 8, "micro_batch_size": 2, "lr": 1e-5, "warmup_steps": 1,
-                          "max_skipped_fraction": 0.0}})
+            params_file = write_micro_params(Path(tmp) / "params.yaml", {"model": QWEN3_MODEL, "train": QWEN3_TRAIN})
             source = "Qwen3-0.6B-shaped random model, 48 trace pairs of ~2k tokens (gpu_scale.py)"
         else:
             pairs, base, source = benchmark_inputs(root, load_params(params_file), Path(tmp))

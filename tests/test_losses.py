@@ -179,16 +179,20 @@ def test_packing_under_fsdp_and_flex_attention_on_a_cpu_are_refused_at_launch(mo
 
 def test_gradient_checkpointing_beside_fsdp_checkpointing_is_refused_at_launch(monkeypatch):
     """FSDP's activation checkpointing can come from the environment or accelerate's default
-    config, which the params check does not read: the launch check asks the FSDP plugin. (A
-    stand-in accelerator, as above: FSDP runs only on GPU-class devices.)"""
+    config, which the params check does not read: the launch check asks accelerate's own FSDP
+    plugin. (A stand-in accelerator around the real plugin, as above: FSDP runs only on
+    GPU-class devices.)"""
     from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
 
     from bvpo.train import TrainingError, check_launch
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
     def accelerator(kind: str, fsdp_checkpointing: bool | None):
-        plugin = None if fsdp_checkpointing is None else SimpleNamespace(activation_checkpointing=fsdp_checkpointing)
+        plugin = None if fsdp_checkpointing is None else \
+            FullyShardedDataParallelPlugin(activation_checkpointing=fsdp_checkpointing)
         return SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(name=kind), mixed_precision="bf16",
                                scaler=None, device=torch.device("cuda"), state=SimpleNamespace(fsdp_plugin=plugin))
 
