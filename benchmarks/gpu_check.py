@@ -5,8 +5,8 @@ with 1-process FSDP2 (configs/fsdp.yaml), each checked and timed.
 
 Checks per variant: the train stage exits 0; at step 0 the policy/reference log-ratio is ~0
 (the reference is scored under the same bf16 autocast); losses and final weights are finite;
-`auto` α stays in [0, 1]. Then `train.gradient_checkpointing`'s gradient against the plain one
-on this device. Prints PASS/FAIL per check and pairs/s; exits non-zero on any FAIL.
+`auto` α stays in [0, 1]. Then the gradient under `train.gradient_checkpointing`, and under
+`train.compile`, against the plain one on this device. Prints PASS/FAIL per check and pairs/s; exits non-zero on any FAIL.
 `--allow-cpu` runs the same on a CPU (DDP passes; FSDP is refused with a clear error, since
 accelerate enables FSDP only on GPU-class devices) to check the script itself.
 """
@@ -55,8 +55,11 @@ class Checks:
              f"{trace:.2e} / {empty:.2e}")
         self(f"{method}: finite losses", all(math.isfinite(r["loss"]) for r in rows))
         self(f"{method}: alpha in [0, 1]", all(0 <= r["alpha"] <= 1 for r in rows), f"final alpha {rows[-1]['alpha']:.3f}")
-        pairs = sum(batch_size * ((r["alpha"] > 0) + (r["alpha"] < 1)) for r in rows)
-        return {"rows": rows, "summary": summary, "pairs_per_s": pairs / summary["seconds_this_run"]}
+        per_step = [batch_size * ((r["alpha"] > 0) + (r["alpha"] < 1)) for r in rows]
+        after_first = summary.get("seconds_after_first_step")
+        return {"rows": rows, "summary": summary, "pairs_per_s": sum(per_step) / summary["seconds_this_run"],
+                # without the first step (allocation; the compile under train.compile)
+                "steady_pairs_per_s": sum(per_step[1:]) / after_first if after_first else None}
 
     def exit_code(self) -> int:
         print(f"{self.name}: {'PASS' if self.failures == 0 else f'{self.failures} FAIL'}")
@@ -119,14 +122,22 @@ def main() -> int:
                 check(f"{method}: finite saved weights", all(bool(torch.isfinite(w).all()) for w in weights.values()))
         result = bvpo(project, "stage", "evaluate", "--params", str(params))
         check("stage evaluate", result.returncode == 0)
-        checkpointing_gradient(check, project / "data" / "base_model", project / "data" / "pairs" / "think")
+        from bvpo.modeling import compile_decoder_layers
+        from bvpo.train import enable_gradient_checkpointing
+
+        base, pairs = project / "data" / "base_model", project / "data" / "pairs" / "think"
+        # Recomputation replays the same kernels (bit for bit on a CPU; GPU attention backward
+        # kernels may sum in another order). Compiled kernels round bf16 intermediates elsewhere
+        # (on a CPU a 13% relative difference, the size of bf16's own from fp32), so fp32 there.
+        same_gradient(check, base, pairs, "gradient checkpointing", enable_gradient_checkpointing, 1e-3)
+        same_gradient(check, base, pairs, "train.compile", compile_decoder_layers, 1e-3, bf16=False)
     return check.exit_code()
 
 
-def checkpointing_gradient(check: Checks, base: Path, pairs: Path, n_pairs: int = 8) -> None:
-    """train.gradient_checkpointing on this device: one bf16-autocast micro-batch's gradient with
-    and without recomputation (bit for bit on a CPU; GPU attention backward kernels may sum in
-    another order, so a relative bound, and whether it was exact)."""
+def same_gradient(check: Checks, base: Path, pairs: Path, what: str, change, bound: float, bf16: bool = True,
+                  n_pairs: int = 8) -> None:
+    """One micro-batch's gradient on this device (under bf16 autocast, or fp32) with and without
+    `change` (a function of the policy), within a relative `bound`, and whether it was bit for bit."""
     import copy
 
     import torch
@@ -134,7 +145,6 @@ def checkpointing_gradient(check: Checks, base: Path, pairs: Path, n_pairs: int 
 
     from bvpo.modeling import load_model, load_tokenizer
     from bvpo.sequences import encode, score_pairs
-    from bvpo.train import enable_gradient_checkpointing
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, model = load_tokenizer(base), load_model(base, "fp32", device)
@@ -142,19 +152,19 @@ def checkpointing_gradient(check: Checks, base: Path, pairs: Path, n_pairs: int 
     chosen = [encode(tokenizer, r["prompt"], r["chosen"], True) for r in rows]
     rejected = [encode(tokenizer, r["prompt"], r["rejected"], True) for r in rows]
     grads = []
-    for checkpointing in (False, True):
+    for changed in (False, True):
         policy = copy.deepcopy(model)
-        if checkpointing:
-            enable_gradient_checkpointing(policy)
+        if changed:
+            change(policy)
         policy.train()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logps, counts = score_pairs(policy, chosen, rejected, tokenizer.pad_token_id)
         (-(logps / counts).mean()).backward()
         grads.append(torch.cat([p.grad.flatten().float() for p in policy.parameters()]))
-    plain, recomputed = grads
-    relative = ((recomputed - plain).norm() / plain.norm()).item()
-    check("gradient checkpointing: the same gradient", relative < 1e-3,
-          f"relative difference {relative:.1e}{' (bit for bit)' if torch.equal(plain, recomputed) else ''}")
+    plain, changed = grads
+    relative = ((changed - plain).norm() / plain.norm()).item()
+    check(f"{what}: the same gradient", relative < bound,
+          f"relative difference {relative:.1e}{' (bit for bit)' if torch.equal(plain, changed) else ''}")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ trained by the project's own train stage on pairs with ~2k-token traces, then sa
 
 What the small gpu_check cannot show: memory and speed where the vocabulary and the traces are
 real-sized. Per variant (1-process DDP; DDP with packed rows under FlexAttention; the same with
-rows twice as long under `train.gradient_checkpointing`; 1-process FSDP2 with activation
-checkpointing), both
+rows twice as long under `train.gradient_checkpointing`; packed rows with `train.compile`;
+1-process FSDP2 with activation checkpointing), both
 `bvpo` (α = 0.5) and `bvpo_auto` train in bf16 with a precomputed reference; printed per
 method: pairs/s, completion+prompt tokens/s, peak GPU memory, finite losses, step-0 log-ratio
 ~ 0, α in [0, 1], achieved TFLOP/s and MFU (6 × matmul parameters × tokens + attention, against the
-GPU's dense bf16 peak). Then Hugging Face `generate` tokens/s, one-by-one vs batched, both modes (a
-random model rarely stops, so every row runs to `--new-tokens`). Exit 0 = every check passed.
+GPU's dense bf16 peak), over the whole run and after its first step (which pays the compile).
+Then Hugging Face `generate` tokens/s, one-by-one vs batched, both modes (a random model rarely
+stops, so every row runs to `--new-tokens`). Exit 0 = every check passed.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def main() -> int:
     parser.add_argument("--trace-tokens", type=int, default=2000, help="about this many tokens per trace")
     parser.add_argument("--answer-tokens", type=int, default=200, help="about this many per no-thinking answer")
     parser.add_argument("--new-tokens", type=int, default=512, help="sampling: tokens generated per sequence")
-    parser.add_argument("--variants", default="ddp,packed,packed_ckpt,fsdp",
-                        help="comma-separated: ddp, packed, packed_ckpt, fsdp")
+    parser.add_argument("--variants", default="ddp,packed,packed_ckpt,packed_compile,fsdp",
+                        help="comma-separated: ddp, packed, packed_ckpt, packed_compile, fsdp")
     parser.add_argument("--no-sampling", action="store_true", help="skip the generate throughput part")
     parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,7 +131,10 @@ def main() -> int:
                    # Activations recomputed in the backward: rows of 32k tokens (a whole step's
                    # pairs of a mode in one or two rows); MFU counts the useful FLOPs, not the recompute.
                    "packed_ckpt": {"accelerate_config": None, **PACKED, "max_tokens_per_micro_batch": 32768,
-                                   "gradient_checkpointing": True}}
+                                   "gradient_checkpointing": True},
+                   # Decoder layers compiled (train.compile); the first step pays the compile,
+                   # so read its rate after the first step.
+                   "packed_compile": {"accelerate_config": None, **PACKED, "compile": True}}
         flops = None
         for variant in args.variants.split(","):
             print(f"{variant}:", flush=True)
@@ -153,11 +157,17 @@ def main() -> int:
                              for r in rows for prefix in ("think", "nothink") if f"{prefix}/tokens_per_pair" in r)
                 seconds = summary["seconds_this_run"]
                 # Every step runs both estimators for these methods (α in (0, 1), and auto).
-                achieved = len(rows) * base_train["batch_size"] * (flops["think"] + flops["nothink"]) / seconds
+                step_flops = base_train["batch_size"] * (flops["think"] + flops["nothink"])
+                achieved = len(rows) * step_flops / seconds
+                steady = ""
+                if trained["steady_pairs_per_s"]:
+                    rate = (len(rows) - 1) * step_flops / summary["seconds_after_first_step"]
+                    steady = (f"; after the first step {trained['steady_pairs_per_s']:.1f} pairs/s, "
+                              f"{rate / 1e12:.1f} TFLOP/s{mfu(rate)}")
                 print(f"        {method}: {trained['pairs_per_s']:.1f} pairs/s, {tokens / seconds:.0f} scored tokens/s, "
                       f"peak {summary.get('peak_gpu_memory_gib', float('nan')):.1f} GiB, "
                       f"scored tokens per trace pair {rows[0].get('think/tokens_per_pair', 0):.0f}, "
-                      f"{achieved / 1e12:.1f} TFLOP/s{mfu(achieved)}", flush=True)
+                      f"{achieved / 1e12:.1f} TFLOP/s{mfu(achieved)}{steady}", flush=True)
         if not args.no_sampling:
             sampling(project, args)
     return check.exit_code()

@@ -189,6 +189,21 @@ def test_gradient_checkpointing_is_refused_beside_fsdp_activation_checkpointing(
                                      "train.gradient_checkpointing": config.name != "fsdp.yaml"}))
 
 
+def test_compile_is_refused_beside_accelerates_own_compilation(tmp_path):
+    for name, text in (("dynamo.yaml", "distributed_type: MULTI_GPU\ndynamo_config:\n  dynamo_backend: INDUCTOR\n"),
+                       ("dynamo-old.yaml", "distributed_type: MULTI_GPU\ndynamo_backend: inductor\n")):
+        config = tmp_path / name
+        config.write_text(text)
+        with pytest.raises(ConfigError, match=f"train.compile: expected false while .*{name} sets dynamo_config "
+                                              "\\(dynamo_backend INDUCTOR"):
+            load_params(write(tmp_path, {"train.accelerate_config": str(config), "train.compile": True}))
+        load_params(write(tmp_path, {"train.accelerate_config": str(config), "train.compile": False}))
+    off = tmp_path / "dynamo-off.yaml"
+    off.write_text("distributed_type: MULTI_GPU\ndynamo_config:\n  dynamo_backend: 'NO'\n")
+    for config in (off, ROOT / "configs" / "ddp_multi_gpu.yaml", ROOT / "configs" / "fsdp.yaml"):
+        load_params(write(tmp_path, {"train.accelerate_config": str(config), "train.compile": True}))
+
+
 def test_the_embedded_task_must_fit_the_context(tmp_path):
     with pytest.raises(ConfigError, match=r"model.max_length: expected at least \d+ .*max_new_tokens 170"):
         load_params(write(tmp_path, {"sample.max_new_tokens": 170}))

@@ -201,3 +201,25 @@ def test_gradient_checkpointing_beside_fsdp_checkpointing_is_refused_at_launch(m
     check_launch(accelerator("FSDP", True), gradient_checkpointing=False)
     check_launch(accelerator("FSDP", False), gradient_checkpointing=True)
     check_launch(accelerator("MULTI_GPU", None), gradient_checkpointing=True)
+
+
+def test_compile_beside_accelerates_dynamo_plugin_is_refused_at_launch(monkeypatch):
+    """accelerate compiles the whole model when its dynamo backend is set (config file,
+    environment or default config): the launch check asks accelerate's own plugin."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import TorchDynamoPlugin
+
+    from bvpo.train import TrainingError, check_launch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def accelerator(backend: str):
+        return SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(name="NO"), mixed_precision="no",
+                               scaler=None, device=torch.device("cpu"),
+                               state=SimpleNamespace(fsdp_plugin=None, dynamo_plugin=TorchDynamoPlugin(backend=backend)))
+
+    with pytest.raises(TrainingError, match="would compile the model twice: set train.compile: false"):
+        check_launch(accelerator("inductor"), compile_layers=True)
+    check_launch(accelerator("inductor"), compile_layers=False)
+    check_launch(accelerator("no"), compile_layers=True)

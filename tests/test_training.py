@@ -207,6 +207,31 @@ def test_a_run_killed_without_gradient_checkpointing_resumes_with_it_to_the_same
         assert history(inputs, tag, method) == history(inputs, "full1", method)
 
 
+def test_a_run_killed_without_compile_resumes_with_compiled_layers_to_the_uninterrupted_weights(uninterrupted):
+    """Turning train.compile on for a rerun (say, after the first run showed how slow a step
+    is): it is not part of the fingerprint, so the finished method is reused and the killed one
+    resumes from its checkpoint, now with compiled layers, and ends where the uninterrupted
+    uncompiled run ends, to float rounding (fused kernels sum in another order)."""
+    inputs, tag = uninterrupted, "resume-compile"
+    killed = run_training(inputs, tag, {**RESUME, "num_processes": 1}, {"BVPO_KILL_AFTER_CHECKPOINT": "bvpo_auto:3"})
+    assert killed.returncode != 0
+    resumed = run_training(inputs, tag, {**RESUME, "num_processes": 1, "compile": True})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert "train bvpo: already trained in an earlier, interrupted run" in output
+    assert "train bvpo_auto: torch.compile on 2 decoder layers" in output
+    assert "train bvpo_auto: resuming from step-000003" in output
+    base = load_file(inputs / "base" / "model.safetensors")
+    a, b = final_weights(inputs, "full1", "bvpo_auto"), final_weights(inputs, tag, "bvpo_auto")
+    assert a.keys() == b.keys()  # compiled in place: the saved names are the model's own
+    for key in a:
+        moved = (a[key] - base[key]).norm()
+        assert (a[key] - b[key]).norm() <= 1e-3 * moved + 1e-6, key
+    for one, other in zip(history(inputs, "full1", "bvpo_auto"), history(inputs, tag, "bvpo_auto")):
+        assert other["step"] == one["step"] and other["alpha"] == pytest.approx(one["alpha"], rel=1e-3)
+        assert other["loss"] == pytest.approx(one["loss"], rel=1e-4)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_auto_alpha_is_the_same_with_one_and_two_processes(uninterrupted, precision):
     """A draw's pairs do not depend on the process count. In fp32 the statistics agree to
@@ -231,14 +256,19 @@ def test_auto_alpha_is_the_same_with_one_and_two_processes(uninterrupted, precis
     assert len({round(r["alpha"], 6) for r in one}) > 1  # it did move
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("reference", ["precomputed", "live"])
-def test_policy_and_reference_agree_at_step_zero(inputs, precision, reference):
-    """The reference is scored under the policy's autocast: the log-ratio starts at 0."""
-    tag = f"logratio-{precision}-{reference}"
+@pytest.mark.parametrize("precision,reference,compiled", [
+    ("fp32", "precomputed", False), ("fp32", "live", False), ("bf16", "precomputed", False), ("bf16", "live", False),
+    ("bf16", "precomputed", True), ("bf16", "live", True)])
+def test_policy_and_reference_agree_at_step_zero(inputs, precision, reference, compiled):
+    """The reference is scored under the policy's autocast: the log-ratio starts at 0. With
+    train.compile the reference's layers are compiled too: under bf16 compiled kernels round
+    otherwise than eager ones (if only the policy's were: 1e-3 here, 0.04 per sequence on the
+    embedded model)."""
+    tag = f"logratio-{precision}-{reference}-{compiled}"
     result = run_training(inputs, tag, {"steps": 1, "mixed_precision": precision, "reference": reference,
-                                        "methods": {"bvpo": {"alpha": 0.5}}})
+                                        "compile": compiled, "methods": {"bvpo": {"alpha": 0.5}}})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert ("torch.compile on 2 decoder layers" in result.stdout + result.stderr) == compiled
     first = history(inputs, tag, "bvpo")[0]
     assert first["think/abs_logratio"] < 1e-6 and first["nothink/abs_logratio"] < 1e-6, first
     assert abs(first["think/chosen_reward"]) < 1e-6
@@ -352,14 +382,15 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(input
     assert not (inputs / "work-nan" / "bvpo" / "final").exists()
 
 
-def shifted_reference_pairs(inputs: Path, tokenizer, model) -> dict:
-    """The fixture's pairs encoded per mode, with reference log-probs of `model` shifted apart,
-    so the DPO term has a non-trivial gradient (a reference equal to the policy would not)."""
+def shifted_reference_pairs(inputs: Path, tokenizer, model, rows: dict | None = None) -> dict:
+    """The fixture's pairs (or `rows`, per mode) encoded per mode, with reference log-probs of
+    `model` shifted apart, so the DPO term has a non-trivial gradient (a reference equal to the
+    policy would not)."""
     from bvpo.reference import reference_logps
     from bvpo.sequences import encode
     from bvpo.train import PairSet, load_pair_rows
 
-    rows = load_pair_rows(inputs / "pairs")
+    rows = rows or load_pair_rows(inputs / "pairs")
     data = {}
     for mode in ("think", "nothink"):
         chosen = [encode(tokenizer, r["prompt"], r["chosen"], mode == "think") for r in rows[mode]]
@@ -464,6 +495,58 @@ def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_update_grad
             enable_gradient_checkpointing(tiny_model)
     finally:
         del tiny_model.supports_gradient_checkpointing
+
+
+def test_compiled_layers_keep_the_update_gradient(inputs, tokenizer, tiny_model):
+    """train.compile: the trainer's update passes (both estimators, micro-batches of uneven
+    lengths) run through compiled decoder layers and give the gradient of the same passes
+    uncompiled, to float rounding; with gradient checkpointing on as well (the recomputation
+    replays the compiled layer)."""
+    import copy
+
+    from accelerate import Accelerator
+    from torch._dynamo.utils import counters
+
+    from bvpo.modeling import compile_decoder_layers
+    from bvpo.train import PairLoss, enable_gradient_checkpointing
+
+    params = load_params(write_micro_params(inputs / "params-compile.yaml", {
+        "train": {"micro_batch_size": 2}, "model": {"max_length": 96}}))
+    # Sums of 1 to 6 terms: micro-batches of several lengths, which one dynamic graph must serve.
+    eos, rows = tokenizer.eos_token, {"think": [], "nothink": []}
+    for i in range(6):
+        terms = [str(10 + 7 * j + i) for j in range(i + 1)]
+        total = sum(map(int, terms))
+        for mode in rows:
+            trace, wrong = ("+".join(terms) + f"={total}", "+".join(terms) + f"={total + 1}") \
+                if mode == "think" else (None, None)
+            rows[mode].append({"prompt": "Compute " + "+".join(terms) + ".",
+                               "chosen": completion_text(trace, str(total), eos),
+                               "rejected": completion_text(wrong, str(total + 1), eos)})
+    pair_loss = PairLoss(params, shifted_reference_pairs(inputs, tokenizer, tiny_model, rows), tokenizer.pad_token_id)
+    accelerator = Accelerator(cpu=True)
+    indices = list(range(6))
+    assert len({len(pair_loss.data["think"].chosen[i].input_ids) for i in indices}) == 6
+
+    def gradient(compiled: bool, checkpointing: bool = False):
+        model = copy.deepcopy(tiny_model)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        if compiled:
+            assert compile_decoder_layers(model) == len(model.model.layers) == 2
+        model.train()
+        for mode, last in (("think", False), ("nothink", True)):
+            pair_loss.update_pass(model, mode, indices, len(indices), accelerator, sync_last=last, alpha=0.3)
+        assert model.state_dict().keys() == tiny_model.state_dict().keys()
+        return [p.grad for p in model.parameters()]
+
+    plain = gradient(False)
+    counters.clear()
+    for checkpointing in (False, True):
+        compiled = gradient(True, checkpointing)
+        for a, b in zip(compiled, plain):
+            assert (a - b).norm() <= 1e-5 * b.norm() + 1e-9
+    assert counters["stats"]["unique_graphs"] >= 1  # the layers did run compiled
 
 
 def test_a_method_can_choose_its_own_preference_loss(inputs, tokenizer, tiny_model):

@@ -391,6 +391,19 @@ class TrainConfig:
     checkpoint with it turned on. Under FSDP use the accelerate config's
     `fsdp_activation_checkpointing` instead (configs/fsdp.yaml sets it); both at once is refused.
     The policy only: the reference runs without gradients."""
+    compile: bool = False
+    """Compile each decoder layer with `torch.compile` (inductor, dynamic shapes), in place: one
+    layer's graph serves every layer and every micro-batch length, and the weights' names are
+    unchanged, so checkpoints and the saved model are as without it. The first steps pay the
+    compile (on a 2-core CPU about 45 s for the embedded model with an empty inductor cache, under
+    10 s with a warm one; its steps then ran 18% faster, which a 400-step CPU run does not earn
+    back, hence off by default: docs/benchmarks.md; a CPU needs a C++ compiler; not yet measured
+    on a GPU, where runs are long enough to gain). Fused kernels round differently, so the
+    weights agree with an uncompiled run to float rounding, not bit for bit; like
+    `num_processes` it stays out of the training fingerprint (a run resumes with it switched).
+    The reference's layers are compiled too (its precomputed log-probs are cached per setting):
+    under bf16 compiled kernels round otherwise, and the log-ratio must start at 0. Not with the
+    accelerate config's `dynamo_config`, which compiles the whole model: both at once is refused."""
     attention: str = "sdpa"
     """The policy's (and live reference's) attention kernel while training: `sdpa`, or
     `flex_attention` (GPU only: torch has no FlexAttention backward on a CPU), which needs
@@ -489,7 +502,7 @@ class TrainConfig:
                self.max_skipped_fraction)
         _check(self.seed is None or self.seed >= 0, "train.seed", "an integer >= 0 or null", self.seed)
         if self.accelerate_config is not None:
-            _check_accelerate_config(self.accelerate_config, base_dir, self.gradient_checkpointing)
+            _check_accelerate_config(self.accelerate_config, base_dir, self.gradient_checkpointing, self.compile)
 
 
 @dataclass
@@ -874,7 +887,8 @@ def validate(params: Params, base_dir: Path | None = None) -> Params:
     return params
 
 
-def _check_accelerate_config(config_file: str, base_dir: Path | None, gradient_checkpointing: bool = False) -> None:
+def _check_accelerate_config(config_file: str, base_dir: Path | None, gradient_checkpointing: bool = False,
+                             compile_layers: bool = False) -> None:
     path = Path(config_file)
     if base_dir is not None and not path.is_absolute() and not path.is_file():
         path = base_dir / path
@@ -894,6 +908,13 @@ def _check_accelerate_config(config_file: str, base_dir: Path | None, gradient_c
     _check(not (gradient_checkpointing and fsdp_checkpoints), "train.gradient_checkpointing",
            f"false while {config_file} sets fsdp_activation_checkpointing (FSDP already recomputes each layer; "
            "both would recompute every layer twice: keep one of them)", gradient_checkpointing)
+    # accelerate also reads the older top-level `dynamo_backend`.
+    dynamo = raw.get("dynamo_config") if isinstance(raw, dict) else None
+    backend = str((dynamo if isinstance(dynamo, dict) else raw if isinstance(raw, dict) else {})
+                  .get("dynamo_backend", "NO")).upper()
+    _check(not (compile_layers and backend != "NO"), "train.compile",
+           f"false while {config_file} sets dynamo_config (dynamo_backend {backend}: accelerate compiles the whole "
+           "model; train.compile compiles its layers; keep one of them)", compile_layers)
 
 
 def _check_task_fits(params: Params) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -165,6 +167,27 @@ def _sdpa_fp32_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 AttentionInterface.register(SDPA_FP32, _sdpa_fp32_attention)
+
+
+def compile_decoder_layers(model) -> int:
+    """`torch.compile` each decoder layer in place (regional compilation: the layers share one
+    graph, so the compile is paid once, not per layer; the parameter names do not change, so
+    checkpoints and the saved model are as without it). Dynamic shapes: micro-batch lengths
+    change every step. Returns how many layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ModelError(f"train.compile: {type(model).__name__} has no decoder layers transformers marks as "
+                         "such (GradientCheckpointingLayer), so there is nothing to compile per layer; set it to "
+                         "false")
+    device = next(model.parameters()).device
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        raise ModelError("train.compile on a CPU needs a C++ compiler (torch's inductor builds its kernels with "
+                         "it): install g++ (apt-get install g++) or set train.compile: false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 @contextlib.contextmanager

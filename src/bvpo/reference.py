@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .modeling import SDPA_FP32, load_model, resolve_model_dir
+from .modeling import SDPA_FP32, compile_decoder_layers, load_model, resolve_model_dir
 from .runtime import files_digest
 from .packing import pair_rows, score_pairs_packed
 from .sequences import Encoded, score_pairs
@@ -102,9 +102,11 @@ def cpu_bf16(accelerator) -> bool:
     return accelerator.device.type == "cpu" and str(accelerator.mixed_precision) == "bf16"
 
 
-def load_reference_model(base_dir: str, accelerator, attention: str = "sdpa"):
+def load_reference_model(base_dir: str, accelerator, attention: str = "sdpa", compile_layers: bool = False):
     """The frozen reference, with the same parameter numerics as the policy's forward pass: fp32
-    weights (the policy's master weights) under the same autocast, or FSDP's parameter cast."""
+    weights (the policy's master weights) under the same autocast, or FSDP's parameter cast, and
+    compiled layers when the policy's are (`train.compile`: under bf16 the compiled kernels round
+    otherwise, and the step-0 log-ratio would not start at 0)."""
     model = load_model(base_dir, "fp32", accelerator.device).eval().requires_grad_(False)
     compute = reference_param_dtype(accelerator)
     if compute is not None:
@@ -114,6 +116,8 @@ def load_reference_model(base_dir: str, accelerator, attention: str = "sdpa"):
         model.set_attn_implementation(attention)
     if cpu_bf16(accelerator) and model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(SDPA_FP32)  # scoring only, never saved
+    if compile_layers:
+        compile_decoder_layers(model)
     return model
 
 
@@ -154,9 +158,10 @@ def precomputed_reference(cache_file: Path, load_reference, data: dict[str, tupl
 def cache_file(cache_dir: Path, pairs_digest: str, base_digest: str, params, accelerator) -> Path:
     """Where the reference log-probs of these pairs under this model are cached: the name hashes
     everything that changes them (pairs, model, scoring code and library versions, length limits,
-    autocast, FSDP's parameter cast, prompt sharing, packing, attention kernel)."""
+    autocast, FSDP's parameter cast, prompt sharing, packing, attention kernel, compiled layers)."""
     key = "-".join([pairs_digest, base_digest, scoring_code_digest(), str(params.model.max_length),
                     str(params.model.max_length_nothink), str(accelerator.mixed_precision),
                     str(reference_param_dtype(accelerator)), str(params.train.shared_prompt), str(params.train.max_tokens_per_micro_batch), params.train.attention,
+                    str(params.train.compile),
                     accelerator.device.type, attention_implementation()])
     return cache_dir / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"

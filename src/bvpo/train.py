@@ -40,7 +40,7 @@ from .config import Params, TrainConfig, load_params
 from .errors import BvpoError
 from .gradients import GradientVector, mixed_variance
 from .losses import bvpo_loss, estimator_loss
-from .modeling import TORCH_DTYPES, load_model, load_tokenizer, resolve_dtype, sdpa_in_fp32
+from .modeling import TORCH_DTYPES, compile_decoder_layers, load_model, load_tokenizer, resolve_dtype, sdpa_in_fp32
 from .modes import MODES
 from .paths import record_run_facts
 from .reference import cache_file, code_digest, cpu_bf16, load_reference_model, model_digest, precomputed_reference
@@ -313,6 +313,7 @@ class TrainState:
     alpha: AlphaState
     start_step: int = 0
     history: list[dict] = field(default_factory=list)
+    first_step_done: float | None = None  # perf_counter at the end of this run's first step
 
 
 def setup(name: str, alpha: float | str, params: Params, base_dir: str, method_dir: Path,
@@ -335,6 +336,11 @@ def setup(name: str, alpha: float | str, params: Params, base_dir: str, method_d
         layers = enable_gradient_checkpointing(model)
         if accelerator.is_main_process:
             print(f"train {name}: gradient checkpointing, {layers} decoder layers recomputed in the backward",
+                  flush=True)
+    if t.compile:
+        layers = compile_decoder_layers(model)
+        if accelerator.is_main_process:
+            print(f"train {name}: torch.compile on {layers} decoder layers (the first steps pay the compile)",
                   flush=True)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -432,6 +438,8 @@ def train_loop(state: TrainState, pair_loss: PairLoss, t: TrainConfig, method_di
             state.scheduler.step()
         row["alpha"] = alpha
         state.history.append(row)
+        if state.first_step_done is None:
+            state.first_step_done = time.perf_counter()
         if accelerator.is_main_process:
             bar.set_postfix(loss=f"{loss_total:.3f}", alpha=f"{alpha:.2f}")
         logger.log(row)
@@ -506,7 +514,11 @@ def train_method(name: str, alpha: float | str, params: Params, base_dir: str, p
         train_loop(state, pair_loss, params.train, method_dir, logger)
     # Timings and memory go beside the checkpoints (RUN_FACTS), not into the saved model: a
     # retrained model is then byte-identical, and so is its DVC hash.
-    facts = {"seconds_this_run": time.perf_counter() - started}
+    ended = time.perf_counter()
+    facts = {"seconds_this_run": ended - started, "steps_this_run": params.train.steps - state.start_step}
+    if state.first_step_done is not None and facts["steps_this_run"] > 1:
+        # The steady rate: the first step pays allocation and, with train.compile, the compile.
+        facts["seconds_after_first_step"] = ended - state.first_step_done
     if on_cuda:  # this process's peak while training (model, optimizer, activations), for sizing runs
         facts["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(state.accelerator.device) / 2**30
     if state.accelerator.is_main_process:
@@ -544,7 +556,7 @@ def accelerate_command(params: Params, module_args: list[str],
 
 
 def check_launch(accelerator, attention: str = "sdpa", packed: bool = False,
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, compile_layers: bool = False) -> None:
     """Refuse set-ups that would silently train something other than the BVPO objective, or do
     the same work twice."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -567,6 +579,11 @@ def check_launch(accelerator, attention: str = "sdpa", packed: bool = False,
                             "config's fsdp_activation_checkpointing, or FSDP_ACTIVATION_CHECKPOINTING in the "
                             "environment) would recompute every layer twice: set train.gradient_checkpointing: "
                             "false, or turn FSDP's off")
+    dynamo = getattr(getattr(accelerator, "state", None), "dynamo_plugin", None)
+    if compile_layers and str(getattr(dynamo, "backend", "NO")).split(".")[-1].upper() != "NO":
+        raise TrainingError("train.compile with accelerate's own compilation (the accelerate config's dynamo_config, "
+                            "or ACCELERATE_DYNAMO_BACKEND in the environment) would compile the model twice: set "
+                            "train.compile: false, or turn accelerate's off")
     if str(accelerator.mixed_precision) == "fp16" and accelerator.scaler is None:
         raise TrainingError("train.mixed_precision fp16 needs a GPU: on a CPU accelerate runs it without autocast "
                             "or loss scaling (no GradScaler), i.e. silently in fp32. Use bf16 (or auto) or fp32 here")
@@ -650,11 +667,11 @@ def setup_pairs(args, params: Params, accelerator) -> SharedSetup:
     pairs_digest, base_digest = files_digest(Path(args.pairs)), model_digest(args.base)
     reference = None
     if t.reference == "live":
-        reference = load_reference_model(args.base, accelerator, t.attention)
+        reference = load_reference_model(args.base, accelerator, t.attention, t.compile)
         data = {mode: PairSet(c, r, None, None) for mode, (c, r) in encoded.items()}
     else:
         logps = precomputed_reference(cache_file(Path(args.cache), pairs_digest, base_digest, params, accelerator),
-                                      lambda: load_reference_model(args.base, accelerator, t.attention),
+                                      lambda: load_reference_model(args.base, accelerator, t.attention, t.compile),
                                       encoded, tokenizer.pad_token_id, accelerator, t.shared_prompt,
                                       t.max_tokens_per_micro_batch)
         data = {mode: PairSet(c, r, *logps[mode]) for mode, (c, r) in encoded.items()}
@@ -666,9 +683,10 @@ def method_fingerprint(name: str, method, params: Params, shared: SharedSetup) -
     """Everything that decides a method's weights: a checkpoint made with other settings, pairs or
     base model is never resumed, nor a finished method reused."""
     # Settings that change how the work is spread or memory is spent, not the weights, stay out,
-    # so a run resumes after changing them (more processes, or checkpointing after running out of memory).
+    # so a run resumes after changing them (more processes, checkpointing after running out of memory,
+    # compiled layers: these round differently, as more processes do, but train the same objective).
     train_config = {k: v for k, v in params.to_dict()["train"].items()
-                    if k not in ("methods", "num_processes", "gradient_checkpointing")}
+                    if k not in ("methods", "num_processes", "gradient_checkpointing", "compile")}
     return hashlib.sha256(json.dumps(
         [name, method.alpha, method.preference_weight, method.loss_type, train_config, params.seed, params.model.max_length,
          params.model.max_length_nothink, params.model.dtype, shared.pairs_digest, shared.base_digest,
@@ -686,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     accelerator = Accelerator()  # for the shared setup; each method gets its own in `setup`
     check_launch(accelerator, params.train.attention, params.train.max_tokens_per_micro_batch is not None,
-                 params.train.gradient_checkpointing)
+                 params.train.gradient_checkpointing, params.train.compile)
     shared = setup_pairs(args, params, accelerator)
     main_process, work_dir = accelerator.is_main_process, Path(args.work)
     train_config = {k: v for k, v in params.to_dict()["train"].items() if k not in ("methods", "num_processes")}
