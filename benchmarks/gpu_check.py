@@ -130,7 +130,9 @@ def main() -> int:
         # kernels may sum in another order). Compiled kernels round bf16 intermediates elsewhere
         # (on a CPU a 13% relative difference, the size of bf16's own from fp32), so fp32 there.
         same_gradient(check, base, pairs, "gradient checkpointing", enable_gradient_checkpointing, 1e-3)
-        same_gradient(check, base, pairs, "train.compile", compile_decoder_layers, 1e-3, bf16=False)
+        same_gradient(check, base, pairs, "train.compile",
+                      lambda policy: compile_decoder_layers(policy, next(policy.parameters()).device.type), 1e-3,
+                      bf16=False)
     return check.exit_code()
 
 

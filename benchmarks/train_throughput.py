@@ -131,7 +131,8 @@ def run_one(args) -> None:
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"config": args.config, "seconds": seconds, "pairs_per_s": pairs / seconds,
-                      "steady_pairs_per_s": sum(per_step[1:]) / facts["seconds_after_first_step"],
+                      "steady_pairs_per_s": sum(per_step[1:]) / facts["seconds_after_first_step"]
+                      if "seconds_after_first_step" in facts else float("nan"),
                       "tokens_per_s": tokens / seconds, "peak_mb": peak_mb, "steps": len(history)}))
 
 

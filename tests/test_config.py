@@ -190,7 +190,9 @@ def test_gradient_checkpointing_is_refused_beside_fsdp_activation_checkpointing(
 
 
 def test_compile_is_refused_beside_accelerates_own_compilation(tmp_path):
+    # accelerate reads dynamo_config's key with or without its prefix, and an older top-level one.
     for name, text in (("dynamo.yaml", "distributed_type: MULTI_GPU\ndynamo_config:\n  dynamo_backend: INDUCTOR\n"),
+                       ("dynamo-unprefixed.yaml", "distributed_type: MULTI_GPU\ndynamo_config:\n  backend: inductor\n"),
                        ("dynamo-old.yaml", "distributed_type: MULTI_GPU\ndynamo_backend: inductor\n")):
         config = tmp_path / name
         config.write_text(text)
@@ -200,8 +202,11 @@ def test_compile_is_refused_beside_accelerates_own_compilation(tmp_path):
         load_params(write(tmp_path, {"train.accelerate_config": str(config), "train.compile": False}))
     off = tmp_path / "dynamo-off.yaml"
     off.write_text("distributed_type: MULTI_GPU\ndynamo_config:\n  dynamo_backend: 'NO'\n")
-    for config in (off, ROOT / "configs" / "ddp_multi_gpu.yaml", ROOT / "configs" / "fsdp.yaml"):
+    for config in (off, ROOT / "configs" / "ddp_multi_gpu.yaml"):
         load_params(write(tmp_path, {"train.accelerate_config": str(config), "train.compile": True}))
+    with pytest.raises(ConfigError, match="train.compile: expected false with the FSDP config .*fsdp.yaml"):
+        load_params(write(tmp_path, {"train.accelerate_config": str(ROOT / "configs" / "fsdp.yaml"),
+                                     "train.compile": True}))
 
 
 def test_the_embedded_task_must_fit_the_context(tmp_path):

@@ -203,9 +203,10 @@ def test_gradient_checkpointing_beside_fsdp_checkpointing_is_refused_at_launch(m
     check_launch(accelerator("MULTI_GPU", None), gradient_checkpointing=True)
 
 
-def test_compile_beside_accelerates_dynamo_plugin_is_refused_at_launch(monkeypatch):
+def test_compile_beside_accelerates_dynamo_plugin_or_fsdp_is_refused_at_launch(monkeypatch):
     """accelerate compiles the whole model when its dynamo backend is set (config file,
-    environment or default config): the launch check asks accelerate's own plugin."""
+    environment or default config): the launch check asks accelerate's own plugin. FSDP would
+    wrap the compiled layers in its activation checkpointing: refused too."""
     from types import SimpleNamespace
 
     from accelerate.utils import TorchDynamoPlugin
@@ -214,8 +215,8 @@ def test_compile_beside_accelerates_dynamo_plugin_is_refused_at_launch(monkeypat
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
-    def accelerator(backend: str):
-        return SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(name="NO"), mixed_precision="no",
+    def accelerator(backend: str, kind: str = "NO"):
+        return SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(name=kind), mixed_precision="no",
                                scaler=None, device=torch.device("cpu"),
                                state=SimpleNamespace(fsdp_plugin=None, dynamo_plugin=TorchDynamoPlugin(backend=backend)))
 
@@ -223,3 +224,7 @@ def test_compile_beside_accelerates_dynamo_plugin_is_refused_at_launch(monkeypat
         check_launch(accelerator("inductor"), compile_layers=True)
     check_launch(accelerator("inductor"), compile_layers=False)
     check_launch(accelerator("no"), compile_layers=True)
+    check_launch(accelerator("no", "MULTI_GPU"), compile_layers=True)
+    # FSDP from the environment or accelerate's default config, which the params check does not read.
+    with pytest.raises(TrainingError, match="train.compile with FSDP is not supported"):
+        check_launch(accelerator("no", "FSDP"), compile_layers=True)

@@ -85,6 +85,29 @@ def test_prompts_that_do_not_fit_the_length_limit_are_refused_before_sampling(us
         run(load_params(tight), project)
 
 
+def test_training_settings_the_model_or_machine_cannot_run_are_refused_before_sampling(user_project, monkeypatch):
+    """train.gradient_checkpointing needs a model class transformers can checkpoint, and
+    train.compile on a CPU a C++ compiler: `bvpo check` says so before hours of sampling."""
+    import torch._inductor.config as inductor_config
+    from transformers import Qwen3ForCausalLM
+
+    from bvpo.chat import ModelError
+    from bvpo.preflight import run
+
+    project, model = user_project
+    both = params_with(project, "ckpt-compile", model={"path": str(model), "max_length": 64},
+                       data={"source": "data/inputs/prompts.jsonl"}, sample={"max_new_tokens": 24},
+                       train={"gradient_checkpointing": True, "compile": True})
+    run(load_params(both), project)  # this model class and this machine can
+    with monkeypatch.context() as patch:  # as with CXX pointing at a compiler that is not there
+        patch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
+        with pytest.raises(ModelError, match=r"train.compile on a CPU needs a C\+\+ compiler .*No working C\+\+ compiler"):
+            run(load_params(both), project)
+    monkeypatch.setattr(Qwen3ForCausalLM, "supports_gradient_checkpointing", False)
+    with pytest.raises(ModelError, match="train.gradient_checkpointing: Qwen3ForCausalLM does not support"):
+        run(load_params(both), project)
+
+
 def test_settings_that_need_answers_are_checked_against_the_prompts(user_project):
     from bvpo.preflight import run
 

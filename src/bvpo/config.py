@@ -402,8 +402,9 @@ class TrainConfig:
     weights agree with an uncompiled run to float rounding, not bit for bit; like
     `num_processes` it stays out of the training fingerprint (a run resumes with it switched).
     The reference's layers are compiled too (its precomputed log-probs are cached per setting):
-    under bf16 compiled kernels round otherwise, and the log-ratio must start at 0. Not with the
-    accelerate config's `dynamo_config`, which compiles the whole model: both at once is refused."""
+    under bf16 compiled kernels round otherwise, and the log-ratio must start at 0. One GPU or
+    DDP: refused with FSDP, and beside the accelerate config's `dynamo_config` (which compiles the
+    whole model)."""
     attention: str = "sdpa"
     """The policy's (and live reference's) attention kernel while training: `sdpa`, or
     `flex_attention` (GPU only: torch has no FlexAttention backward on a CPU), which needs
@@ -908,13 +909,18 @@ def _check_accelerate_config(config_file: str, base_dir: Path | None, gradient_c
     _check(not (gradient_checkpointing and fsdp_checkpoints), "train.gradient_checkpointing",
            f"false while {config_file} sets fsdp_activation_checkpointing (FSDP already recomputes each layer; "
            "both would recompute every layer twice: keep one of them)", gradient_checkpointing)
-    # accelerate also reads the older top-level `dynamo_backend`.
-    dynamo = raw.get("dynamo_config") if isinstance(raw, dict) else None
-    backend = str((dynamo if isinstance(dynamo, dict) else raw if isinstance(raw, dict) else {})
-                  .get("dynamo_backend", "NO")).upper()
+    # As accelerate reads it: a top-level `dynamo_backend` (older files) wins over dynamo_config's
+    # `dynamo_backend`, which may also be written without its prefix.
+    dynamo = (raw.get("dynamo_config") if isinstance(raw, dict) else None) or {}
+    dynamo = dynamo if isinstance(dynamo, dict) else {}
+    backend = str((raw if isinstance(raw, dict) else {}).get("dynamo_backend")
+                  or dynamo.get("dynamo_backend") or dynamo.get("backend") or "NO").upper()
     _check(not (compile_layers and backend != "NO"), "train.compile",
            f"false while {config_file} sets dynamo_config (dynamo_backend {backend}: accelerate compiles the whole "
            "model; train.compile compiles its layers; keep one of them)", compile_layers)
+    _check(not (compile_layers and kind == "FSDP"), "train.compile",
+           f"false with the FSDP config {config_file} (FSDP's activation checkpointing would wrap the compiled "
+           "layers; not supported): use it with DDP", compile_layers)
 
 
 def _check_task_fits(params: Params) -> None:

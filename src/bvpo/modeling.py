@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -169,25 +167,61 @@ def _sdpa_fp32_attention(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(SDPA_FP32, _sdpa_fp32_attention)
 
 
-def compile_decoder_layers(model) -> int:
-    """`torch.compile` each decoder layer in place (regional compilation: the layers share one
-    graph, so the compile is paid once, not per layer; the parameter names do not change, so
-    checkpoints and the saved model are as without it). Dynamic shapes: micro-batch lengths
-    change every step. Returns how many layers."""
+def check_training_support(model, gradient_checkpointing: bool, compile_layers: bool, device_type: str) -> None:
+    """Whether this model class (a meta-device instance will do) and machine can run
+    `train.gradient_checkpointing` / `train.compile`: the train stage asks at setup, `bvpo check`
+    before any sampling."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
+    if gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient "
+                         "checkpointing in transformers; set it to false (and lower train.micro_batch_size or "
+                         "train.max_tokens_per_micro_batch if memory is short)")
+    if compile_layers and not any(isinstance(m, GradientCheckpointingLayer) for m in model.modules()):
         raise ModelError(f"train.compile: {type(model).__name__} has no decoder layers transformers marks as "
                          "such (GradientCheckpointingLayer), so there is nothing to compile per layer; set it to "
                          "false")
-    device = next(model.parameters()).device
-    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
-        raise ModelError("train.compile on a CPU needs a C++ compiler (torch's inductor builds its kernels with "
-                         "it): install g++ (apt-get install g++) or set train.compile: false")
+    if compile_layers and device_type == "cpu":
+        check_cpu_compiler()
+
+
+def compile_decoder_layers(model, device_type: str) -> int:
+    """`torch.compile` each decoder layer in place (regional compilation: the layers share one
+    graph, so the compile is paid once, not per layer; the parameter names do not change, so
+    checkpoints and the saved model are as without it). Dynamic shapes: micro-batch lengths
+    change every step. `device_type`: where the layers will run. Returns how many layers."""
+    import torch._dynamo
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    check_training_support(model, False, True, device_type)
+    # Every in-place compiled module shares one code object (Module._call_impl) and so one
+    # cache of graphs: the policy's (grad, train mode), the reference's (no grad), their size
+    # specialisations and attention switches. Past dynamo's default of 8 it would run the layers
+    # eagerly with only a warning, losing the speed and, under bf16, the reference's match.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
+
+
+def check_cpu_compiler() -> None:
+    """inductor's CPU kernels are C++ built against Python's headers: say so before the first
+    step rather than in a compiler traceback."""
+    import sysconfig
+
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        compiler = get_cpp_compiler()
+    except Exception as err:  # torch's own search; its error names what it looked for
+        raise ModelError(f"train.compile on a CPU needs a C++ compiler for torch's inductor ({err}): install g++ "
+                         "(apt-get install g++), point CXX at one, or set train.compile: false") from None
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        raise ModelError(f"train.compile on a CPU builds C++ kernels against Python's headers, but {headers} is "
+                         f"missing: install them (apt-get install python3-dev) or set train.compile: false "
+                         f"(compiler found: {compiler})")
 
 
 @contextlib.contextmanager

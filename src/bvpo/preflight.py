@@ -1,9 +1,10 @@
 """Preflight: what can be checked before any sampling, for any model.
 
-A real run fails late in three ways this catches in seconds: a chat template that cannot run
+A real run fails late in four ways this catches in seconds: a chat template that cannot run
 both modes (`chat.check_thinking_template`), prompts that with `max_new_tokens` do not fit
-`model.max_length` (the samples would be generated, then skipped in training), and a sampling
-batch whose KV cache does not fit the device. It also refuses settings that need answers the
+`model.max_length` (the samples would be generated, then skipped in training), a sampling
+batch whose KV cache does not fit the device, and training settings the model class or machine
+cannot run (`train.gradient_checkpointing`, `train.compile`). It also refuses settings that need answers the
 prompts do not have. `bvpo check` runs it; the flow runs it before the first stage, and the
 sample stage sizes its batch with the same estimate.
 """
@@ -193,7 +194,7 @@ def run(params: Params, project_dir: Path | str = ".", params_file: Path | str |
     from transformers import AutoConfig
 
     from .chat import build_tokenizer
-    from .modeling import hub_kwargs, load_tokenizer, pick_device, resolve_dtype, tiny_config
+    from .modeling import check_training_support, hub_kwargs, load_tokenizer, pick_device, resolve_dtype, tiny_config
 
     root = Path(project_dir).resolve()
     params_path = Path(params_file) if params_file is not None else root / "params.yaml"
@@ -223,6 +224,14 @@ def run(params: Params, project_dir: Path | str = ".", params_file: Path | str |
         raise ConfigError(f"sample.max_new_tokens / evaluate.max_new_tokens: the longest prompt ({longest} tokens) plus "
                           f"{max(s.max_new_tokens, params.evaluate.max_new_tokens)} new tokens exceeds the model's "
                           f"context of {sizes.context} tokens (max_position_embeddings)")
+    t = params.train
+    if t.gradient_checkpointing or t.compile:  # else the train stage would say so after sampling
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            shape = AutoModelForCausalLM.from_config(config)
+        check_training_support(shape, t.gradient_checkpointing, t.compile, pick_device().type)
     if s.backend == "hf":
         device = pick_device()
         dtype = resolve_dtype(m.dtype, device)

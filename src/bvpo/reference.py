@@ -117,7 +117,7 @@ def load_reference_model(base_dir: str, accelerator, attention: str = "sdpa", co
     if cpu_bf16(accelerator) and model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(SDPA_FP32)  # scoring only, never saved
     if compile_layers:
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, accelerator.device.type)
     return model
 
 

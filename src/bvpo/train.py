@@ -40,7 +40,8 @@ from .config import Params, TrainConfig, load_params
 from .errors import BvpoError
 from .gradients import GradientVector, mixed_variance
 from .losses import bvpo_loss, estimator_loss
-from .modeling import TORCH_DTYPES, compile_decoder_layers, load_model, load_tokenizer, resolve_dtype, sdpa_in_fp32
+from .modeling import (TORCH_DTYPES, check_training_support, compile_decoder_layers, load_model, load_tokenizer,
+                       resolve_dtype, sdpa_in_fp32)
 from .modes import MODES
 from .paths import record_run_facts
 from .reference import cache_file, code_digest, cpu_bf16, load_reference_model, model_digest, precomputed_reference
@@ -291,10 +292,7 @@ def enable_gradient_checkpointing(model) -> int:
     which the reentrant variant does not replay."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise TrainingError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient "
-                            "checkpointing in transformers; set it to false (and lower train.micro_batch_size or "
-                            "train.max_tokens_per_micro_batch if memory is short)")
+    check_training_support(model, True, False, "cpu")
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in model.modules())
 
@@ -338,7 +336,7 @@ def setup(name: str, alpha: float | str, params: Params, base_dir: str, method_d
             print(f"train {name}: gradient checkpointing, {layers} decoder layers recomputed in the backward",
                   flush=True)
     if t.compile:
-        layers = compile_decoder_layers(model)
+        layers = compile_decoder_layers(model, accelerator.device.type)
         if accelerator.is_main_process:
             print(f"train {name}: torch.compile on {layers} decoder layers (the first steps pay the compile)",
                   flush=True)
@@ -584,6 +582,10 @@ def check_launch(accelerator, attention: str = "sdpa", packed: bool = False,
         raise TrainingError("train.compile with accelerate's own compilation (the accelerate config's dynamo_config, "
                             "or ACCELERATE_DYNAMO_BACKEND in the environment) would compile the model twice: set "
                             "train.compile: false, or turn accelerate's off")
+    if compile_layers and kind == "FSDP":
+        # FSDP's activation checkpointing would wrap the already compiled layers, the order
+        # accelerate itself avoids (compile after checkpointing); not run on a GPU here.
+        raise TrainingError("train.compile with FSDP is not supported: use DDP with it, or FSDP without it")
     if str(accelerator.mixed_precision) == "fp16" and accelerator.scaler is None:
         raise TrainingError("train.mixed_precision fp16 needs a GPU: on a CPU accelerate runs it without autocast "
                             "or loss scaling (no GradScaler), i.e. silently in fp32. Use bf16 (or auto) or fp32 here")
