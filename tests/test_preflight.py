@@ -99,8 +99,9 @@ def test_training_settings_the_model_or_machine_cannot_run_are_refused_before_sa
                        data={"source": "data/inputs/prompts.jsonl"}, sample={"max_new_tokens": 24},
                        train={"gradient_checkpointing": True, "compile": True})
     run(load_params(both), project)  # this model class and this machine can
-    with monkeypatch.context() as patch:  # as with CXX pointing at a compiler that is not there
-        patch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
+    # As with CXX pointing at a compiler that is not there. inductor's own patch restores the
+    # setting; monkeypatch.setattr on its config proxy left it deleted for every later test.
+    with inductor_config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
         with pytest.raises(ModelError, match=r"train.compile on a CPU needs a C\+\+ compiler .*No working C\+\+ compiler"):
             run(load_params(both), project)
     monkeypatch.setattr(Qwen3ForCausalLM, "supports_gradient_checkpointing", False)
