@@ -150,7 +150,8 @@ def same_gradient(check: Checks, base: Path, pairs: Path, what: str, change, bou
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, model = load_tokenizer(base), load_model(base, "fp32", device)
-    rows = load_from_disk(str(pairs)).select(range(n_pairs))
+    dataset = load_from_disk(str(pairs))
+    rows = dataset.select(range(min(n_pairs, len(dataset))))  # a micro pipeline may pair fewer
     chosen = [encode(tokenizer, r["prompt"], r["chosen"], True) for r in rows]
     rejected = [encode(tokenizer, r["prompt"], r["rejected"], True) for r in rows]
     grads = []

@@ -88,7 +88,7 @@ def main() -> int:
         return 3
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
-        project = make_project(Path(tmp) / "project")
+        project = make_project(Path(tmp) / "project", dvc=False)  # the stages run here, not under dvc repro
         build_model(Path(tmp) / "model", args.shape, args.sft_steps, args.sft_lr, device)
         rows = [{"prompt": f"Compute {10 + i}+{20 + (7 * i) % 60}.", "answer": str(30 + i + (7 * i) % 60)}
                 for i in range(args.prompts)]
@@ -112,7 +112,7 @@ def main() -> int:
             start = time.perf_counter()
             result = bvpo(project, "stage", stage)
             check(f"stage {stage}", result.returncode == 0, f"{time.perf_counter() - start:.0f} s" if result.returncode == 0
-                  else (result.stdout + result.stderr).strip()[-500:])
+                  else (result.stdout + result.stderr).strip()[-3000:])
             if result.returncode:
                 return check.exit_code()
         stats = json.loads((project / "data/pairs/stats.json").read_text())

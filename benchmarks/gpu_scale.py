@@ -47,6 +47,9 @@ PACKED = {"max_tokens_per_micro_batch": 16384, "attention": "flex_attention"}
 
 QWEN3_06B = {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
              "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936}
+# --shape tiny (with --allow-cpu): the script's every path on a CPU in a minute, nothing timed worth reading.
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 2048}
 
 
 def text_of_tokens(tokenizer, rng: random.Random, n_tokens: int) -> str:
@@ -71,7 +74,8 @@ def build_project(project: Path, args) -> None:
     from realistic_model import train_tokenizer
 
     tokenizer = train_tokenizer("qwen3", vocab_size=2048)
-    config = Qwen3Config(**QWEN3_06B, max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=None,
+    shape = TINY if getattr(args, "shape", "qwen3-0.6b") == "tiny" else QWEN3_06B
+    config = Qwen3Config(**shape, max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=None,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config).to(torch.bfloat16)
@@ -102,8 +106,12 @@ def main() -> int:
     parser.add_argument("--answer-tokens", type=int, default=200, help="about this many per no-thinking answer")
     parser.add_argument("--new-tokens", type=int, default=512, help="sampling: tokens generated per sequence")
     parser.add_argument("--variants", default="ddp,packed,packed_ckpt,packed_compile,fsdp",
-                        help="comma-separated: ddp, packed, packed_ckpt, packed_compile, fsdp")
+                        help="comma-separated: ddp, packed, packed_ckpt, packed_compile, fsdp; empty: sampling only")
     parser.add_argument("--no-sampling", action="store_true", help="skip the generate throughput part")
+    parser.add_argument("--sampling-modes", default="think,nothink", help="comma-separated: think, nothink")
+    parser.add_argument("--no-one-by-one", action="store_true",
+                        help="sampling: skip the one-prompt-at-a-time row (slow; docs/scaling.md has it)")
+    parser.add_argument("--shape", choices=("qwen3-0.6b", "tiny"), default="qwen3-0.6b")
     parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -135,8 +143,14 @@ def main() -> int:
                    # Decoder layers compiled (train.compile); the first step pays the compile,
                    # so read its rate after the first step.
                    "packed_compile": {"accelerate_config": None, **PACKED, "compile": True}}
+        import torch
+
+        if not torch.cuda.is_available():  # --allow-cpu: torch has no FlexAttention backward on a CPU
+            for config in configs.values():
+                if config.get("attention") == "flex_attention":
+                    config["attention"] = "sdpa"
         flops = None
-        for variant in args.variants.split(","):
+        for variant in filter(None, args.variants.split(",")):
             print(f"{variant}:", flush=True)
             params_file = write_micro_params(project / f"params-{variant}.yaml", {
                 "model": model, "train": {**base_train, **configs[variant]}})
@@ -214,12 +228,13 @@ def sampling(project: Path, args) -> None:
     tokenizer, model = load_tokenizer(base), load_model(base, "bf16", device)
     prompts = [f"What is {a} + {b}?" for a, b in zip(range(100, 356), range(200, 456))]
     print(f"sampling: {args.new_tokens} new tokens per sequence, T = 1, bf16")
-    for thinking in (True, False):
+    rows = [(64, 64, args.new_tokens, "dynamic"), (64, 64, args.new_tokens, "static"),
+            (256, 256, args.new_tokens, "static")]
+    if not args.no_one_by_one:
+        rows.insert(0, (1, 2, args.new_tokens // 4, "dynamic"))
+    for thinking in (mode == "think" for mode in args.sampling_modes.split(",")):
         rates = {}
-        for batch_size, n, new, kv_cache in ((1, 2, args.new_tokens // 4, "dynamic"),
-                                             (64, 64, args.new_tokens, "dynamic"),
-                                             (64, 64, args.new_tokens, "static"),
-                                             (256, 256, args.new_tokens, "static")):
+        for batch_size, n, new, kv_cache in rows:
             if kv_cache == "static":  # the first batch of a shape compiles the decode step: not timed
                 generate(model, tokenizer, prompts[:n], thinking, new, batch_size, kv_cache=kv_cache)
             torch.manual_seed(0)
@@ -229,8 +244,10 @@ def sampling(project: Path, args) -> None:
             rates[batch_size, kv_cache] = sum(g.n_tokens for g in out) / elapsed
             print(f"  {'think' if thinking else 'nothink':8s} batch {batch_size:3d} {kv_cache:7s} cache: "
                   f"{rates[batch_size, kv_cache]:8.0f} tokens/s ({n} prompts, {elapsed:.1f} s)", flush=True)
-        print(f"  batch 64 / one-by-one: {rates[64, 'dynamic'] / rates[1, 'dynamic']:.1f}x; static / dynamic "
-              f"cache at batch 64: {rates[64, 'static'] / rates[64, 'dynamic']:.1f}x", flush=True)
+        if (1, "dynamic") in rates:
+            print(f"  batch 64 / one-by-one: {rates[64, 'dynamic'] / rates[1, 'dynamic']:.1f}x", flush=True)
+        print(f"  static / dynamic cache at batch 64: {rates[64, 'static'] / rates[64, 'dynamic']:.1f}x; static at "
+              f"batch 256 / dynamic at batch 64: {rates[256, 'static'] / rates[64, 'dynamic']:.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -48,9 +48,10 @@ PROJECT_FILES = ("dvc.yaml", ".gitignore", "data/champion.json", "data/incoming/
                  "data/benchmarks/README.md", "data/benchmarks/math500.jsonl", "data/benchmarks/gsm8k_test.jsonl")
 
 
-def make_project(repo: Path, overrides: dict | None = None) -> Path:
+def make_project(repo: Path, overrides: dict | None = None, dvc: bool = True) -> Path:
     """A fresh clone-like project: code, dvc.yaml, committed inputs and micro params in a new
-    git + DVC repository with one commit."""
+    git + DVC repository with one commit (`dvc=False`: git only, for scripts that run the stages
+    themselves where DVC is not installed, as on the GPU machines)."""
     import shutil
     import subprocess
     import sys
@@ -60,9 +61,10 @@ def make_project(repo: Path, overrides: dict | None = None) -> Path:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
     write_micro_params(repo / "params.yaml", overrides)
+    dvc_init = ([sys.executable, "-m", "dvc", "init", "-q"],
+                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]) if dvc else ()
     for args in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.invalid"],
-                 ["git", "config", "user.name", "ci"], [sys.executable, "-m", "dvc", "init", "-q"],
-                 [sys.executable, "-m", "dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
+                 ["git", "config", "user.name", "ci"], *dvc_init, ["git", "add", "-A"],
                  ["git", "commit", "-q", "-m", "micro project"]):
         subprocess.run(args, cwd=repo, check=True, capture_output=True)
     return repo
