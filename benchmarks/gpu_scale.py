@@ -112,6 +112,7 @@ def main() -> int:
     parser.add_argument("--no-one-by-one", action="store_true",
                         help="sampling: skip the one-prompt-at-a-time row (slow; docs/scaling.md has it)")
     parser.add_argument("--shape", choices=("qwen3-0.6b", "tiny"), default="qwen3-0.6b")
+    parser.add_argument("--methods", default="bvpo,bvpo_auto", help="comma-separated: bvpo (alpha 0.5), bvpo_auto")
     parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -132,7 +133,8 @@ def main() -> int:
         print(f"built model and {args.pairs} pairs per mode in {time.perf_counter() - start:.0f} s", flush=True)
         base_train = {**QWEN3_TRAIN, "steps": args.steps, "alpha_every": 3, "alpha_draws": 2, "alpha_draw_size": 2,
                       "checkpoint_every": 0, "telemetry": False, "mixed_precision": "bf16",
-                      "methods": {"bvpo": {"alpha": 0.5}, "bvpo_auto": {"alpha": "auto"}}}
+                      "methods": {name: {"alpha": {"bvpo": 0.5, "bvpo_auto": "auto"}[name]}
+                                  for name in args.methods.split(",")}}
         model = QWEN3_MODEL
         configs = {"ddp": {"accelerate_config": None}, "fsdp": {"accelerate_config": str(ROOT / "configs" / "fsdp.yaml")},
                    "packed": {"accelerate_config": None, **PACKED},

@@ -252,6 +252,8 @@ def main() -> int:
                         help="gpu_scale.py's Qwen3-0.6B-shaped model and ~2k-token trace pairs (GPU only)")
     parser.add_argument("--trainer-timeout", type=float, default=1800,
                         help="seconds one trainer's process may run before it counts as failed")
+    parser.add_argument("--trainers", default=None,
+                        help="comma-separated subset of the rows, in this order (default: every row for the device)")
     for hidden in ("--trainer", "--params", "--pairs", "--base"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -310,6 +312,14 @@ def main() -> int:
                 print("no native bf16 on this CPU (AVX512-BF16/AMX): the bf16 rows are skipped "
                       "(--emulated-bf16 runs them)")
                 trainers = trainers[:3]
+        if args.trainers:
+            asked = args.trainers.split(",")
+            unknown = [t for t in asked if t not in trainers]
+            if unknown:
+                print(f"--trainers: {', '.join(unknown)} not among this device's rows ({', '.join(trainers)})",
+                      file=sys.stderr)
+                return 2
+            trainers = tuple(asked)
         print(f"{source}; {args.steps} steps x batch {params.train.batch_size}, alpha = 1, precomputed reference; "
               f"torch {torch.__version__}, trl {trl.__version__}; {peak_text}")
         results: dict[str, list[dict]] = {name: [] for name in trainers}
