@@ -47,7 +47,8 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 # Metadata is not imports: the packages the steps need, imported once (an error here names the culprit).
 "$PY" -c "import datasets, mlflow, math_verify, transformers, accelerate, bvpo.train; from trl import DPOTrainer" \
   2>&1 | tail -n 5 | tee -a "$summary"
-"$PY" -m pip list --format=freeze > "$OUT/packages.txt" 2>/dev/null  # real versions for benchmarks/gpu_image.txt
+# The machine's own packages (without the carried ones): real versions for benchmarks/gpu_image.txt.
+env -u PYTHONPATH "$PY" -m pip list --format=freeze > "$OUT/packages.txt" 2>/dev/null
 
 failed=0
 left() { echo $(( budget - ($(date +%s) - start) )); }
@@ -78,8 +79,8 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$summary"
   scale=()
   # BVPO's GPU configuration (packed rows) against TRL's two shapes, the micro-batched one first
-  # (the whole batch of 16 sequences of ~2k tokens may run out of memory); each trainer capped so
-  # that the rows the ratio needs run inside the step's limit.
+  # (the whole batch of 16 sequences of ~2k tokens may run out of memory); each trainer capped.
+  # Each row's pairs/s is printed as it finishes, so a step cut at its limit still gives the ratio.
   trl=(--qwen3-shape --steps 6 --trainer-timeout 70 --trainers bvpo_bf16_packed,trl_bf16_micro,trl_bf16)
   check=()
 fi
