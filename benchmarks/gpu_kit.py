@@ -24,7 +24,6 @@ import argparse
 import re
 import subprocess
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -47,6 +46,8 @@ def normalize(name: str) -> str:
 
 
 def root_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[Requirement]:
+    import tomllib  # Python 3.11+, as on the machines this runs on
+
     project = tomllib.loads(pyproject.read_text())["project"]
     wanted = project["dependencies"] + project["optional-dependencies"]["bench"]
     return [r for r in map(Requirement, wanted) if normalize(r.name) not in NOT_ON_GPU]

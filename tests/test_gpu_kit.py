@@ -61,6 +61,7 @@ def test_a_requirement_not_installed_here_stops_the_build():
 def test_the_projects_own_requirements_resolve_here(tmp_path):
     """What `build` would carry for the recorded image, from this environment's metadata: the
     packages the GPU image lacks, and none of the orchestration ones."""
+    pytest.importorskip("tomllib")  # pyproject.toml is read with Python 3.11's tomllib
     roots = {gpu_kit.normalize(r.name) for r in gpu_kit.root_requirements()}
     assert {"transformers", "datasets", "mlflow", "math-verify", "trl"} <= roots
     assert not roots & {"prefect", "dvc", "psycopg"}
