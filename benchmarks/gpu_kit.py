@@ -143,8 +143,8 @@ def build(out: Path, python_version: str, limit_mib: float, image_file: Path) ->
     found, wanted = walk(root_requirements(), _installed_version, _requires, target_environment(python_version))
     carry = to_carry(found, wanted, read_image(image_file))
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.whl"):
-        stale.unlink()
+    for stale in [*out.glob("*.whl"), out / "TARGET"]:  # TARGET is written last: a failed build has none
+        stale.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
            "--python-version", python_version, "--implementation", "cp", "-d", str(out)]
     for platform in WHEEL_PLATFORMS:
