@@ -176,25 +176,27 @@ def build(out: Path, python_version: str, limit_mib: float, image_file: Path) ->
     return 0
 
 
+def unmet(found: dict, wanted: dict) -> list[str]:
+    """One line per requirement that `found` (name: version or None) leaves missing or unmet."""
+    problems = []
+    for name, version in sorted(found.items()):
+        if version is None:
+            problems.append(f"{name}: missing (wanted by {', '.join(sorted({str(r) for r in wanted[name]}))})")
+        elif not FROM_IMAGE.match(name) and not satisfies(version, wanted[name]):
+            refused = sorted({str(r) for r in wanted[name] if not satisfies(version, [r])})
+            problems.append(f"{name} {version}: does not meet {', '.join(refused)}")
+    return problems
+
+
 def check() -> int:
     """Every requirement of the GPU scripts, met in this environment? (Run on the GPU machine.)"""
     import platform
 
     found, wanted = walk(root_requirements(), _installed_version, _requires,
                          target_environment(".".join(platform.python_version_tuple()[:2])))
-    problems = []
-    for name, version in sorted(found.items()):
-        if version is None:
-            problems.append(f"{name}: missing (wanted by {', '.join(sorted({str(r) for r in wanted[name]}))})")
-        elif not FROM_IMAGE.match(name) and not satisfies(version, wanted[name]):
-            try:
-                unmet = sorted({str(r) for r in wanted[name]
-                                if not r.specifier.contains(Version(version), prereleases=True)})
-            except InvalidVersion:
-                unmet = ["any version check (its version is not PEP 440)"]
-            problems.append(f"{name} {version}: does not meet {', '.join(unmet)}")
     shown = ("torch", "transformers", "accelerate", "datasets", "mlflow", "trl", "huggingface-hub", "tokenizers")
     print("gpu_kit check: " + ", ".join(f"{n} {found.get(n)}" for n in shown))
+    problems = unmet(found, wanted)
     for line in problems:
         print(f"gpu_kit check: {line}")
     return 1 if problems else 0

@@ -45,11 +45,14 @@ QWEN3_MODEL = {"max_length": 8192}
 # each) under FlexAttention's block mask, instead of micro-batches of 2 padded pairs.
 PACKED = {"max_tokens_per_micro_batch": 16384, "attention": "flex_attention"}
 
-QWEN3_06B = {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
-             "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936}
-# --shape tiny (with --allow-cpu): the script's every path on a CPU in a minute, nothing timed worth reading.
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 2048}
+# Model shapes (a Qwen3 config's sizes), shared with gpu_recipe.py; tiny (with --allow-cpu): the
+# scripts' every path on a CPU in a minute, nothing timed worth reading.
+SHAPES = {
+    "qwen3-0.6b": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 2048},
+}
 
 
 def text_of_tokens(tokenizer, rng: random.Random, n_tokens: int) -> str:
@@ -65,7 +68,7 @@ def text_of_tokens(tokenizer, rng: random.Random, n_tokens: int) -> str:
     return "\n".join(parts)
 
 
-def build_project(project: Path, args) -> None:
+def build_project(project: Path, args, with_pairs: bool = True) -> None:
     import torch
     from datasets import Dataset
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -74,8 +77,7 @@ def build_project(project: Path, args) -> None:
     from realistic_model import train_tokenizer
 
     tokenizer = train_tokenizer("qwen3", vocab_size=2048)
-    shape = TINY if getattr(args, "shape", "qwen3-0.6b") == "tiny" else QWEN3_06B
-    config = Qwen3Config(**shape, max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=None,
+    config = Qwen3Config(**SHAPES[getattr(args, "shape", "qwen3-0.6b")], max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=None,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config).to(torch.bfloat16)
@@ -83,6 +85,8 @@ def build_project(project: Path, args) -> None:
           f"vocabulary {config.vocab_size}", flush=True)
     model.save_pretrained(project / "data" / "policy")
     tokenizer.save_pretrained(project / "data" / "policy")
+    if not with_pairs:
+        return
     rng = random.Random(0)
     eos = tokenizer.eos_token
     for mode in ("think", "nothink"):
@@ -111,7 +115,7 @@ def main() -> int:
     parser.add_argument("--sampling-modes", default="think,nothink", help="comma-separated: think, nothink")
     parser.add_argument("--no-one-by-one", action="store_true",
                         help="sampling: skip the one-prompt-at-a-time row (slow; docs/scaling.md has it)")
-    parser.add_argument("--shape", choices=("qwen3-0.6b", "tiny"), default="qwen3-0.6b")
+    parser.add_argument("--shape", choices=list(SHAPES), default="qwen3-0.6b")
     parser.add_argument("--methods", default="bvpo,bvpo_auto", help="comma-separated: bvpo (alpha 0.5), bvpo_auto")
     parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -129,8 +133,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
         start = time.perf_counter()
-        build_project(project, args)
-        print(f"built model and {args.pairs} pairs per mode in {time.perf_counter() - start:.0f} s", flush=True)
+        variants = [v for v in args.variants.split(",") if v]
+        build_project(project, args, with_pairs=bool(variants))  # sampling alone needs only the model
+        built = f"model and {args.pairs} pairs per mode" if variants else "model"
+        print(f"built {built} in {time.perf_counter() - start:.0f} s", flush=True)
         base_train = {**QWEN3_TRAIN, "steps": args.steps, "alpha_every": 3, "alpha_draws": 2, "alpha_draw_size": 2,
                       "checkpoint_every": 0, "telemetry": False, "mixed_precision": "bf16",
                       "methods": {name: {"alpha": {"bvpo": 0.5, "bvpo_auto": "auto"}[name]}
@@ -152,7 +158,7 @@ def main() -> int:
                 if config.get("attention") == "flex_attention":
                     config["attention"] = "sdpa"
         flops = None
-        for variant in filter(None, args.variants.split(",")):
+        for variant in variants:
             print(f"{variant}:", flush=True)
             params_file = write_micro_params(project / f"params-{variant}.yaml", {
                 "model": model, "train": {**base_train, **configs[variant]}})

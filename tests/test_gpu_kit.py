@@ -71,7 +71,19 @@ def test_the_projects_own_requirements_resolve_here(tmp_path):
     carry = gpu_kit.to_carry(found, wanted, image)
     assert {"datasets", "mlflow", "math-verify", "trl", "transformers"} <= set(carry)
     assert not {"torch", "numpy", "accelerate", "prefect", "dvc"} & set(carry)
-    assert all(carry[name] == found[name] for name in carry)  # the versions the tests run
+    assert gpu_kit.unmet(found, wanted) == []  # what the tests run here meets its own requirements
+
+
+def test_unmet_names_what_is_missing_or_refused_and_survives_odd_versions():
+    wanted = {name: [Requirement(f"{name}{spec}")] for name, spec in
+              (("pyarrow", "<26,>=4"), ("gone", ">=1"), ("numpy", ">=1.17"), ("torch", "==2.13.0"), ("ok", ">=1"))}
+    wanted["pyarrow"].append(Requirement("pyarrow>=21"))
+    found = {"pyarrow": "26.0.1", "gone": None, "numpy": "9.9-custom", "torch": "2.11.0", "ok": "1.2"}
+    assert gpu_kit.unmet(found, wanted) == [
+        "gone: missing (wanted by gone>=1)",
+        "numpy 9.9-custom: does not meet numpy>=1.17",  # not PEP 440: reported, not a crash
+        "pyarrow 26.0.1: does not meet pyarrow<26,>=4",  # the other requirement on it is met
+    ]  # torch: the image's own, whatever its version
 
 
 def test_a_pip_freeze_reads_as_an_image(tmp_path):
