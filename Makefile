@@ -13,7 +13,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 # project for the embedded model, the user's own cache and network for a hub model.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test test-fast install repro experiment ui serve stack-up stack-down stack-status bench bench-trl clean help
+.PHONY: run test test-fast install repro experiment ui serve stack-up stack-down stack-status bench bench-trl gpu-kit clean help
 
 help:
 	@echo "make run    - set up .venv, run the whole pipeline on the embedded default"
@@ -27,6 +27,7 @@ help:
 	@echo "make stack-down / stack-status - stop it / show what runs where"
 	@echo "make bench  - training throughput benchmark"
 	@echo "make bench-trl - the trainer vs TRL DPOTrainer on the same work (installs trl)"
+	@echo "make gpu-kit - wheels for a GPU node without a package index, into .whl/ (installs trl)"
 
 # uv installs the same pinned versions as pip, faster (53–80 s instead of 137 s from
 # local wheels here, cold caches); it takes pip's index settings (index, extra indexes, find-links)
@@ -105,6 +106,12 @@ bench: $(STAMP)
 bench-trl: $(STAMP)
 	$(call PIP_INSTALL,-e '.[test,bench]')
 	$(BIN)/python benchmarks/trl_compare.py
+
+# The wheels a GPU node without a package index lacks (benchmarks/gpu_kit.py), into .whl/: the
+# walk reads the installed metadata, so the `bench` extra (trl) is installed first.
+gpu-kit: $(STAMP)
+	$(call PIP_INSTALL,-e '.[test,bench]')
+	$(BIN)/python benchmarks/gpu_kit.py build
 
 clean:
 	rm -rf data/prompts data/base_model data/policy data/samples data/pairs data/models data/eval_prompts.json \

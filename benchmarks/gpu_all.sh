@@ -9,7 +9,7 @@
 #      same GPU, model and pairs;
 #   4. gpu_check.py (DDP/FSDP2 step-0 log-ratio, checkpointing and compile gradients), if time is left.
 #
-#   python benchmarks/gpu_kit.py build     # on a machine with an index: the wheels the GPU image lacks, into .whl/
+#   make gpu-kit                           # on a machine with an index: the wheels the GPU image lacks, into .whl/
 #   bash benchmarks/gpu_all.sh [budget_s]  # on the GPU machine (carrying .whl/); default 540 s
 #   SMOKE=1 bash benchmarks/gpu_all.sh     # every step on a CPU at a tiny size: checks the scripts, times nothing
 #

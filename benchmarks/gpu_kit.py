@@ -1,7 +1,9 @@
 """The wheels the GPU benchmarks need on a machine that cannot download, and the check that the
 environment there has what they import.
 
-    python benchmarks/gpu_kit.py build [--out .whl]     # here, where pip can download
+    make gpu-kit                                        # here, where pip can download: installs the
+                                                        # `bench` extra, then `gpu_kit.py build`
+    python benchmarks/gpu_kit.py build [--out .whl]     # the same, once the `bench` extra is installed
     python benchmarks/gpu_kit.py check                  # there, after installing the wheels
 
 The GPU machines run an image with torch, accelerate and an older transformers, but without
@@ -45,11 +47,11 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def root_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[Requirement]:
+def root_requirements(pyproject: Path = ROOT / "pyproject.toml", extras: tuple[str, ...] = ("bench",)) -> list[Requirement]:
     import tomllib  # Python 3.11+, as on the machines this runs on
 
     project = tomllib.loads(pyproject.read_text())["project"]
-    wanted = project["dependencies"] + project["optional-dependencies"]["bench"]
+    wanted = project["dependencies"] + [r for extra in extras for r in project["optional-dependencies"][extra]]
     return [r for r in map(Requirement, wanted) if normalize(r.name) not in NOT_ON_GPU]
 
 
@@ -133,7 +135,10 @@ def to_carry(found: dict, wanted: dict, image: dict) -> dict[str, str]:
         if FROM_IMAGE.match(name):
             continue
         if version is None:
-            raise SystemExit(f"gpu_kit: {name} is required but not installed here: run `make install` first")
+            # `make install` installs the runtime and test dependencies only; the `bench` extra (trl)
+            # comes with `make gpu-kit`, which installs it and then builds.
+            raise SystemExit(f"gpu_kit: {name} is required but not installed here: run `make gpu-kit` "
+                             "(it installs the project with its `bench` extra, then builds)")
         if name in ALWAYS_CARRY or name not in image or not satisfies(image[name], wanted[name]):
             carry[name] = version
     return carry

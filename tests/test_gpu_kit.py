@@ -60,18 +60,32 @@ def test_a_requirement_not_installed_here_stops_the_build():
 
 def test_the_projects_own_requirements_resolve_here(tmp_path):
     """What `build` would carry for the recorded image, from this environment's metadata: the
-    packages the GPU image lacks, and none of the orchestration ones."""
+    packages the GPU image lacks, and none of the orchestration ones. `make install` (what the
+    tests run in) installs no `bench` extra, so the walk here is of the runtime dependencies;
+    `make gpu-kit` installs trl before its walk."""
     pytest.importorskip("tomllib")  # pyproject.toml is read with Python 3.11's tomllib
     roots = {gpu_kit.normalize(r.name) for r in gpu_kit.root_requirements()}
     assert {"transformers", "datasets", "mlflow", "math-verify", "trl"} <= roots
     assert not roots & {"prefect", "dvc", "psycopg"}
-    found, wanted = gpu_kit.walk(gpu_kit.root_requirements(), gpu_kit._installed_version, gpu_kit._requires, ENV)
+    runtime = gpu_kit.root_requirements(extras=())
+    assert "trl" not in {gpu_kit.normalize(r.name) for r in runtime}
+    found, wanted = gpu_kit.walk(runtime, gpu_kit._installed_version, gpu_kit._requires, ENV)
     image = gpu_kit.read_image(gpu_kit.ROOT / "benchmarks" / "gpu_image.txt")
     assert image["torch"] == "2.11.0" and image["transformers"] == "5.17.0"
     carry = gpu_kit.to_carry(found, wanted, image)
-    assert {"datasets", "mlflow", "math-verify", "trl", "transformers"} <= set(carry)
+    assert {"datasets", "mlflow", "math-verify", "transformers"} <= set(carry)
     assert not {"torch", "numpy", "accelerate", "prefect", "dvc"} & set(carry)
     assert gpu_kit.unmet(found, wanted) == []  # what the tests run here meets its own requirements
+
+
+def test_without_the_bench_extra_the_build_says_how_to_get_it():
+    """trl is not installed by `make install`: the walk finds it missing and the build stops with the
+    command that installs it, whatever this environment has."""
+    found, wanted = gpu_kit.walk(gpu_kit.root_requirements(), lambda name: None if name == "trl" else
+                                 gpu_kit._installed_version(name), gpu_kit._requires, ENV)
+    assert found["trl"] is None
+    with pytest.raises(SystemExit, match="trl is required but not installed here: run `make gpu-kit`"):
+        gpu_kit.to_carry(found, wanted, {})
 
 
 def test_unmet_names_what_is_missing_or_refused_and_survives_odd_versions():
