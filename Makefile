@@ -44,6 +44,9 @@ PIP_INSTALL = if [ -x $(BIN)/uv ] && ( \
 	    $(1) ); then :; \
 	else echo "installing with pip (uv missing or failed)"; $(BIN)/pip install --quiet $(1); fi
 
+# What the bench targets install; a variable because a comma inside $(call ...) splits arguments.
+WITH_BENCH := -e '.[test,bench]'
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet 'uv==0.13.9' || echo "uv not installable here: installing with pip (slower)"
@@ -104,13 +107,13 @@ bench: $(STAMP)
 
 # The trainer against TRL's DPOTrainer (installs the optional `bench` extra: trl==1.16.0).
 bench-trl: $(STAMP)
-	$(call PIP_INSTALL,-e '.[test,bench]')
+	$(call PIP_INSTALL,$(WITH_BENCH))
 	$(BIN)/python benchmarks/trl_compare.py
 
 # The wheels a GPU node without a package index lacks (benchmarks/gpu_kit.py), into .whl/: the
 # walk reads the installed metadata, so the `bench` extra (trl) is installed first.
 gpu-kit: $(STAMP)
-	$(call PIP_INSTALL,-e '.[test,bench]')
+	$(call PIP_INSTALL,$(WITH_BENCH))
 	$(BIN)/python benchmarks/gpu_kit.py build
 
 clean:
