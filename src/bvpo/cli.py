@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow",
                          description="Run one round as a Prefect flow: read @champion from the registry, then "
-                         "prepare → warmup → policy → sample → pairs → train → evaluate → analyze, then "
+                         "prepare → warmup → reward_model (the judged task only) → policy → sample → pairs → train → "
+                         "evaluate → analyze, then "
                          "register every method and promote the candidate if it beats the champion. Inside "
                          "a DVC repository each stage runs through `dvc repro`, so up-to-date stages are "
                          "skipped and dvc.lock is kept current.")
