@@ -155,7 +155,8 @@ def build(out: Path, python_version: str, limit_mib: float, image_file: Path) ->
     for platform in WHEEL_PLATFORMS:
         cmd += ["--platform", platform]
     for name, version in carry.items():
-        if subprocess.run(cmd + [f"{name}=={version}"], capture_output=True).returncode == 0:
+        downloaded = subprocess.run(cmd + [f"{name}=={version}"], capture_output=True, text=True)
+        if downloaded.returncode == 0:
             continue
         # Some pure-Python packages publish only a source archive: build their wheel here, from
         # source only (a binary wheel built here would be for this Python, not the target's).
@@ -166,8 +167,11 @@ def build(out: Path, python_version: str, limit_mib: float, image_file: Path) ->
         if built.returncode or not new or not all(w.name.endswith("-none-any.whl") for w in new):
             for wheel in new:
                 wheel.unlink()
+            # pip's own words for both tries: "no matching distribution" and "network unreachable"
+            # need different fixes.
             print(f"gpu_kit: no wheel of {name}=={version} for Python {python_version}: none to download, and "
-                  f"none pure-Python to build from source\n{built.stderr.strip()[-800:]}", file=sys.stderr)
+                  f"none pure-Python to build from source\npip download: {downloaded.stderr.strip()[-600:]}\n"
+                  f"pip wheel: {built.stderr.strip()[-600:]}", file=sys.stderr)
             return 1
     (out / "TARGET").write_text(python_version + "\n")  # gpu_all.sh refuses a kit built for another Python
     wheels = sorted(out.glob("*.whl"))
