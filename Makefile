@@ -112,9 +112,11 @@ bench-trl: $(STAMP)
 
 # The wheels a GPU node without a package index lacks (benchmarks/gpu_kit.py), into .whl/: the
 # walk reads the installed metadata, so the `bench` extra (trl) is installed first.
+# GPU_KIT_ARGS: build's options, e.g. GPU_KIT_ARGS="--python-version 3.11 --image freeze.txt".
+GPU_KIT_ARGS ?=
 gpu-kit: $(STAMP)
 	$(call PIP_INSTALL,$(WITH_BENCH))
-	$(BIN)/python benchmarks/gpu_kit.py build
+	$(BIN)/python benchmarks/gpu_kit.py build $(GPU_KIT_ARGS)
 
 clean:
 	rm -rf data/prompts data/base_model data/policy data/samples data/pairs data/models data/eval_prompts.json \

@@ -138,7 +138,8 @@ def to_carry(found: dict, wanted: dict, image: dict) -> dict[str, str]:
             # `make install` installs the runtime and test dependencies only; the `bench` extra (trl)
             # comes with `make gpu-kit`, which installs it and then builds.
             raise SystemExit(f"gpu_kit: {name} is required but not installed here: run `make gpu-kit` "
-                             "(it installs the project with its `bench` extra, then builds)")
+                             "(it installs the project with its `bench` extra, then builds), or install it "
+                             f"into this environment (`pip install -e '.[bench]'`, or `pip install {name}`)")
         if name in ALWAYS_CARRY or name not in image or not satisfies(image[name], wanted[name]):
             carry[name] = version
     return carry

@@ -81,6 +81,7 @@ def test_the_projects_own_requirements_resolve_here(tmp_path):
 def test_without_the_bench_extra_the_build_says_how_to_get_it():
     """trl is not installed by `make install`: the walk finds it missing and the build stops with the
     command that installs it, whatever this environment has."""
+    pytest.importorskip("tomllib")
     found, wanted = gpu_kit.walk(gpu_kit.root_requirements(), lambda name: None if name == "trl" else
                                  gpu_kit._installed_version(name), gpu_kit._requires, ENV)
     assert found["trl"] is None
@@ -105,4 +106,3 @@ def test_a_pip_freeze_reads_as_an_image(tmp_path):
     listing.write_text("# comment\nTorch==2.11.0\nmy_pkg @ file:///wheels/my_pkg-1.0-py3-none-any.whl\n"
                        "-e git+https://example.invalid/x.git#egg=x\nnumpy\n")
     assert gpu_kit.read_image(listing) == {"torch": "2.11.0", "my-pkg": None, "numpy": None}
-

@@ -1,5 +1,6 @@
 """The Makefile's targets, as `make -n` prints them: what a user's `make <target>` would run."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -9,7 +10,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _make_n(target: str) -> str:
-    return subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    # Run under `make test`, the parent make's flags and variable overrides would reach the child.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    printed = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=ROOT, env=env, capture_output=True,
+                             text=True)
+    assert printed.returncode == 0, f"make -n {target}: {printed.stderr}"
+    return printed.stdout
 
 
 def _phony_targets() -> list[str]:
@@ -21,7 +27,8 @@ def _phony_targets() -> list[str]:
 def test_every_make_target_prints_valid_shell(target):
     """What `make -n` prints for each documented target parses as bash: a recipe that expands to
     broken shell fails only when a user runs it."""
-    subprocess.run(["bash", "-n", "-c", _make_n(target)], check=True)
+    parsed = subprocess.run(["bash", "-n", "-c", _make_n(target)], capture_output=True, text=True)
+    assert parsed.returncode == 0, f"make {target} prints broken shell: {parsed.stderr}"
 
 
 @pytest.mark.parametrize("target", ["bench-trl", "gpu-kit"])
