@@ -47,7 +47,8 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def root_requirements(pyproject: Path = ROOT / "pyproject.toml", extras: tuple[str, ...] = ("bench",)) -> list[Requirement]:
+def root_requirements(pyproject: Path = ROOT / "pyproject.toml",
+                      extras: tuple[str, ...] = ("bench",)) -> list[Requirement]:
     import tomllib  # Python 3.11+, as on the machines this runs on
 
     project = tomllib.loads(pyproject.read_text())["project"]
@@ -135,11 +136,9 @@ def to_carry(found: dict, wanted: dict, image: dict) -> dict[str, str]:
         if FROM_IMAGE.match(name):
             continue
         if version is None:
-            # `make install` installs the runtime and test dependencies only; the `bench` extra (trl)
-            # comes with `make gpu-kit`, which installs it and then builds.
-            raise SystemExit(f"gpu_kit: {name} is required but not installed here: run `make gpu-kit` "
-                             "(it installs the project with its `bench` extra, then builds), or install it "
-                             f"into this environment (`pip install -e '.[bench]'`, or `pip install {name}`)")
+            # `make install` installs no `bench` extra (trl): `make gpu-kit` does, then builds.
+            raise SystemExit(f"gpu_kit: {name} is required but not installed here: run `make gpu-kit`, or "
+                             "`pip install -e '.[bench]'` into this environment")
         if name in ALWAYS_CARRY or name not in image or not satisfies(image[name], wanted[name]):
             carry[name] = version
     return carry

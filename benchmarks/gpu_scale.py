@@ -77,8 +77,9 @@ def build_project(project: Path, args, with_pairs: bool = True) -> None:
     from realistic_model import train_tokenizer
 
     tokenizer = train_tokenizer("qwen3", vocab_size=2048)
-    config = Qwen3Config(**SHAPES[getattr(args, "shape", "qwen3-0.6b")], max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=None,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = Qwen3Config(**SHAPES[getattr(args, "shape", "qwen3-0.6b")], max_position_embeddings=8192,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config).to(torch.bfloat16)
     print(f"model: Qwen3, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "

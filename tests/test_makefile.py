@@ -36,6 +36,4 @@ def test_the_bench_targets_install_the_bench_extra(target):
     """Both install the `test` and `bench` extras together (a comma inside make's $(call ...) once
     split them, and the shell got half a quote)."""
     install = [line for line in _make_n(target).splitlines() if "uv pip install" in line][-1]  # after any venv set-up
-    assert install.endswith("else echo \"installing with pip (uv missing or failed)\"; "
-                            ".venv/bin/pip install --quiet -e '.[test,bench]'; fi")
-    assert "-e '.[test,bench]' ); then" in install
+    assert install.count("-e '.[test,bench]'") == 2  # uv's command and pip's fallback

@@ -44,10 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--project-dir", default=".", help="project root (params.yaml, dvc.yaml, mlruns/)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from .stages import STAGES
+
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow",
                          description="Run one round as a Prefect flow: read @champion from the registry, then "
-                         "prepare → warmup → reward_model (the judged task only) → policy → sample → pairs → train → "
-                         "evaluate → analyze, then "
+                         f"{' → '.join(STAGES)} (warmup and reward_model only where the task needs them), then "
                          "register every method and promote the candidate if it beats the champion. Inside "
                          "a DVC repository each stage runs through `dvc repro`, so up-to-date stages are "
                          "skipped and dvc.lock is kept current.")
@@ -73,8 +74,6 @@ def _parser() -> argparse.ArgumentParser:
                            "prompts plus sample.max_new_tokens fit model.max_length, the sampling batch's KV cache "
                            "fits this machine's free memory, and the settings that need answers have them.")
     check.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-
-    from .stages import STAGES
 
     stage = sub.add_parser("stage", help="run one pipeline stage", description="Run one stage on params.yaml; "
                            "this is what dvc.yaml's stages call.")
